@@ -1,0 +1,216 @@
+"""`fedcybgd demo`: a real coordinator and N real client processes on loopback, end to end.
+
+It prepares a model and per-client data, starts the programs exactly as a user would on separate
+machines, follows the run through the operator status call, exports the result and writes
+`summary.json` with the figures of every visit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedcybgd.common.data import load_documents
+from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
+from fedcybgd.server.export import export_version
+from fedcybgd.v1 import coordinator_pb2 as pb
+from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: str
+    model: str = "tiny"
+    data: str | None = None
+    clients: int = 3
+    cycles: int = 1
+    layers_per_block: int = 1
+    local_steps: int = 8
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 3e-3
+    order: str = "ascending"
+    seed: int = 0
+    metrics_port: int = 0
+    threads: int = 0           # torch threads per client; 0: all cores (visits are sequential)
+    timeout_s: float = 3600.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def split_corpus(texts: list[str], clients: int, eval_fraction: float, seed: int) -> tuple[list[list[str]], list[str]]:
+    """Whole documents per client (non-IID, as in federated Shakespeare) plus held-out documents."""
+    if len(texts) < clients + 1:
+        raise ValueError(f"{len(texts)} documents cannot feed {clients} clients and an evaluation split")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(texts) * eval_fraction))
+    eval_docs = [texts[i] for i in order[:n_eval]]
+    rest = order[n_eval:]
+    per_client = [[texts[i] for i in rest[c::clients]] for c in range(clients)]
+    return per_client, eval_docs
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {proc.returncode}:\n{_tail(log_path)}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise TimeoutError("coordinator did not start serving")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_demo(o: DemoOptions) -> dict:
+    out = Path(o.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    model_dir = write_tiny_model_dir(out / "model", seed=o.seed) if o.model == "tiny" else Path(o.model)
+
+    if o.data:
+        texts = [d.text for d in load_documents(o.data) if d.text]
+    else:
+        texts = [t.strip() for t in TINY_TEXT.split("\n\n") if t.strip()]
+    client_docs, eval_docs = split_corpus(texts, o.clients, 0.15, o.seed)
+    client_data = [write_jsonl(out / "data" / f"client-{i}.jsonl", docs) for i, docs in enumerate(client_docs)]
+    eval_data = write_jsonl(out / "data" / "eval.jsonl", eval_docs)
+
+    address = f"127.0.0.1:{free_port()}"
+    state_dir = out / "state"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "fedcybgd.cli.main"]
+    coordinator_log = logs / "coordinator.log"
+    coordinator = subprocess.Popen(
+        [*cmd, "coordinator", "--model", str(model_dir), "--state-dir", str(state_dir), "--address", address,
+         "--cycles", str(o.cycles), "--order", o.order, "--lr", str(o.lr), "--seed", str(o.seed),
+         "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
+         "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
+         "--metrics-port", str(o.metrics_port), "--exit-when-finished"],
+        stdout=open(coordinator_log, "w"), stderr=subprocess.STDOUT, env=env)
+    clients: list[subprocess.Popen] = []
+    started = time.monotonic()
+    try:
+        _wait_serving(address, coordinator, coordinator_log)
+        print(f"coordinator on {address}" + (f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""))
+        threads = o.threads or os.cpu_count() or 1
+        for i, data in enumerate(client_data):
+            clients.append(subprocess.Popen(
+                [*cmd, "client", "--coordinator", address, "--data", str(data), "--cache-dir", str(out / "cache" / f"client-{i}"),
+                 "--name", f"site-{i}", "--device", "auto", "--threads", str(threads)],
+                stdout=open(logs / f"client-{i}.log", "w"), stderr=subprocess.STDOUT, env=env))
+        status = _follow(address, coordinator, clients, coordinator_log, o.timeout_s)
+        for proc in clients:
+            proc.wait(timeout=120)
+        coordinator.wait(timeout=120)
+    finally:
+        for proc in [*clients, coordinator]:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    export_dir = export_version(state_dir, out / "export")
+    summary = build_summary(status, export_dir, time.monotonic() - started)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+    print(f"summary: {out / 'summary.json'}")
+    return summary
+
+
+def _follow(address: str, coordinator: subprocess.Popen, clients: list[subprocess.Popen], log_path: Path,
+            timeout_s: float) -> pb.GetStatusResponse:
+    """Print each visit as it is merged; return the final status once the run is finished."""
+    shown = 0
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        while time.monotonic() < deadline:
+            status = stub.GetStatus(pb.GetStatusRequest(), timeout=30)
+            for v in status.visits[shown:]:
+                print(f"  round {v.round + 1:>3}/{status.total_rounds}  {v.client_name:<8} block {v.block_name:<12} "
+                      f"loss {v.loss_before:.4f} -> {v.loss_after:.4f}  down {v.bytes_down / 1e6:7.2f} MB  "
+                      f"up {v.bytes_up / 1e6:6.2f} MB  {v.visit_seconds:5.1f}s", flush=True)
+            shown = len(status.visits)
+            if status.run_state == "done":
+                return status
+            if coordinator.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {coordinator.returncode}:\n{_tail(log_path)}")
+            if all(c.poll() is not None for c in clients):
+                raise RuntimeError("every client exited before the run finished; see the logs folder")
+            time.sleep(1.0)
+    raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
+
+
+def build_summary(status: pb.GetStatusResponse, export_dir: Path, seconds: float) -> dict:
+    evals = sorted(status.evals, key=lambda e: e.version)
+    visits = [{
+        "round": v.round, "client": v.client_name, "client_id": v.client_id, "block": v.block_name,
+        "block_index": v.block_index, "bytes_down": v.bytes_down, "bytes_up": v.bytes_up, "loss_before": v.loss_before,
+        "loss_after": v.loss_after, "peak_memory_bytes": v.peak_memory_bytes, "seconds": v.visit_seconds,
+        "train_seconds": v.train_seconds, "lr": v.lr, "base_version": v.base_version, "new_version": v.new_version,
+    } for v in status.visits]
+    return {
+        "visits": visits,
+        "blocks": status.num_blocks,
+        "rounds": status.total_rounds,
+        "model_bytes": status.model_bytes,
+        "eval_loss_before": evals[0].loss if evals else None,
+        "eval_loss_after": evals[-1].loss if evals else None,
+        "evals": [{"version": e.version, "rounds_done": e.rounds_done, "loss": e.loss} for e in evals],
+        "total_bytes_down": status.total_bytes_down,
+        "total_bytes_up": status.total_bytes_up,
+        "fedavg_full_equivalent_bytes": 2 * status.model_bytes * len(visits),
+        "wall_seconds": seconds,
+        "export_dir": str(export_dir),
+    }
+
+
+def print_summary(s: dict) -> None:
+    import math
+
+    print()
+    print(f"{'round':>5} {'client':<8} {'block':<12} {'loss before':>11} {'loss after':>10} {'down MB':>8} {'up MB':>7} "
+          f"{'peak MB':>8} {'sec':>6}")
+    for v in s["visits"]:
+        print(f"{v['round'] + 1:>5} {v['client']:<8} {v['block']:<12} {v['loss_before']:>11.4f} {v['loss_after']:>10.4f} "
+              f"{v['bytes_down'] / 1e6:>8.2f} {v['bytes_up'] / 1e6:>7.2f} {v['peak_memory_bytes'] / 1e6:>8.0f} {v['seconds']:>6.1f}")
+    if s["eval_loss_before"] is not None:
+        b, a = s["eval_loss_before"], s["eval_loss_after"]
+        print(f"\nheld-out loss {b:.4f} -> {a:.4f}   perplexity {math.exp(b):.2f} -> {math.exp(a):.2f}")
+    total = s["total_bytes_down"] + s["total_bytes_up"]
+    fedavg = s["fedavg_full_equivalent_bytes"]
+    print(f"bytes on the wire: {total / 1e6:.2f} MB (down {s['total_bytes_down'] / 1e6:.2f}, up {s['total_bytes_up'] / 1e6:.2f});"
+          f" FedAvg-full equivalent {fedavg / 1e6:.2f} MB ({total / fedavg:.1%})" if fedavg else "")
+    print(f"wall time {s['wall_seconds']:.0f}s; exported model: {s['export_dir']}")

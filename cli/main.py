@@ -1,0 +1,185 @@
+"""`fedcybgd` — one console script, one subcommand per program.
+
+  fedcybgd coordinator   run the coordinator (gRPC service, scheduler, model store)
+  fedcybgd client        run a client daemon on a partner site
+  fedcybgd status        ask a coordinator where its run stands
+  fedcybgd export        write a model version as a Hugging Face directory
+  fedcybgd demo          a coordinator and N clients on loopback, end to end
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+# (flag, dotted config key, type, help): CLI flags override the config file, key by key.
+COORDINATOR_FLAGS = [
+    ("--model", "model", str, "Hugging Face model directory (safetensors weights, config, tokenizer)"),
+    ("--state-dir", "state_dir", str, "where blobs and the SQLite state live; restart with the same to resume"),
+    ("--address", "address", str, "host:port to listen on (default 127.0.0.1:50051)"),
+    ("--layers-per-block", "layers_per_block", int, "consecutive decoder layers per block (default 1)"),
+    ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16 (default auto: as stored)"),
+    ("--max-concurrent-visits", "max_concurrent_visits", int, "1: sequential (default); K>1: parallel mode"),
+    ("--task-timeout", "task_timeout_s", float, "seconds without heartbeat or transfer progress before reassigning"),
+    ("--metrics-port", "metrics_port", int, "Prometheus endpoint port (0: off)"),
+    ("--metrics-address", "metrics_address", str, "Prometheus endpoint address (default 127.0.0.1)"),
+    ("--cycles", "schedule.cycles", int, "cycles over all blocks (default 1)"),
+    ("--order", "schedule.order", str, "ascending | descending | random (fresh seeded permutation per cycle)"),
+    ("--lr", "schedule.lr", float, "peak learning rate"),
+    ("--lr-schedule", "schedule.lr_schedule", str, "constant | linear | cosine, over all visits of the run"),
+    ("--warmup-visits", "schedule.warmup_visits", int, "visits of linear warm-up"),
+    ("--min-lr-ratio", "schedule.min_lr_ratio", float, "final lr as a fraction of the peak"),
+    ("--seed", "schedule.seed", int, "run seed (block order, data order of every visit)"),
+    ("--local-steps", "training.local_steps", int, "optimizer steps per visit"),
+    ("--batch-size", "training.batch_size", int, "sequences per step"),
+    ("--seq-len", "training.seq_len", int, "tokens per sequence"),
+    ("--weight-decay", "training.weight_decay", float, "AdamW weight decay"),
+    ("--max-grad-norm", "training.max_grad_norm", float, "gradient clipping (0: off)"),
+    ("--eval-data", "eval.data", str, "held-out data the coordinator evaluates on (no client sees it)"),
+    ("--eval-max-sequences", "eval.max_sequences", int, "held-out sequences evaluated"),
+]
+
+CLIENT_FLAGS = [
+    ("--coordinator", "coordinator", str, "coordinator host:port"),
+    ("--data", "data", str, "local training data: .txt/.jsonl file or directory"),
+    ("--cache-dir", "cache_dir", str, "block cache, identity and tokenizer (persist it across restarts)"),
+    ("--name", "name", str, "site name shown to operators"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--base-model", "base_model", str, "local Hugging Face directory with the base weights (saves the download)"),
+    ("--threads", "threads", int, "torch CPU threads (0: default)"),
+    ("--max-visits", "max_visits", int, "stop after this many visits (0: until done)"),
+]
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags) -> None:
+    parser.add_argument("--config", help="TOML configuration file; flags override it")
+    for flag, key, type_, help_ in flags:
+        parser.add_argument(flag, dest=key, type=type_, default=None, help=help_)
+
+
+def _overrides(args: argparse.Namespace, flags) -> dict:
+    return {key: getattr(args, key) for _, key, _, _ in flags}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedcybgd.common.config import load_config
+    from fedcybgd.server.app import serve_forever
+    from fedcybgd.server.config import CoordinatorConfig
+
+    config = load_config(CoordinatorConfig, args.config, _overrides(args, COORDINATOR_FLAGS))
+    serve_forever(config, exit_when_finished=args.exit_when_finished)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedcybgd.client.config import ClientConfig
+    from fedcybgd.client.daemon import ClientDaemon
+    from fedcybgd.common.config import load_config
+
+    ClientDaemon(load_config(ClientConfig, args.config, _overrides(args, CLIENT_FLAGS))).run()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from fedcybgd.v1 import coordinator_pb2 as pb
+    from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.coordinator) as channel:
+        status = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(max_visits=args.visits), timeout=10)
+    if args.json:
+        print(json.dumps(MessageToDict(status), indent=2))
+        return 0
+    print(f"run {status.run_state}: round {status.round}/{status.total_rounds}, cycle {status.cycle}, "
+          f"model version {status.version}, {status.num_blocks} blocks")
+    print(f"bytes down {status.total_bytes_down:,}  up {status.total_bytes_up:,}  (model {status.model_bytes:,} bytes)")
+    for c in status.clients:
+        print(f"  client {c.client_id} {c.name:<16} {c.device_kind:<10} visits {c.visits_completed:>4}  task {c.current_task or '-'}")
+    for e in status.evals:
+        print(f"  eval: version {e.version} after {e.rounds_done} rounds: loss {e.loss:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedcybgd.server.export import export_version
+
+    out = export_version(args.state_dir, args.out, args.version)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedcybgd.cli.demo import DemoOptions, run_demo
+
+    options = DemoOptions(**{k: v for k, v in vars(args).items() if k in DemoOptions.__dataclass_fields__})
+    run_demo(options)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcybgd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("coordinator", help="run the coordinator")
+    _add_flags(p, COORDINATOR_FLAGS)
+    p.add_argument("--exit-when-finished", action="store_true", help="exit once every visit is merged and evaluated")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("client", help="run a client daemon")
+    _add_flags(p, CLIENT_FLAGS)
+    p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("status", help="where the run stands")
+    p.add_argument("--coordinator", default="127.0.0.1:50051")
+    p.add_argument("--visits", type=int, default=20, help="completed visits to include (0: all)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write a model version as a Hugging Face directory")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="coordinator and N clients on loopback, end to end")
+    p.add_argument("--model", default="tiny", help="'tiny' (random tiny Llama) or a Hugging Face model directory")
+    p.add_argument("--data", default=None, help="corpus (.txt/.jsonl file or directory); default: built-in text")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--cycles", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
+    p.add_argument("--local-steps", dest="local_steps", type=int, default=8)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=4)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--order", default="ascending")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics-port", dest="metrics_port", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"fedcybgd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

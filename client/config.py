@@ -1,0 +1,23 @@
+"""The client daemon's configuration: one typed object (see `fedcybgd client --help`)."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    coordinator: str = "127.0.0.1:50051"
+    data: str = ""                         # local training data: a .txt/.jsonl file or a directory of them
+    cache_dir: str = "./fedcybgd-cache"    # block cache (content-addressed), identity, tokenizer
+    name: str = field(default_factory=socket.gethostname)
+    device: str = "auto"                   # "auto": CUDA when present, else CPU; or "cpu", "cuda:1", ...
+    base_model: str | None = None          # local Hugging Face directory with the base weights, if held
+    threads: int = 0                       # torch CPU threads; 0: torch's default
+    poll_seconds: int = 20                 # long-poll length of GetTask
+    retry_seconds: float = 600.0           # give up when the coordinator is unreachable this long
+    max_visits: int = 0                    # stop after this many visits; 0: until the run is done
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("a client needs local data (--data)")

@@ -1,0 +1,276 @@
+"""The client daemon: register, then visit after visit — fetch a task, download what is missing,
+train the one block, upload it — until the coordinator says the run is done.
+
+The local data never leaves this process: only block weights and the visit's figures (losses,
+sample counts, memory, seconds) are sent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedcybgd.client.config import ClientConfig
+from fedcybgd.client.trainer import VisitHyper, train_block
+from fedcybgd.client.transfer import download_model, upload_block
+from fedcybgd.common.blobstore import BlobStore
+from fedcybgd.common.blocks import block_tensors
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, GRPC_CHANNEL_OPTIONS, serialize_block, sha256_hex
+from fedcybgd.common.data import load_packed
+from fedcybgd.common.modeling import (
+    DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, partition,
+)
+from fedcybgd.v1 import coordinator_pb2 as pb
+from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedcybgd.client")
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+class TaskWithdrawn(RuntimeError):
+    """The coordinator reassigned our task (or the run ended) while we worked on it."""
+
+
+class ClientDaemon:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.cache_dir = Path(config.cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = BlobStore(self.cache_dir / "blobs")
+        self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.channel = grpc.insecure_channel(config.coordinator, options=GRPC_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.metadata: tuple[tuple[str, str], ...] = ()
+        self.client_id = ""
+        self.model = None
+        self.specs = []
+        self.loaded: dict[int, str] = {}   # block index -> SHA-256 of the blob now in self.model
+        self._sequences: dict[int, torch.Tensor] = {}
+        self._phase = "idle"
+        self._task_id = ""
+        self._step = 0
+        self._withdrawn = False
+        self.visits_done = 0
+
+    # -- connection ----------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Retry while the coordinator is unreachable (restarting, network blip), up to retry_seconds."""
+        deadline = time.monotonic() + self.config.retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                log.info("%s: coordinator unreachable (%s); retrying in %.1fs", what, err.code().name, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def connect(self) -> None:
+        """Reuse the identity stored in the cache when the coordinator still knows it, else register."""
+        identity_file = self.cache_dir / "identity.json"
+        if identity_file.is_file():
+            identity = json.loads(identity_file.read_text())
+            if identity.get("coordinator") == self.config.coordinator:
+                self.client_id = identity["client_id"]
+                self.metadata = (("authorization", f"Bearer {identity['token']}"),)
+                try:
+                    self._call("heartbeat", lambda: self.stub.Heartbeat(pb.HeartbeatRequest(phase="idle"), metadata=self.metadata))
+                    log.info("rejoined as %s", self.client_id)
+                    return
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                        raise
+        request = pb.RegisterRequest(name=self.config.name, device_kind=_device_kind(self.device),
+                                     memory_bytes=_memory_bytes(self.device), held_blobs=list(self.cache))
+        reply = self._call("register", lambda: self.stub.Register(request))
+        self.client_id = reply.client_id
+        self.metadata = (("authorization", f"Bearer {reply.token}"),)
+        _write_private(identity_file, json.dumps({"coordinator": self.config.coordinator,
+                                                  "client_id": reply.client_id, "token": reply.token}))
+        log.info("registered as %s", self.client_id)
+
+    def _prepare_model(self) -> None:
+        info = self._call("model info", lambda: self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata))
+        model_dir = self.cache_dir / f"model-{info.model_id[:16]}"
+        model_dir.mkdir(exist_ok=True)
+        for name, data in info.tokenizer_files.items():
+            if name not in TOKENIZER_FILES:
+                raise ValueError(f"coordinator sent an unexpected tokenizer file {name!r}")
+            (model_dir / name).write_bytes(data)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.dtype = DTYPES[info.dtype]
+        self.model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
+        self.specs = partition(self.model, info.layers_per_block)
+        if self.config.base_model:
+            self._seed_cache_from_base()
+
+    def _seed_cache_from_base(self) -> None:
+        """Blocks of locally held base weights go into the cache under their hash: whichever of
+        them the coordinator's manifest names will not be downloaded."""
+        base = AutoModelForCausalLM.from_pretrained(self.config.base_model, dtype=self.dtype)
+        for spec in self.specs:
+            self.cache.put(serialize_block(block_tensors(base, spec)))
+        del base
+        log.info("seeded the block cache from base weights in %s", self.config.base_model)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.connect()
+        self._prepare_model()
+        stop_heartbeat = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, args=(stop_heartbeat,), daemon=True)
+        heartbeat.start()
+        try:
+            while not self.config.max_visits or self.visits_done < self.config.max_visits:
+                reply = self._call("get task", lambda: self.stub.GetTask(
+                    pb.GetTaskRequest(wait_seconds=self.config.poll_seconds), metadata=self.metadata,
+                    timeout=self.config.poll_seconds + 30))
+                outcome = reply.WhichOneof("outcome")
+                if outcome == "done":
+                    log.info("run complete (final version %d); %d visits by this client", reply.done.final_version, self.visits_done)
+                    break
+                if outcome == "wait":
+                    time.sleep(reply.wait.retry_after_ms / 1000)
+                    continue
+                try:
+                    self.visit(reply.task)
+                except TaskWithdrawn as err:
+                    log.warning("%s", err)
+                finally:
+                    self._phase, self._task_id = "idle", ""
+                self.visits_done += 1
+        finally:
+            stop_heartbeat.set()
+            self.channel.close()
+        return self.visits_done
+
+    def visit(self, task: pb.Task) -> pb.UploadResponse | None:
+        self._task_id, self._phase, self._step = task.task_id, "download", 0
+        started = time.perf_counter()
+        manifest, bytes_down = self._call("download", lambda: download_model(self.stub, self.metadata, task, self.cache))
+        download_seconds = time.perf_counter() - started
+        self._load_manifest(manifest)
+
+        self._phase = "train"
+        hyper = VisitHyper(lr=task.hyper.lr, steps=task.hyper.local_steps, batch_size=task.hyper.batch_size,
+                           seq_len=task.hyper.seq_len, seed=task.hyper.seed, weight_decay=task.hyper.weight_decay,
+                           max_grad_norm=task.hyper.max_grad_norm)
+        spec = self.specs[task.block_index]
+        log.info("round %d: training block %s for %d steps at lr %.3g", task.round, spec.name, hyper.steps, hyper.lr)
+        result = train_block(self.model, spec, self._training_sequences(hyper.seq_len), hyper, on_step=self._on_step(hyper.steps))
+        blob = serialize_block(result.tensors)
+        sha = self.cache.put(blob)
+        self.loaded[task.block_index] = sha
+
+        self._phase = "upload"
+        header = pb.UploadHeader(
+            task_id=task.task_id, block_index=task.block_index, base_version=task.base_version, blob_sha256=sha,
+            blob_size=len(blob), samples=result.samples, tokens=result.tokens, loss_before=result.loss_before,
+            loss_after=result.loss_after, peak_memory_bytes=result.peak_memory_bytes, train_seconds=result.seconds,
+            download_seconds=download_seconds, device=_device_kind(self.device))
+        try:
+            reply, bytes_up = self._call("upload", lambda: upload_block(self.stub, self.metadata, header, blob, DEFAULT_CHUNK_BYTES))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err
+            raise
+        log.info("round %d: block %s -> version %d; loss %.4f -> %.4f; %.1f MB down, %.2f MB up, %.1fs",
+                 task.round, spec.name, reply.new_version, result.loss_before, result.loss_after, bytes_down / 1e6,
+                 bytes_up / 1e6, time.perf_counter() - started)
+        return reply
+
+    def _load_manifest(self, manifest: pb.Manifest) -> None:
+        """Bring the resident model to the manifest's version, loading only blocks that changed."""
+        if len(manifest.blocks) != len(self.specs):
+            raise ValueError(f"manifest has {len(manifest.blocks)} blocks, this model {len(self.specs)}")
+        for entry in manifest.blocks:
+            spec = self.specs[entry.index]
+            wire = [(t.name, tuple(t.shape), t.dtype) for t in entry.tensors]
+            if wire != [(t.name, tuple(t.shape), t.dtype) for t in spec.tensors]:
+                raise ValueError(f"block {entry.name}: the coordinator's tensors differ from this model's")
+            if self.loaded.get(entry.index) != entry.sha256:
+                load_blob_file(self.model, spec, self.cache.path(entry.sha256))
+                self.loaded[entry.index] = entry.sha256
+
+    def _training_sequences(self, seq_len: int) -> torch.Tensor:
+        if seq_len not in self._sequences:
+            self._sequences[seq_len] = load_packed(self.config.data, self.tokenizer, seq_len)
+            log.info("local data: %d sequences of %d tokens", *self._sequences[seq_len].shape)
+        return self._sequences[seq_len]
+
+    def _on_step(self, steps: int) -> Callable[[int, float], None]:
+        every = max(1, steps // 5)
+
+        def on_step(step: int, loss: float) -> None:
+            self._step = step + 1
+            if (step + 1) % every == 0 or step + 1 == steps:
+                log.info("  step %d/%d loss %.4f", step + 1, steps, loss)
+            if self._withdrawn:
+                raise TaskWithdrawn(f"task {self._task_id} was withdrawn by the coordinator; dropping it")
+        self._withdrawn = False
+        return on_step
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        interval = 5.0
+        while not stop.wait(interval):
+            try:
+                reply = self.stub.Heartbeat(pb.HeartbeatRequest(
+                    task_id=self._task_id, phase=self._phase, step=self._step,
+                    host_rss_bytes=_rss_bytes(), **_gpu_peaks(self.device)), metadata=self.metadata, timeout=10)
+                interval = max(1.0, reply.heartbeat_interval_s)
+                if self._task_id and not reply.task_valid and self._phase == "train":
+                    self._withdrawn = True
+            except grpc.RpcError:
+                pass  # the main loop sees and retries real outages
+
+
+def _device_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def _memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gpu_peaks(device: torch.device) -> dict[str, int]:
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+
+
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Credentials: readable by this user only, replaced atomically."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,77 @@
+"""Streaming the model down and a trained block up, chunk by chunk, verified at every step."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from fedcybgd.common.blobstore import BlobStore, BlobWriter
+from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks
+from fedcybgd.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger("fedcybgd.client")
+
+
+def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.Manifest, int]:
+    """Fetch the task's base model into `cache`; returns (manifest, bytes on the wire).
+
+    Only the blobs the cache lacks are sent. Each is reassembled into a temporary file, checked
+    chunk by chunk (CRC-32) and as a whole (SHA-256) before it becomes visible in the cache.
+    """
+    request = pb.DownloadRequest(task_id=task.task_id, have=list(cache),
+                                 accept_codecs=[pb.CODEC_ZSTD, pb.CODEC_NONE])
+    stream = stub.DownloadModel(request, metadata=metadata)
+    first = next(stream)
+    if not first.HasField("manifest"):
+        raise CodecError("download did not start with a manifest")
+    manifest = first.manifest
+    sizes = {b.sha256: b.size for b in manifest.blocks}
+    pending = list(manifest.sending)
+    if any(sha not in sizes for sha in pending):
+        raise CodecError("coordinator offered a blob that is not in the manifest")
+    wire = first.ByteSize()
+    total = sum(sizes[s] for s in pending)
+    log.info("round %d: downloading %d of %d blocks (%.1f MB raw)", task.round, len(pending), len(manifest.blocks), total / 1e6)
+    writer: BlobWriter | None = None
+    assembler: BlobAssembler | None = None
+    try:
+        for message in stream:
+            wire += message.ByteSize()
+            chunk = message.chunk
+            if assembler is None or assembler.complete:
+                if assembler is not None:
+                    _finish(assembler, writer)
+                if not pending or chunk.blob_sha256 != pending[0]:
+                    raise CodecError(f"unexpected blob {chunk.blob_sha256[:12]} in the download")
+                sha = pending.pop(0)
+                writer = cache.writer(sha, sizes[sha])
+                assembler = BlobAssembler(sha, sizes[sha], writer)
+            assembler.add(chunk)
+        if assembler is not None:
+            _finish(assembler, writer)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if pending:
+        raise CodecError(f"download ended with {len(pending)} blobs missing")
+    missing = [b.name for b in manifest.blocks if not cache.has(b.sha256)]
+    if missing:
+        raise CodecError(f"blocks missing after download: {missing[:5]}")
+    return manifest, wire
+
+
+def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:
+    assembler.verify()
+    writer.commit()
+
+
+def upload_block(stub, metadata, header: pb.UploadHeader, blob: bytes, chunk_bytes: int) -> tuple[pb.UploadResponse, int]:
+    """Send the trained block; returns (the coordinator's answer, bytes on the wire)."""
+    messages = [pb.UploadMessage(header=header)]
+    messages += [pb.UploadMessage(chunk=c) for c in encode_chunks(header.blob_sha256, blob, chunk_bytes=chunk_bytes)]
+    wire = sum(m.ByteSize() for m in messages)
+
+    def stream() -> Iterator[pb.UploadMessage]:
+        yield from messages
+
+    return stub.UploadBlock(stream(), metadata=metadata), wire

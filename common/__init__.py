@@ -1,0 +1,1 @@
+"""Shared by coordinator and client."""

@@ -1,0 +1,138 @@
+"""A content-addressed store of block blobs on disk: the coordinator's model store and the
+client's block cache are both one of these.
+
+A blob's file name is the SHA-256 of its bytes, so a blob is verified once on the way in and
+never duplicated. Writes are atomic (temporary file, fsync, rename, fsync of the directory): a
+crash leaves either the whole blob or nothing, never a torn file under a valid name. Reads are
+memory-mapped so serving a block to many clients costs no copy per client.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from fedcybgd.common.codec import CodecError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Incremental write of one blob; `commit` verifies the hash and publishes it atomically."""
+
+    def __init__(self, store: "BlobStore", expected_sha256: str, max_size: int) -> None:
+        self._store = store
+        self.expected_sha256 = expected_sha256
+        self.max_size = max_size
+        self.size = 0
+        self._hasher = hashlib.sha256()
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="incoming-")
+        self._file = os.fdopen(fd, "wb")
+        self._tmp_path = Path(name)
+
+    def write(self, data: bytes) -> int:
+        if self.size + len(data) > self.max_size:
+            raise CodecError(f"blob exceeds its size limit of {self.max_size} bytes")
+        self._hasher.update(data)
+        self._file.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def commit(self, validate: Callable[[Path], None] | None = None) -> str:
+        """Verify the hash, run `validate` on the complete temporary file, then publish.
+
+        Nothing becomes visible under the blob's name unless every check passed.
+        """
+        digest = self._hasher.hexdigest()
+        if digest != self.expected_sha256:
+            self.abort()
+            raise CodecError(f"blob SHA-256 {digest[:12]} does not match the declared {self.expected_sha256[:12]}")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if validate is not None:
+            try:
+                validate(self._tmp_path)
+            except BaseException:
+                self.abort()
+                raise
+        self._store._publish(self._tmp_path, digest)
+        return digest
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._file.closed:
+            self.abort()
+
+
+class BlobStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.objects_dir = self.root / "objects"
+        self.tmp_dir = self.root / "tmp"
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Leftovers of writes interrupted by a crash are garbage by construction.
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+        return self.objects_dir / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        try:
+            return self.path(sha256).is_file()
+        except ValueError:
+            return False
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if self.has(digest):
+            return digest
+        with self.writer(digest, len(data)) as writer:
+            writer.write(data)
+            return writer.commit()
+
+    def writer(self, expected_sha256: str, max_size: int) -> BlobWriter:
+        self.path(expected_sha256)  # validates the name before any byte is written
+        return BlobWriter(self, expected_sha256, max_size)
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def open_mmap(self, sha256: str) -> mmap.mmap:
+        """Read-only memory map of a blob (empty blobs do not occur: a blob has a header)."""
+        with open(self.path(sha256), "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __iter__(self) -> Iterator[str]:
+        for sub in sorted(self.objects_dir.iterdir()):
+            for blob in sorted(sub.iterdir()):
+                yield blob.name
+
+    def _publish(self, tmp_path: Path, digest: str) -> None:
+        final = self.path(digest)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(tmp_path, final)
+        _fsync_dir(final.parent)

@@ -1,0 +1,153 @@
+"""Block blobs and the chunk codec used on every stream, in both directions.
+
+A *blob* is one block's tensors as canonical safetensors bytes: the same tensors always give the
+same bytes, so a blob is named by its SHA-256 and either side can tell whether it already holds
+it. On the wire a blob is cut into chunks of a few MiB at fixed raw offsets, cut inside tensors
+(one tensor may be larger than any message), and each chunk is compressed on its own. Independent
+chunks mean a receiver can verify, resume and bound each one separately.
+"""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import safetensors.torch
+import torch
+import zstandard
+
+from fedcybgd.v1 import coordinator_pb2 as pb
+
+#: Raw bytes per chunk. With framing and an incompressible chunk a message stays well under the
+#: message-size limit below.
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+#: The largest chunk a peer may send (raw or encoded); anything larger is refused.
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: gRPC message limit set on both ends: one chunk plus framing. Not a way to send big messages.
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+DEFAULT_ZSTD_LEVEL = 3
+
+GRPC_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class CodecError(ValueError):
+    """A chunk or blob failed a check (checksum, size, order, hash, format)."""
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def serialize_block(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Canonical safetensors bytes of a block (CPU, contiguous, no metadata)."""
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return safetensors.torch.save(cpu)
+
+
+def deserialize_block(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse a blob. safetensors only: no code runs while loading, unlike pickle."""
+    try:
+        return safetensors.torch.load(bytes(data))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CodecError(f"not a valid safetensors blob: {exc}") from exc
+
+
+def encode_chunks(
+    blob_sha256: str,
+    data: bytes | memoryview,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    codec: int = pb.CODEC_ZSTD,
+    level: int = DEFAULT_ZSTD_LEVEL,
+    start: int = 0,
+) -> Iterator[pb.Chunk]:
+    """Cut `data` into chunks from raw offset `start` and encode each one.
+
+    A chunk that zstd would not shrink is sent raw: no receiver time is spent on bytes that
+    cannot compress.
+    """
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+    view = memoryview(data)
+    compressor = zstandard.ZstdCompressor(level=level) if codec == pb.CODEC_ZSTD else None
+    for offset in range(start, len(view), chunk_bytes):
+        raw = view[offset : offset + chunk_bytes]
+        payload, used = raw.tobytes(), pb.CODEC_NONE
+        if compressor is not None:
+            packed = compressor.compress(raw)
+            if len(packed) < len(raw):
+                payload, used = packed, pb.CODEC_ZSTD
+        yield pb.Chunk(
+            blob_sha256=blob_sha256,
+            offset=offset,
+            raw_size=len(raw),
+            codec=used,
+            data=payload,
+            crc32=zlib.crc32(raw),
+        )
+
+
+def decode_chunk(chunk: pb.Chunk) -> bytes:
+    """Decode and verify one chunk; decompression is bounded by the declared raw size."""
+    if not 0 < chunk.raw_size <= MAX_CHUNK_BYTES:
+        raise CodecError(f"chunk raw_size {chunk.raw_size} outside (0, {MAX_CHUNK_BYTES}]")
+    if len(chunk.data) > MAX_CHUNK_BYTES:
+        raise CodecError(f"chunk payload of {len(chunk.data)} bytes exceeds {MAX_CHUNK_BYTES}")
+    if chunk.codec == pb.CODEC_NONE:
+        raw = chunk.data
+    elif chunk.codec == pb.CODEC_ZSTD:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(chunk.data, max_output_size=chunk.raw_size)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd chunk at offset {chunk.offset} does not decode: {exc}") from exc
+    else:
+        raise CodecError(f"unsupported codec {chunk.codec}")
+    if len(raw) != chunk.raw_size:
+        raise CodecError(f"chunk at offset {chunk.offset}: {len(raw)} bytes, declared {chunk.raw_size}")
+    if zlib.crc32(raw) != chunk.crc32:
+        raise CodecError(f"chunk at offset {chunk.offset}: CRC-32 mismatch")
+    return raw
+
+
+@dataclass
+class BlobAssembler:
+    """Reassembles one blob from its chunks, in order, into a writable sink, checking as it goes."""
+
+    sha256: str
+    size: int
+    sink: "BlobSink"
+    received: int = 0
+
+    def __post_init__(self) -> None:
+        self._hasher = hashlib.sha256()
+
+    def add(self, chunk: pb.Chunk) -> None:
+        if chunk.blob_sha256 != self.sha256:
+            raise CodecError(f"chunk for blob {chunk.blob_sha256[:12]} while receiving {self.sha256[:12]}")
+        if chunk.offset != self.received:
+            raise CodecError(f"chunk at offset {chunk.offset}, expected {self.received}")
+        if self.received + chunk.raw_size > self.size:
+            raise CodecError(f"blob {self.sha256[:12]} exceeds its declared size {self.size}")
+        raw = decode_chunk(chunk)
+        self._hasher.update(raw)
+        self.sink.write(raw)
+        self.received += len(raw)
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.size
+
+    def verify(self) -> None:
+        if not self.complete:
+            raise CodecError(f"blob {self.sha256[:12]}: {self.received} of {self.size} bytes received")
+        if self._hasher.hexdigest() != self.sha256:
+            raise CodecError(f"blob {self.sha256[:12]}: SHA-256 mismatch after reassembly")
+
+
+class BlobSink(Protocol):
+    def write(self, data: bytes, /) -> int: ...

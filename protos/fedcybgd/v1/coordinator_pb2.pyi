@@ -1,0 +1,412 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_UNSPECIFIED: _ClassVar[Codec]
+    CODEC_NONE: _ClassVar[Codec]
+    CODEC_ZSTD: _ClassVar[Codec]
+CODEC_UNSPECIFIED: Codec
+CODEC_NONE: Codec
+CODEC_ZSTD: Codec
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("name", "device_kind", "memory_bytes", "held_blobs", "software_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HELD_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    device_kind: str
+    memory_bytes: int
+    held_blobs: _containers.RepeatedScalarFieldContainer[str]
+    software_version: str
+    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., held_blobs: _Optional[_Iterable[str]] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("client_id", "token", "heartbeat_interval_s")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    token: str
+    heartbeat_interval_s: int
+    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., heartbeat_interval_s: _Optional[int] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block")
+    class TokenizerFilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    config_json: str
+    tokenizer_files: _containers.ScalarMap[str, bytes]
+    dtype: str
+    num_blocks: int
+    layers_per_block: int
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("task_id", "phase", "step", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GPU_PEAK_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_PEAK_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    phase: str
+    step: int
+    gpu_peak_allocated_bytes: int
+    gpu_peak_reserved_bytes: int
+    host_rss_bytes: int
+    def __init__(self, task_id: _Optional[str] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("task_valid", "heartbeat_interval_s")
+    TASK_VALID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    task_valid: bool
+    heartbeat_interval_s: int
+    def __init__(self, task_valid: _Optional[bool] = ..., heartbeat_interval_s: _Optional[int] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("wait_seconds",)
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: int
+    def __init__(self, wait_seconds: _Optional[int] = ...) -> None: ...
+
+class GetTaskResponse(_message.Message):
+    __slots__ = ("task", "wait", "done")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    wait: Wait
+    done: Done
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+
+class Wait(_message.Message):
+    __slots__ = ("retry_after_ms", "reason")
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    retry_after_ms: int
+    reason: str
+    def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Done(_message.Message):
+    __slots__ = ("final_version",)
+    FINAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    final_version: int
+    def __init__(self, final_version: _Optional[int] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "cycle", "round", "block_index", "block_name", "base_version", "hyper")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HYPER_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    cycle: int
+    round: int
+    block_index: int
+    block_name: str
+    base_version: int
+    hyper: Hyper
+    def __init__(self, task_id: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., block_name: _Optional[str] = ..., base_version: _Optional[int] = ..., hyper: _Optional[_Union[Hyper, _Mapping]] = ...) -> None: ...
+
+class Hyper(_message.Message):
+    __slots__ = ("lr", "local_steps", "batch_size", "seq_len", "seed", "weight_decay", "max_grad_norm")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    local_steps: int
+    batch_size: int
+    seq_len: int
+    seed: int
+    weight_decay: float
+    max_grad_norm: float
+    def __init__(self, lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("task_id", "have", "accept_codecs")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    HAVE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_CODECS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    have: _containers.RepeatedScalarFieldContainer[str]
+    accept_codecs: _containers.RepeatedScalarFieldContainer[Codec]
+    def __init__(self, task_id: _Optional[str] = ..., have: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ...) -> None: ...
+
+class DownloadMessage(_message.Message):
+    __slots__ = ("manifest", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: Manifest
+    chunk: Chunk
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("version", "blocks", "sending")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SENDING_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockEntry]
+    sending: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockEntry, _Mapping]]] = ..., sending: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BlockEntry(_message.Message):
+    __slots__ = ("index", "name", "sha256", "size", "tensors")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    sha256: str
+    size: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ...) -> None: ...
+
+class TensorEntry(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("blob_sha256", "offset", "raw_size", "codec", "data", "crc32")
+    BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    blob_sha256: str
+    offset: int
+    raw_size: int
+    codec: Codec
+    data: bytes
+    crc32: int
+    def __init__(self, blob_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., raw_size: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class UploadMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("task_id", "block_index", "base_version", "blob_sha256", "blob_size", "samples", "tokens", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "download_seconds", "device")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    block_index: int
+    base_version: int
+    blob_sha256: str
+    blob_size: int
+    samples: int
+    tokens: int
+    loss_before: float
+    loss_after: float
+    peak_memory_bytes: int
+    train_seconds: float
+    download_seconds: float
+    device: str
+    def __init__(self, task_id: _Optional[str] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ..., blob_size: _Optional[int] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class UploadResponse(_message.Message):
+    __slots__ = ("new_version", "blob_sha256", "bytes_received")
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    new_version: int
+    blob_sha256: str
+    bytes_received: int
+    def __init__(self, new_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ("max_visits",)
+    MAX_VISITS_FIELD_NUMBER: _ClassVar[int]
+    max_visits: int
+    def __init__(self, max_visits: _Optional[int] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("run_state", "cycle", "round", "total_rounds", "num_blocks", "version", "blocks", "clients", "tasks", "visits", "evals", "total_bytes_down", "total_bytes_up", "model_bytes")
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    VISITS_FIELD_NUMBER: _ClassVar[int]
+    EVALS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    run_state: str
+    cycle: int
+    round: int
+    total_rounds: int
+    num_blocks: int
+    version: int
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockStatus]
+    clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskStatus]
+    visits: _containers.RepeatedCompositeFieldContainer[VisitRecord]
+    evals: _containers.RepeatedCompositeFieldContainer[EvalPoint]
+    total_bytes_down: int
+    total_bytes_up: int
+    model_bytes: int
+    def __init__(self, run_state: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., num_blocks: _Optional[int] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., visits: _Optional[_Iterable[_Union[VisitRecord, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., total_bytes_down: _Optional[int] = ..., total_bytes_up: _Optional[int] = ..., model_bytes: _Optional[int] = ...) -> None: ...
+
+class BlockStatus(_message.Message):
+    __slots__ = ("index", "name", "sha256", "last_version", "times_trained", "size")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    LAST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMES_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    sha256: str
+    last_version: int
+    times_trained: int
+    size: int
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., last_version: _Optional[int] = ..., times_trained: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ClientStatus(_message.Message):
+    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_TASK_FIELD_NUMBER: _ClassVar[int]
+    VISITS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    name: str
+    device_kind: str
+    last_seen_unix: float
+    current_task: str
+    visits_completed: int
+    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ...) -> None: ...
+
+class TaskStatus(_message.Message):
+    __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    client_id: str
+    round: int
+    block_index: int
+    base_version: int
+    issued_unix: float
+    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., issued_unix: _Optional[float] = ...) -> None: ...
+
+class VisitRecord(_message.Message):
+    __slots__ = ("round", "cycle", "block_index", "block_name", "client_id", "client_name", "task_id", "base_version", "new_version", "lr", "seed", "bytes_down", "bytes_up", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "visit_seconds", "samples")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VISIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    cycle: int
+    block_index: int
+    block_name: str
+    client_id: str
+    client_name: str
+    task_id: str
+    base_version: int
+    new_version: int
+    lr: float
+    seed: int
+    bytes_down: int
+    bytes_up: int
+    loss_before: float
+    loss_after: float
+    peak_memory_bytes: int
+    train_seconds: float
+    visit_seconds: float
+    samples: int
+    def __init__(self, round: _Optional[int] = ..., cycle: _Optional[int] = ..., block_index: _Optional[int] = ..., block_name: _Optional[str] = ..., client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., task_id: _Optional[str] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., visit_seconds: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class EvalPoint(_message.Message):
+    __slots__ = ("version", "rounds_done", "loss")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    rounds_done: int
+    loss: float
+    def __init__(self, version: _Optional[int] = ..., rounds_done: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...

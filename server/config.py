@@ -1,0 +1,57 @@
+"""The coordinator's configuration: one typed object (see `fedcybgd coordinator --help`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES
+from fedcybgd.server.scheduler import ScheduleConfig
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyper-parameters every visit carries, besides the scheduled learning rate and seed."""
+
+    local_steps: int = 10
+    batch_size: int = 4
+    seq_len: int = 256
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation on the coordinator (data no client sees)."""
+
+    data: str | None = None
+    max_sequences: int = 64
+    batch_size: int = 8
+    every_cycle: bool = True
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    model: str = ""                       # Hugging Face model directory (safetensors + tokenizer)
+    state_dir: str = "./fedcybgd-state"
+    address: str = "127.0.0.1:50051"
+    layers_per_block: int = 1
+    dtype: str = "auto"                   # "auto" (as stored), "float32", "bfloat16", "float16"
+    max_concurrent_visits: int = 1        # 1: sequential, as in the paper; K > 1: parallel mode
+    heartbeat_interval_s: int = 5
+    task_timeout_s: float = 300.0         # no heartbeat and no transfer progress for this long: reassign
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    zstd_level: int = DEFAULT_ZSTD_LEVEL
+    metrics_port: int = 0                 # Prometheus endpoint; 0: off
+    metrics_address: str = "127.0.0.1"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.layers_per_block < 1:
+            raise ValueError("layers_per_block must be >= 1")
+        if self.max_concurrent_visits < 1:
+            raise ValueError("max_concurrent_visits must be >= 1")
+        if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")

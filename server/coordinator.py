@@ -1,0 +1,496 @@
+"""The coordinator's logic, independent of gRPC: who trains which block when, and what is merged.
+
+`fedcybgd.server.service` adapts it to the wire; `fedcybgd.server.app` runs it. Each public
+method corresponds to one RPC and raises `RpcError` with the status code the client should see.
+State changes go through `CoordinatorState` (durable, transactional) so a coordinator stopped at
+any moment continues from its state directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import safetensors
+import torch
+
+from fedcybgd.common.blocks import BlockSpec, st_dtype_to_torch
+from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks
+from fedcybgd.common.config import to_dict
+from fedcybgd.common.data import load_packed
+from fedcybgd.common.eval import evaluate_loss
+from fedcybgd.common.modeling import max_blob_size, specs_from_json, specs_to_json
+from fedcybgd.server.config import CoordinatorConfig
+from fedcybgd.server.metrics import CoordinatorMetrics
+from fedcybgd.server.model_store import ModelStore
+from fedcybgd.server.scheduler import CycleSchedule
+from fedcybgd.server.state import ClientRow, CoordinatorState, SqliteState, StaleTaskError, TaskRow, VisitRow
+from fedcybgd.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger("fedcybgd.coordinator")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_HAVE_ENTRIES = 100_000
+MAX_NAME_CHARS = 128
+MAX_GET_TASK_WAIT_S = 30
+
+
+class RpcError(Exception):
+    """An expected refusal, with the gRPC status code the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    specs: list[BlockSpec]
+    dtype: str
+    model_id: str
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, state: CoordinatorState | None = None,
+                 metrics: CoordinatorMetrics | None = None) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state: CoordinatorState = state or SqliteState(self.state_dir / "state.sqlite")
+        self.store = ModelStore(self.state_dir)
+        self.run = self._open_run()
+        self.schedule = CycleSchedule(len(self.run.specs), config.schedule)
+        self.metrics = metrics or CoordinatorMetrics()
+        self._model_bytes = sum(s.nbytes for s in self.run.specs)
+        self.metrics.set_model_bytes(self._model_bytes)
+        self._cond = threading.Condition()
+        self._done_rounds = {v.round for v in self.state.visits()}
+        self._eval_queue: queue.Queue[int | None] = queue.Queue()
+        self._eval_sequences: torch.Tensor | None = None
+        self._eval_thread: threading.Thread | None = None
+        self.metrics.set_progress(len(self._done_rounds), self.schedule)
+        if config.eval.data:
+            self._start_evaluator()
+
+    # -- run set-up ----------------------------------------------------------------------------
+    def _run_fingerprint(self) -> str:
+        """The settings a run cannot change midway without invalidating what was trained."""
+        cfg = self.config
+        return json.dumps({
+            "layers_per_block": cfg.layers_per_block, "dtype": cfg.dtype,
+            "max_concurrent_visits": cfg.max_concurrent_visits,
+            "schedule": to_dict(cfg.schedule), "training": to_dict(cfg.training),
+        }, sort_keys=True)
+
+    def _open_run(self) -> RunInfo:
+        stored = self.state.get_meta("run_config")
+        if stored is None:
+            if not self.config.model:
+                raise ValueError("a new run needs a model directory (--model)")
+            log.info("importing model %s", self.config.model)
+            specs, manifest, dtype = self.store.import_model(self.config.model, self.config.layers_per_block, self.config.dtype)
+            model_id = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
+            self.state.add_version(0, manifest, None)
+            # Written last: its presence marks a completely initialised run.
+            self.state.set_meta({"blocks": specs_to_json(specs), "dtype": dtype, "model_id": model_id,
+                                 "run_config": self._run_fingerprint()})
+            log.info("run initialised: %d blocks, dtype %s, model %s", len(specs), dtype, model_id[:12])
+        elif stored != self._run_fingerprint():
+            raise ValueError(
+                f"state directory {self.state_dir} belongs to a run with other settings:\n  stored:  {stored}\n"
+                f"  current: {self._run_fingerprint()}\nuse a fresh --state-dir or the same settings")
+        return RunInfo(specs=specs_from_json(self.state.get_meta("blocks")), dtype=self.state.get_meta("dtype"),
+                       model_id=self.state.get_meta("model_id"))
+
+    # -- clients -------------------------------------------------------------------------------
+    def register(self, req: pb.RegisterRequest) -> pb.RegisterResponse:
+        name = req.name.strip()
+        if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"client name must be 1-{MAX_NAME_CHARS} printable characters")
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        client = ClientRow(id=f"c-{secrets.token_hex(6)}", name=name, device_kind=req.device_kind[:MAX_NAME_CHARS],
+                           memory_bytes=req.memory_bytes, registered_unix=now, last_seen_unix=now)
+        self.state.add_client(client, _token_hash(token))
+        self.metrics.clients_registered.inc()
+        log.info("registered client %s (%s, %s)", client.id, name, client.device_kind)
+        return pb.RegisterResponse(client_id=client.id, token=token, heartbeat_interval_s=self.config.heartbeat_interval_s)
+
+    def authenticate(self, metadata: dict[str, str]) -> ClientRow:
+        auth = metadata.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata; register first")
+        client = self.state.client_by_token(_token_hash(auth[len("Bearer "):]))
+        if client is None:
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "unknown client token")
+        return client
+
+    def model_info(self) -> pb.ModelInfo:
+        return pb.ModelInfo(model_id=self.run.model_id, config_json=self.store.config_json(),
+                            tokenizer_files=self.store.tokenizer_files(), dtype=self.run.dtype,
+                            num_blocks=len(self.run.specs), layers_per_block=self.config.layers_per_block)
+
+    def heartbeat(self, client: ClientRow, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        self.state.touch_client(client.id, gpu_peak_allocated_bytes=req.gpu_peak_allocated_bytes,
+                                gpu_peak_reserved_bytes=req.gpu_peak_reserved_bytes, host_rss_bytes=req.host_rss_bytes)
+        self.metrics.observe_client_memory(client.name, req.gpu_peak_allocated_bytes, req.gpu_peak_reserved_bytes, req.host_rss_bytes)
+        valid = False
+        if req.task_id:
+            task = self.state.task(req.task_id)
+            valid = task is not None and task.client_id == client.id and task.status == "issued"
+            if valid:
+                self.state.note_progress(task.id)
+        return pb.HeartbeatResponse(task_valid=valid, heartbeat_interval_s=self.config.heartbeat_interval_s)
+
+    # -- scheduling ----------------------------------------------------------------------------
+    @property
+    def rounds_done(self) -> int:
+        return len(self._done_rounds)
+
+    @property
+    def all_rounds_done(self) -> bool:
+        return len(self._done_rounds) >= self.schedule.total_rounds
+
+    def get_task(self, client: ClientRow, req: pb.GetTaskRequest) -> pb.GetTaskResponse:
+        self.state.touch_client(client.id)
+        deadline = time.monotonic() + min(req.wait_seconds, MAX_GET_TASK_WAIT_S)
+        with self._cond:
+            while True:
+                self._expire_stalled_tasks()
+                current = [t for t in self.state.tasks_with_status("issued") if t.client_id == client.id]
+                if current:  # a retried GetTask gets the same task back
+                    return pb.GetTaskResponse(task=self._task_message(current[0]))
+                if self.all_rounds_done:
+                    latest, _ = self.state.latest_version()
+                    return pb.GetTaskResponse(done=pb.Done(final_version=latest))
+                round_ = self._next_round()
+                if round_ is not None:
+                    return pb.GetTaskResponse(task=self._task_message(self._issue(client, round_)))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return pb.GetTaskResponse(wait=pb.Wait(retry_after_ms=500, reason="all open blocks are being trained"))
+                self._cond.wait(timeout=min(remaining, 1.0))
+
+    def _next_round(self) -> int | None:
+        """The earliest round that may start now (caller holds the lock).
+
+        Sequential mode: only when nothing is in flight, so each visit starts from the model with
+        every earlier visit merged (Gauss-Seidel order, as in the paper). Parallel mode: up to K
+        visits at once on distinct blocks; a block never overtakes an earlier visit of itself.
+        """
+        in_flight = self.state.tasks_with_status("issued")
+        if len(in_flight) >= self.config.max_concurrent_visits:
+            return None
+        blocked = {t.block_index for t in in_flight}
+        busy_rounds = {t.round for t in in_flight}
+        first_open = next((r for r in range(self.schedule.total_rounds) if r not in self._done_rounds), None)
+        if first_open is None:
+            return None
+        for round_ in range(first_open, min(first_open + self.schedule.num_blocks, self.schedule.total_rounds)):
+            if round_ in self._done_rounds or round_ in busy_rounds:
+                continue
+            block = self.schedule.block_of(round_)
+            if block not in blocked:
+                return round_
+            blocked.add(block)
+        return None
+
+    def _issue(self, client: ClientRow, round_: int) -> TaskRow:
+        latest, _ = self.state.latest_version()
+        now = time.time()
+        task = TaskRow(id=f"t-{round_}-{secrets.token_hex(6)}", round=round_, block_index=self.schedule.block_of(round_),
+                       client_id=client.id, base_version=latest, status="issued", issued_unix=now, last_progress_unix=now)
+        self.state.issue_task(task)
+        log.info("round %d: block %s to %s (%s), base version %d", round_, self.run.specs[task.block_index].name,
+                 client.name, client.id, latest)
+        return task
+
+    def _task_message(self, task: TaskRow) -> pb.Task:
+        tr = self.config.training
+        hyper = pb.Hyper(lr=self.schedule.lr_of(task.round), local_steps=tr.local_steps, batch_size=tr.batch_size,
+                         seq_len=tr.seq_len, seed=self.schedule.seed_of(task.round), weight_decay=tr.weight_decay,
+                         max_grad_norm=tr.max_grad_norm)
+        return pb.Task(task_id=task.id, cycle=self.schedule.cycle_of(task.round), round=task.round,
+                       block_index=task.block_index, block_name=self.run.specs[task.block_index].name,
+                       base_version=task.base_version, hyper=hyper)
+
+    def _expire_stalled_tasks(self) -> None:
+        """Reassign tasks whose client shows no sign of life: no heartbeat and no transfer progress
+        for task_timeout_s. A slow but live client keeps its task however long the visit takes."""
+        now = time.time()
+        last_seen = {c.id: c.last_seen_unix for c in self.state.clients()}
+        for task in self.state.tasks_with_status("issued"):
+            alive = max(task.last_progress_unix, last_seen.get(task.client_id, 0.0))
+            if now - alive > self.config.task_timeout_s and self.state.expire_task(task.id):
+                self.metrics.visits.labels(outcome="reassigned").inc()
+                log.warning("task %s (round %d) expired: no progress for %.0fs; it will be reassigned",
+                            task.id, task.round, now - alive)
+
+    # -- transfers -----------------------------------------------------------------------------
+    def _own_issued_task(self, client: ClientRow, task_id: str) -> TaskRow:
+        task = self.state.task(task_id)
+        if task is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no task {task_id[:80]!r}")
+        if task.client_id != client.id:
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"task {task_id} belongs to another client")
+        if task.status != "issued":
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id} is {task.status}, no longer open")
+        return task
+
+    def manifest_message(self, version: int, sending: list[str]) -> pb.Manifest:
+        manifest = self.state.manifest(version)
+        blocks = [
+            pb.BlockEntry(index=spec.index, name=spec.name, sha256=sha, size=self.store.blobs.size(sha),
+                          tensors=[pb.TensorEntry(name=t.name, shape=t.shape, dtype=t.dtype) for t in spec.tensors])
+            for spec, sha in zip(self.run.specs, manifest, strict=True)
+        ]
+        return pb.Manifest(version=version, blocks=blocks, sending=sending)
+
+    def download(self, client: ClientRow, req: pb.DownloadRequest) -> Iterator[pb.DownloadMessage]:
+        """The task's base model: manifest first, then every blob the client lacks, chunk by chunk,
+        read from memory-mapped files (no per-client copy of the model)."""
+        task = self._own_issued_task(client, req.task_id)
+        if len(req.have) > MAX_HAVE_ENTRIES:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'have' entries")
+        have = set(req.have)
+        manifest = self.state.manifest(task.base_version)
+        sending = [sha for sha in dict.fromkeys(manifest) if sha not in have]
+        codec = pb.CODEC_ZSTD if pb.CODEC_ZSTD in req.accept_codecs else pb.CODEC_NONE
+        trainable = manifest[task.block_index]
+        first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending))
+        total = first.ByteSize()
+        yield first
+        for sha in sending:
+            kind = "block" if sha == trainable else "context"
+            raw_bytes = wire_bytes = 0
+            with self.store.blobs.open_mmap(sha) as blob:
+                chunks = encode_chunks(sha, blob, chunk_bytes=self.config.chunk_bytes, codec=codec, level=self.config.zstd_level)
+                try:
+                    for chunk in chunks:
+                        message = pb.DownloadMessage(chunk=chunk)
+                        raw_bytes += chunk.raw_size
+                        wire_bytes += message.ByteSize()
+                        yield message
+                finally:
+                    chunks.close()
+            total += wire_bytes
+            self.state.note_progress(task.id, bytes_down=wire_bytes)
+            self.metrics.count_transfer("down", kind, wire_bytes, raw_bytes)
+        self.state.note_progress(task.id, bytes_down=first.ByteSize())
+        log.debug("task %s: sent %d blobs, %d bytes", task.id, len(sending), total)
+
+    def upload(self, client: ClientRow, messages: Iterator[pb.UploadMessage]) -> pb.UploadResponse:
+        first = next(messages, None)
+        if first is None or not first.HasField("header"):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "an upload starts with its header")
+        header = first.header
+        task = self.state.task(header.task_id)
+        if task is not None and task.client_id == client.id and task.status == "done":
+            return self._repeated_upload(task, header)
+        try:
+            task = self._own_issued_task(client, header.task_id)
+        except RpcError as err:
+            self.metrics.rejections.labels(reason="task").inc()
+            raise err
+        spec = self.run.specs[task.block_index]
+        self._check_header(task, spec, header)
+        writer = self.store.blobs.writer(header.blob_sha256, header.blob_size)
+        try:
+            assembler = BlobAssembler(header.blob_sha256, header.blob_size, writer)
+            wire = first.ByteSize()
+            for message in messages:
+                if not message.HasField("chunk"):
+                    raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
+                wire += message.ByteSize()
+                assembler.add(message.chunk)
+            assembler.verify()
+            writer.commit(validate=lambda path: validate_block_file(path, spec))
+        except CodecError as err:
+            writer.abort()
+            self.metrics.rejections.labels(reason="data").inc()
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"upload rejected: {err}") from err
+        except BaseException:
+            writer.abort()
+            raise
+        self.metrics.count_transfer("up", "block", wire, header.blob_size)
+        return self._commit(client, task, header, wire)
+
+    def _check_header(self, task: TaskRow, spec: BlockSpec, header: pb.UploadHeader) -> None:
+        code = grpc.StatusCode
+        if header.block_index != task.block_index:
+            raise RpcError(code.PERMISSION_DENIED, f"task {task.id} trains block {task.block_index}, not {header.block_index}")
+        if header.base_version != task.base_version:
+            raise RpcError(code.FAILED_PRECONDITION, f"task {task.id} started from version {task.base_version}, "
+                                                     f"not {header.base_version}")
+        if not _SHA256.match(header.blob_sha256):
+            raise RpcError(code.INVALID_ARGUMENT, "blob_sha256 must be 64 lowercase hex digits")
+        limit = max_blob_size(spec)
+        if not 0 < header.blob_size <= limit:
+            raise RpcError(code.INVALID_ARGUMENT, f"blob_size {header.blob_size} outside (0, {limit}] for block {spec.name}")
+
+    def _repeated_upload(self, task: TaskRow, header: pb.UploadHeader) -> pb.UploadResponse:
+        """A retry of an upload that was committed but whose answer was lost: same answer again."""
+        visit = self.state.visit_of_task(task.id)
+        if visit is None or visit.blob_sha256 != header.blob_sha256:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task.id} was already completed with another block")
+        return pb.UploadResponse(new_version=visit.new_version, blob_sha256=visit.blob_sha256, bytes_received=0)
+
+    def _commit(self, client: ClientRow, task: TaskRow, header: pb.UploadHeader, wire_bytes: int) -> pb.UploadResponse:
+        with self._cond:
+            latest, manifest = self.state.latest_version()
+            if manifest[task.block_index] != self.state.manifest(task.base_version)[task.block_index]:
+                self.metrics.rejections.labels(reason="stale").inc()
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"block {task.block_index} changed since version {task.base_version}; upload is stale")
+            new_manifest = list(manifest)
+            new_manifest[task.block_index] = header.blob_sha256
+            now = time.time()
+            bytes_down = self.state.task(task.id).bytes_down
+            record = {
+                "lr": self.schedule.lr_of(task.round), "seed": self.schedule.seed_of(task.round),
+                "bytes_down": bytes_down, "bytes_up": wire_bytes, "loss_before": header.loss_before,
+                "loss_after": header.loss_after, "peak_memory_bytes": header.peak_memory_bytes,
+                "train_seconds": header.train_seconds, "download_seconds": header.download_seconds,
+                "visit_seconds": now - task.issued_unix, "samples": header.samples, "tokens": header.tokens,
+                "device": header.device[:MAX_NAME_CHARS],
+            }
+            visit = VisitRow(round=task.round, task_id=task.id, client_id=task.client_id, block_index=task.block_index,
+                             base_version=task.base_version, new_version=latest + 1, blob_sha256=header.blob_sha256,
+                             committed_unix=now, record=record)
+            try:
+                self.state.commit_visit(visit, new_manifest)
+            except StaleTaskError as err:
+                self.metrics.rejections.labels(reason="stale").inc()
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"upload rejected: {err} (reassigned)") from err
+            self.state.note_progress(task.id, bytes_up=wire_bytes)
+            self._done_rounds.add(task.round)
+            self._cond.notify_all()
+        self.metrics.observe_visit(visit, self.run.specs[task.block_index].name, client.name)
+        self.metrics.set_progress(self.rounds_done, self.schedule)
+        log.info("round %d committed: block %s -> version %d (loss %.4f -> %.4f)", task.round,
+                 self.run.specs[task.block_index].name, visit.new_version, header.loss_before, header.loss_after)
+        if self._eval_thread is not None and (
+                self.all_rounds_done or (self.config.eval.every_cycle and self.rounds_done % self.schedule.num_blocks == 0)):
+            self._eval_queue.put(visit.new_version)
+        return pb.UploadResponse(new_version=visit.new_version, blob_sha256=visit.blob_sha256, bytes_received=wire_bytes)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _start_evaluator(self) -> None:
+        tokenizer = self.store.tokenizer()
+        sequences = load_packed(self.config.eval.data, tokenizer, self.config.training.seq_len)
+        self._eval_sequences = sequences[: self.config.eval.max_sequences]
+        evaluated = {v for v, _, _ in self.state.evals()}
+        latest, _ = self.state.latest_version()
+        self._eval_thread = threading.Thread(target=self._eval_loop, name="evaluator", daemon=True)
+        self._eval_thread.start()
+        for version in (0, latest) if self.all_rounds_done else (0,):
+            if version not in evaluated:
+                self._eval_queue.put(version)
+
+    def _eval_loop(self) -> None:
+        while (version := self._eval_queue.get()) is not None:
+            try:
+                loss = self.evaluate(version)
+                rounds = sum(1 for v in self.state.visits() if v.new_version <= version)
+                self.state.add_eval(version, rounds, loss)
+                self.metrics.eval_loss.set(loss)
+                log.info("held-out loss of version %d (after %d rounds): %.4f", version, rounds, loss)
+            except Exception:
+                log.exception("evaluation of version %d failed", version)
+
+    def evaluate(self, version: int) -> float:
+        """Held-out loss of one model version, on the coordinator's evaluation data."""
+        model = self.store.build_model(self.run.specs, self.state.manifest(version), self.run.dtype)
+        return evaluate_loss(model, self._eval_sequences, self.config.eval.batch_size)
+
+    @property
+    def finished(self) -> bool:
+        """All rounds merged and, when evaluation is configured, the final version evaluated."""
+        if not self.all_rounds_done:
+            return False
+        if self._eval_thread is None:
+            return True
+        latest, _ = self.state.latest_version()
+        return latest in {v for v, _, _ in self.state.evals()}
+
+    # -- operators -----------------------------------------------------------------------------
+    def status(self, req: pb.GetStatusRequest) -> pb.GetStatusResponse:
+        latest, manifest = self.state.latest_version()
+        visits = self.state.visits()
+        names = {c.id: c.name for c in self.state.clients()}
+        in_flight = self.state.tasks_with_status("issued")
+        blocks = []
+        for spec, sha in zip(self.run.specs, manifest, strict=True):
+            mine = [v for v in visits if v.block_index == spec.index]
+            blocks.append(pb.BlockStatus(index=spec.index, name=spec.name, sha256=sha, size=self.store.blobs.size(sha),
+                                         last_version=max((v.new_version for v in mine), default=0), times_trained=len(mine)))
+        clients = [
+            pb.ClientStatus(client_id=c.id, name=c.name, device_kind=c.device_kind, last_seen_unix=c.last_seen_unix,
+                            current_task=next((t.id for t in in_flight if t.client_id == c.id), ""),
+                            visits_completed=sum(1 for v in visits if v.client_id == c.id))
+            for c in self.state.clients()
+        ]
+        shown = visits if req.max_visits == 0 else visits[-req.max_visits:]
+        return pb.GetStatusResponse(
+            run_state="done" if self.finished else "running",
+            cycle=min(self.schedule.cycle_of(self.rounds_done), self.config.schedule.cycles - 1) if self.schedule.total_rounds else 0,
+            round=self.rounds_done, total_rounds=self.schedule.total_rounds, num_blocks=len(self.run.specs), version=latest,
+            blocks=blocks, clients=clients,
+            tasks=[pb.TaskStatus(task_id=t.id, client_id=t.client_id, round=t.round, block_index=t.block_index,
+                                 base_version=t.base_version, issued_unix=t.issued_unix) for t in in_flight],
+            visits=[_visit_message(v, self.run.specs[v.block_index].name, names.get(v.client_id, "")) for v in shown],
+            evals=[pb.EvalPoint(version=v, rounds_done=r, loss=loss) for v, r, loss in self.state.evals()],
+            total_bytes_down=sum(v.record["bytes_down"] for v in visits),
+            total_bytes_up=sum(v.record["bytes_up"] for v in visits),
+            model_bytes=self._model_bytes,
+        )
+
+    def close(self) -> None:
+        if self._eval_thread is not None:
+            self._eval_queue.put(None)
+            self._eval_thread.join(timeout=60)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _visit_message(v: VisitRow, block_name: str, client_name: str) -> pb.VisitRecord:
+    r = v.record
+    return pb.VisitRecord(
+        round=v.round, cycle=0, block_index=v.block_index, block_name=block_name, client_id=v.client_id,
+        client_name=client_name, task_id=v.task_id, base_version=v.base_version, new_version=v.new_version,
+        lr=r["lr"], seed=r["seed"], bytes_down=r["bytes_down"], bytes_up=r["bytes_up"], loss_before=r["loss_before"],
+        loss_after=r["loss_after"], peak_memory_bytes=r["peak_memory_bytes"], train_seconds=r["train_seconds"],
+        visit_seconds=r["visit_seconds"], samples=r["samples"])
+
+
+def validate_block_file(path: Path, spec: BlockSpec) -> None:
+    """An uploaded block must be exactly the block it claims: names, shapes, dtypes, finite values."""
+    expected = {t.name: t for t in spec.tensors}
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+                raise CodecError(f"block {spec.name}: missing tensors {missing[:5]}, unexpected {extra[:5]}")
+            for name, want in expected.items():
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != st_dtype_to_torch(want.dtype):
+                    raise CodecError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(want.shape)} {want.dtype}")
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise CodecError(f"{name}: contains NaN or infinite values")
+    except CodecError:
+        raise
+    except Exception as exc:  # a malformed header and the like
+        raise CodecError(f"not a valid safetensors block: {exc}") from exc

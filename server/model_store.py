@@ -1,0 +1,86 @@
+"""The global model on the coordinator's disk: blocks of every version as content-addressed
+blobs, plus the config and tokenizer files that every client needs to build the same model.
+
+Importing a model is done once per run and atomically; afterwards the coordinator never holds
+the whole model in memory except to evaluate or export it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from fedcybgd.common.blobstore import BlobStore
+from fedcybgd.common.blocks import BlockSpec, block_tensors
+from fedcybgd.common.codec import serialize_block
+from fedcybgd.common.modeling import (
+    DTYPES, TOKENIZER_FILES, config_from_json, dtype_name, load_blob_file, model_from_config, partition,
+)
+
+MAX_TOKENIZER_BYTES = 3 * 1024 * 1024
+
+
+class ModelStore:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.blobs = BlobStore(self.state_dir / "blobs")
+        self.model_dir = self.state_dir / "model"
+
+    def import_model(self, model_path: str | Path, layers_per_block: int, dtype: str) -> tuple[list[BlockSpec], list[str], str]:
+        """Partition a Hugging Face model into blocks and store them as version 0.
+
+        Returns (block specs, manifest of blob SHA-256 per block, the dtype name used).
+        """
+        kwargs = {} if dtype == "auto" else {"dtype": DTYPES[dtype]}
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        stored_dtype = next(model.parameters()).dtype
+        if stored_dtype not in DTYPES.values():
+            raise ValueError(f"unsupported weight dtype {stored_dtype}")
+        specs = partition(model, layers_per_block)
+        manifest = [self.blobs.put(serialize_block(block_tensors(model, spec))) for spec in specs]
+        self._write_model_dir(model, model_path)
+        return specs, manifest, dtype_name(stored_dtype)
+
+    def _write_model_dir(self, model: PreTrainedModel, model_path: str | Path) -> None:
+        tmp = Path(tempfile.mkdtemp(dir=self.state_dir, prefix="model-"))
+        (tmp / "config.json").write_text(model.config.to_json_string())
+        AutoTokenizer.from_pretrained(str(model_path)).save_pretrained(str(tmp))
+        if self.model_dir.exists():
+            shutil.rmtree(self.model_dir)
+        os.replace(tmp, self.model_dir)
+
+    def config_json(self) -> str:
+        return (self.model_dir / "config.json").read_text()
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        files = {name: (self.model_dir / name).read_bytes() for name in TOKENIZER_FILES if (self.model_dir / name).is_file()}
+        total = sum(len(v) for v in files.values())
+        if total > MAX_TOKENIZER_BYTES:
+            raise ValueError(f"tokenizer files take {total} bytes, more than {MAX_TOKENIZER_BYTES}")
+        return files
+
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(str(self.model_dir))
+
+    def build_model(self, specs: list[BlockSpec], manifest: list[str], dtype: str, device: str = "cpu") -> PreTrainedModel:
+        model = model_from_config(config_from_json(self.config_json()), DTYPES[dtype], device)
+        for spec, sha in zip(specs, manifest, strict=True):
+            load_blob_file(model, spec, self.blobs.path(sha))
+        return model
+
+    def export(self, specs: list[BlockSpec], manifest: list[str], dtype: str, out_dir: str | Path) -> Path:
+        """Write a model version as a Hugging Face directory loadable by from_pretrained."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.build_model(specs, manifest, dtype)
+        model.save_pretrained(str(out))
+        self.tokenizer().save_pretrained(str(out))
+        return out
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]

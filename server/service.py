@@ -1,0 +1,80 @@
+"""The gRPC face of the coordinator: authentication and status codes, no logic of its own."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from fedcybgd.server.coordinator import Coordinator, RpcError
+from fedcybgd.v1 import coordinator_pb2 as pb
+from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedcybgd.service")
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException):
+    if isinstance(exc, RpcError):
+        context.abort(exc.code, exc.message)
+    log.exception("internal error")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def _unary(method):
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            _abort(context, exc)
+    return wrapper
+
+
+def _streaming(method):
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            _abort(context, exc)
+    return wrapper
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    def _client(self, context: grpc.ServicerContext):
+        return self.coordinator.authenticate(dict(context.invocation_metadata()))
+
+    @_unary
+    def Register(self, request, context):
+        return self.coordinator.register(request)
+
+    @_unary
+    def GetModelInfo(self, request, context):
+        self._client(context)
+        return self.coordinator.model_info()
+
+    @_unary
+    def Heartbeat(self, request, context):
+        return self.coordinator.heartbeat(self._client(context), request)
+
+    @_unary
+    def GetTask(self, request, context):
+        return self.coordinator.get_task(self._client(context), request)
+
+    @_streaming
+    def DownloadModel(self, request, context):
+        yield from self.coordinator.download(self._client(context), request)
+
+    @_unary
+    def UploadBlock(self, request_iterator, context):
+        return self.coordinator.upload(self._client(context), iter(request_iterator))
+
+    @_unary
+    def GetStatus(self, request, context):
+        return self.coordinator.status(request)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name

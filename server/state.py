@@ -1,0 +1,290 @@
+"""The coordinator's durable state: clients, tasks, model versions, accepted visits, evaluations.
+
+Everything the coordinator must not forget across a restart lives here, behind the small
+`CoordinatorState` interface. `SqliteState` implements it; `SqliteState(":memory:")` is the
+in-memory variant for tests and throw-away runs. Each method is one transaction, so a crash
+between two calls leaves a consistent state, and the methods the RPCs rely on are idempotent.
+Blobs are not stored here (see `fedcybgd.common.blobstore`): only their SHA-256.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
+    device_kind TEXT NOT NULL, memory_bytes INTEGER NOT NULL,
+    registered_unix REAL NOT NULL, last_seen_unix REAL NOT NULL,
+    gpu_peak_allocated_bytes INTEGER NOT NULL DEFAULT 0, gpu_peak_reserved_bytes INTEGER NOT NULL DEFAULT 0,
+    host_rss_bytes INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY, manifest TEXT NOT NULL, round INTEGER, created_unix REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, round INTEGER NOT NULL, block_index INTEGER NOT NULL,
+    client_id TEXT NOT NULL, base_version INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('issued', 'done', 'expired')),
+    issued_unix REAL NOT NULL, finished_unix REAL, last_progress_unix REAL NOT NULL,
+    bytes_down INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status);
+CREATE TABLE IF NOT EXISTS visits (
+    round INTEGER PRIMARY KEY, task_id TEXT NOT NULL UNIQUE, client_id TEXT NOT NULL,
+    block_index INTEGER NOT NULL, base_version INTEGER NOT NULL, new_version INTEGER NOT NULL UNIQUE,
+    blob_sha256 TEXT NOT NULL, record TEXT NOT NULL, committed_unix REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS evals (
+    version INTEGER PRIMARY KEY, rounds_done INTEGER NOT NULL, loss REAL NOT NULL, created_unix REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    id: str
+    name: str
+    device_kind: str
+    memory_bytes: int
+    registered_unix: float
+    last_seen_unix: float
+    gpu_peak_allocated_bytes: int = 0
+    gpu_peak_reserved_bytes: int = 0
+    host_rss_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    id: str
+    round: int
+    block_index: int
+    client_id: str
+    base_version: int
+    status: str
+    issued_unix: float
+    last_progress_unix: float
+    finished_unix: float | None = None
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+@dataclass(frozen=True)
+class VisitRow:
+    round: int
+    task_id: str
+    client_id: str
+    block_index: int
+    base_version: int
+    new_version: int
+    blob_sha256: str
+    committed_unix: float
+    record: dict = field(default_factory=dict)  # losses, memory, timings, bytes, lr, seed
+
+
+class CoordinatorState(Protocol):
+    def get_meta(self, key: str) -> str | None: ...
+    def set_meta(self, values: dict[str, str]) -> None: ...
+    def add_client(self, client: ClientRow, token_sha256: str) -> None: ...
+    def client_by_token(self, token_sha256: str) -> ClientRow | None: ...
+    def clients(self) -> list[ClientRow]: ...
+    def touch_client(self, client_id: str, **resources: int) -> None: ...
+    def add_version(self, version: int, manifest: list[str], round_: int | None) -> None: ...
+    def latest_version(self) -> tuple[int, list[str]] | None: ...
+    def manifest(self, version: int) -> list[str]: ...
+    def issue_task(self, task: TaskRow) -> None: ...
+    def task(self, task_id: str) -> TaskRow | None: ...
+    def tasks_with_status(self, status: str) -> list[TaskRow]: ...
+    def note_progress(self, task_id: str, *, bytes_down: int = 0, bytes_up: int = 0) -> None: ...
+    def expire_task(self, task_id: str) -> bool: ...
+    def commit_visit(self, visit: VisitRow, manifest: list[str]) -> None: ...
+    def visits(self) -> list[VisitRow]: ...
+    def visit_of_task(self, task_id: str) -> VisitRow | None: ...
+    def add_eval(self, version: int, rounds_done: int, loss: float) -> None: ...
+    def evals(self) -> list[tuple[int, int, float]]: ...
+
+
+class SqliteState:
+    """SQLite in WAL mode with synchronous=FULL: a committed visit survives power loss."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _tx(self):
+        """One IMMEDIATE transaction under the process lock (used as a context manager)."""
+        state = self
+
+        class _Tx:
+            def __enter__(self_inner):
+                state._lock.acquire()
+                state._db.execute("BEGIN IMMEDIATE")
+                return state._db
+
+            def __exit__(self_inner, exc_type, exc, tb):
+                try:
+                    state._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    state._lock.release()
+
+        return _Tx()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- meta ----------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(values.items()))
+
+    # -- clients -------------------------------------------------------------------------------
+    def add_client(self, client: ClientRow, token_sha256: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO clients (id, name, token_sha256, device_kind, memory_bytes, registered_unix,"
+                " last_seen_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (client.id, client.name, token_sha256, client.device_kind, client.memory_bytes,
+                 client.registered_unix, client.last_seen_unix),
+            )
+
+    @staticmethod
+    def _client(row: sqlite3.Row) -> ClientRow:
+        return ClientRow(**{k: row[k] for k in ClientRow.__dataclass_fields__})
+
+    def client_by_token(self, token_sha256: str) -> ClientRow | None:
+        rows = self._query("SELECT * FROM clients WHERE token_sha256 = ?", (token_sha256,))
+        return self._client(rows[0]) if rows else None
+
+    def clients(self) -> list[ClientRow]:
+        return [self._client(r) for r in self._query("SELECT * FROM clients ORDER BY registered_unix")]
+
+    def touch_client(self, client_id: str, **resources: int) -> None:
+        allowed = {"gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes"}
+        sets, args = ["last_seen_unix = ?"], [time.time()]
+        for key, value in resources.items():
+            if key not in allowed:
+                raise KeyError(key)
+            sets.append(f"{key} = ?")
+            args.append(int(value))
+        with self._tx() as db:
+            db.execute(f"UPDATE clients SET {', '.join(sets)} WHERE id = ?", (*args, client_id))
+
+    # -- versions ------------------------------------------------------------------------------
+    def add_version(self, version: int, manifest: list[str], round_: int | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO versions (version, manifest, round, created_unix) VALUES (?, ?, ?, ?)",
+                (version, json.dumps(manifest), round_, time.time()),
+            )
+
+    def latest_version(self) -> tuple[int, list[str]] | None:
+        rows = self._query("SELECT version, manifest FROM versions ORDER BY version DESC LIMIT 1")
+        return (rows[0]["version"], json.loads(rows[0]["manifest"])) if rows else None
+
+    def manifest(self, version: int) -> list[str]:
+        rows = self._query("SELECT manifest FROM versions WHERE version = ?", (version,))
+        if not rows:
+            raise KeyError(f"no model version {version}")
+        return json.loads(rows[0]["manifest"])
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def issue_task(self, task: TaskRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tasks (id, round, block_index, client_id, base_version, status, issued_unix,"
+                " last_progress_unix) VALUES (?, ?, ?, ?, ?, 'issued', ?, ?)",
+                (task.id, task.round, task.block_index, task.client_id, task.base_version,
+                 task.issued_unix, task.last_progress_unix),
+            )
+
+    @staticmethod
+    def _task(row: sqlite3.Row) -> TaskRow:
+        return TaskRow(**{k: row[k] for k in TaskRow.__dataclass_fields__})
+
+    def task(self, task_id: str) -> TaskRow | None:
+        rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return self._task(rows[0]) if rows else None
+
+    def tasks_with_status(self, status: str) -> list[TaskRow]:
+        return [self._task(r) for r in self._query("SELECT * FROM tasks WHERE status = ? ORDER BY round", (status,))]
+
+    def note_progress(self, task_id: str, *, bytes_down: int = 0, bytes_up: int = 0) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET last_progress_unix = ?, bytes_down = bytes_down + ?, bytes_up = bytes_up + ?"
+                " WHERE id = ?",
+                (time.time(), bytes_down, bytes_up, task_id),
+            )
+
+    def expire_task(self, task_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE tasks SET status = 'expired', finished_unix = ? WHERE id = ? AND status = 'issued'",
+                (time.time(), task_id),
+            )
+            return cur.rowcount == 1
+
+    # -- visits --------------------------------------------------------------------------------
+    def commit_visit(self, visit: VisitRow, manifest: list[str]) -> None:
+        """Accept an upload: the new version, the visit record and the task's end, atomically."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE tasks SET status = 'done', finished_unix = ? WHERE id = ? AND status = 'issued'",
+                (visit.committed_unix, visit.task_id),
+            )
+            if cur.rowcount != 1:
+                raise StaleTaskError(f"task {visit.task_id} is no longer issued")
+            db.execute(
+                "INSERT INTO versions (version, manifest, round, created_unix) VALUES (?, ?, ?, ?)",
+                (visit.new_version, json.dumps(manifest), visit.round, visit.committed_unix),
+            )
+            db.execute(
+                "INSERT INTO visits (round, task_id, client_id, block_index, base_version, new_version,"
+                " blob_sha256, record, committed_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (visit.round, visit.task_id, visit.client_id, visit.block_index, visit.base_version,
+                 visit.new_version, visit.blob_sha256, json.dumps(visit.record), visit.committed_unix),
+            )
+
+    @staticmethod
+    def _visit(row: sqlite3.Row) -> VisitRow:
+        values = {k: row[k] for k in VisitRow.__dataclass_fields__ if k != "record"}
+        return VisitRow(**values, record=json.loads(row["record"]))
+
+    def visits(self) -> list[VisitRow]:
+        return [self._visit(r) for r in self._query("SELECT * FROM visits ORDER BY round")]
+
+    def visit_of_task(self, task_id: str) -> VisitRow | None:
+        rows = self._query("SELECT * FROM visits WHERE task_id = ?", (task_id,))
+        return self._visit(rows[0]) if rows else None
+
+    # -- evaluations ---------------------------------------------------------------------------
+    def add_eval(self, version: int, rounds_done: int, loss: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO evals (version, rounds_done, loss, created_unix) VALUES (?, ?, ?, ?)",
+                (version, rounds_done, loss, time.time()),
+            )
+
+    def evals(self) -> list[tuple[int, int, float]]:
+        return [(r["version"], r["rounds_done"], r["loss"]) for r in self._query("SELECT * FROM evals ORDER BY version")]
+
+
+class StaleTaskError(RuntimeError):
+    """The task was expired or already completed; its upload must not be merged."""
