@@ -155,6 +155,7 @@ class ClientDaemon:
                 self.visits_done += 1
         finally:
             stop_heartbeat.set()
+            heartbeat.join(timeout=15)  # never close the channel under a call in flight
             self.channel.close()
         return self.visits_done
 
@@ -234,8 +235,8 @@ class ClientDaemon:
                 interval = max(1.0, reply.heartbeat_interval_s)
                 if self._task_id and not reply.task_valid and self._phase == "train":
                     self._withdrawn = True
-            except grpc.RpcError:
-                pass  # the main loop sees and retries real outages
+            except (grpc.RpcError, ValueError):
+                pass  # the main loop sees and retries real outages (ValueError: channel closed)
 
 
 def _device_kind(device: torch.device) -> str:

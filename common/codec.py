@@ -101,6 +101,14 @@ def decode_chunk(chunk: pb.Chunk) -> bytes:
     if chunk.codec == pb.CODEC_NONE:
         raw = chunk.data
     elif chunk.codec == pb.CODEC_ZSTD:
+        # python-zstandard trusts a size written in the frame header over max_output_size, so a
+        # frame claiming gigabytes would be allocated before any check: refuse it up front.
+        try:
+            declared = zstandard.frame_content_size(chunk.data)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd chunk at offset {chunk.offset} has no valid frame header: {exc}") from exc
+        if declared not in (-1, chunk.raw_size):
+            raise CodecError(f"zstd chunk at offset {chunk.offset} declares {declared} bytes, not {chunk.raw_size}")
         try:
             raw = zstandard.ZstdDecompressor().decompress(chunk.data, max_output_size=chunk.raw_size)
         except zstandard.ZstdError as exc:

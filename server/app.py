@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from fedcybgd.server.service import SERVICE_NAME, CoordinatorService
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedcybgd.server")
+LINGER_S = 60.0
 
 
 @dataclass
@@ -65,9 +67,13 @@ def serve_forever(config: CoordinatorConfig, exit_when_finished: bool = False) -
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    finished_at = None
     while not stop.wait(0.5):
         if exit_when_finished and running.coordinator.finished:
-            stop.wait(2.0)  # let clients hear "done"
-            break
+            # Linger until every registered client has heard "done" (a client backing off after
+            # an outage may take a while to ask), but not forever: some may be gone for good.
+            finished_at = finished_at or time.monotonic()
+            if running.coordinator.everyone_told_done() or time.monotonic() - finished_at > LINGER_S:
+                break
     log.info("stopping coordinator")
     running.stop()

@@ -75,6 +75,7 @@ class Coordinator:
         self.metrics.set_model_bytes(self._model_bytes)
         self._cond = threading.Condition()
         self._done_rounds = {v.round for v in self.state.visits()}
+        self.clients_told_done: set[str] = set()
         self._eval_queue: queue.Queue[int | None] = queue.Queue()
         self._eval_sequences: torch.Tensor | None = None
         self._eval_thread: threading.Thread | None = None
@@ -171,6 +172,7 @@ class Coordinator:
                 if current:  # a retried GetTask gets the same task back
                     return pb.GetTaskResponse(task=self._task_message(current[0]))
                 if self.all_rounds_done:
+                    self.clients_told_done.add(client.id)
                     latest, _ = self.state.latest_version()
                     return pb.GetTaskResponse(done=pb.Done(final_version=latest))
                 round_ = self._next_round()
@@ -422,6 +424,9 @@ class Coordinator:
             return True
         latest, _ = self.state.latest_version()
         return latest in {v for v, _, _ in self.state.evals()}
+
+    def everyone_told_done(self) -> bool:
+        return {c.id for c in self.state.clients()} <= self.clients_told_done
 
     # -- operators -----------------------------------------------------------------------------
     def status(self, req: pb.GetStatusRequest) -> pb.GetStatusResponse:

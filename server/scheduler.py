@@ -32,7 +32,7 @@ class ScheduleConfig:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.lr <= 0 or self.warmup_visits < 0 or not 0 <= self.min_lr_ratio <= 1:
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup_visits < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0, warmup_visits >= 0, 0 <= min_lr_ratio <= 1")
 
 

@@ -130,7 +130,11 @@ class SqliteState:
         class _Tx:
             def __enter__(self_inner):
                 state._lock.acquire()
-                state._db.execute("BEGIN IMMEDIATE")
+                try:
+                    state._db.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    state._lock.release()
+                    raise
                 return state._db
 
             def __exit__(self_inner, exc_type, exc, tb):
