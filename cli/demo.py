@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def run_demo(o: DemoOptions) -> dict:
          "--cycles", str(o.cycles), "--order", o.order, "--lr", str(o.lr), "--seed", str(o.seed),
          "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
          "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
-         "--metrics-port", str(o.metrics_port), "--exit-when-finished"],
+         "--metrics-port", str(o.metrics_port)],
         stdout=open(coordinator_log, "w"), stderr=subprocess.STDOUT, env=env)
     clients: list[subprocess.Popen] = []
     started = time.monotonic()
@@ -133,8 +134,9 @@ def run_demo(o: DemoOptions) -> dict:
                  "--name", f"site-{i}", "--device", "auto", "--threads", str(threads)],
                 stdout=open(logs / f"client-{i}.log", "w"), stderr=subprocess.STDOUT, env=env))
         status = _follow(address, coordinator, clients, coordinator_log, o.timeout_s)
-        for proc in clients:
+        for proc in clients:  # each hears "done" at its next poll and exits
             proc.wait(timeout=120)
+        coordinator.send_signal(signal.SIGTERM)
         coordinator.wait(timeout=120)
     finally:
         for proc in [*clients, coordinator]:
@@ -167,7 +169,7 @@ def _follow(address: str, coordinator: subprocess.Popen, clients: list[subproces
                 return status
             if coordinator.poll() is not None:
                 raise RuntimeError(f"coordinator exited with {coordinator.returncode}:\n{_tail(log_path)}")
-            if all(c.poll() is not None for c in clients):
+            if status.round < status.total_rounds and all(c.poll() is not None for c in clients):
                 raise RuntimeError("every client exited before the run finished; see the logs folder")
             time.sleep(1.0)
     raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
