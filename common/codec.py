@@ -122,6 +122,22 @@ def decode_chunk(chunk: pb.Chunk) -> bytes:
     return raw
 
 
+def compress_small(data: bytes, level: int = 19) -> bytes:
+    """One zstd frame for a small file sent whole (e.g. a tokenizer)."""
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+def decompress_small(data: bytes, max_size: int) -> bytes:
+    """Decode a frame from `compress_small`, refusing anything that would exceed `max_size`."""
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared < 0 or declared > max_size:
+            raise CodecError(f"compressed file declares {declared} bytes; at most {max_size} accepted")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"compressed file does not decode: {exc}") from exc
+
+
 @dataclass
 class BlobAssembler:
     """Reassembles one blob from its chunks, in order, into a writable sink, checking as it goes."""

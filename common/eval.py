@@ -49,3 +49,10 @@ def evaluate_loss(model: nn.Module, sequences: torch.LongTensor, batch_size: int
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = sequences.shape[0]
     return mean_loss(model, sequences, (torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)))
+
+
+def spread_sample(sequences: torch.LongTensor, k: int) -> torch.LongTensor:
+    """``k`` rows evenly spaced over ``sequences`` (all of them when there are fewer), so a
+    bounded evaluation still covers every held-out document."""
+    k = min(k, sequences.shape[0])
+    return sequences[torch.linspace(0, sequences.shape[0] - 1, k).round().long()]

@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -40,10 +41,10 @@ class RunningCoordinator:
         self.coordinator.close()
 
 
-def start(config: CoordinatorConfig) -> RunningCoordinator:
+def start(config: CoordinatorConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> RunningCoordinator:
     coordinator = Coordinator(config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-                         options=GRPC_CHANNEL_OPTIONS)
+                         options=GRPC_CHANNEL_OPTIONS, interceptors=list(interceptors))
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

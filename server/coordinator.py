@@ -24,10 +24,10 @@ import safetensors
 import torch
 
 from fedcybgd.common.blocks import BlockSpec, st_dtype_to_torch
-from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks
+from fedcybgd.common.codec import BlobAssembler, CodecError, compress_small, encode_chunks
 from fedcybgd.common.config import to_dict
 from fedcybgd.common.data import load_packed
-from fedcybgd.common.eval import evaluate_loss
+from fedcybgd.common.eval import evaluate_loss, spread_sample
 from fedcybgd.common.modeling import max_blob_size, specs_from_json, specs_to_json
 from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.metrics import CoordinatorMetrics
@@ -76,6 +76,8 @@ class Coordinator:
         self._cond = threading.Condition()
         self._done_rounds = {v.round for v in self.state.visits()}
         self.clients_told_done: set[str] = set()
+        self._model_info: pb.ModelInfo | None = None
+        self._progress: dict[str, tuple[str, int]] = {}  # task id -> (phase, step) from heartbeats
         self._eval_queue: queue.Queue[int | None] = queue.Queue()
         self._eval_sequences: torch.Tensor | None = None
         self._eval_thread: threading.Thread | None = None
@@ -137,9 +139,13 @@ class Coordinator:
         return client
 
     def model_info(self) -> pb.ModelInfo:
-        return pb.ModelInfo(model_id=self.run.model_id, config_json=self.store.config_json(),
-                            tokenizer_files=self.store.tokenizer_files(), dtype=self.run.dtype,
-                            num_blocks=len(self.run.specs), layers_per_block=self.config.layers_per_block)
+        if self._model_info is None:  # immutable for the run: compress once
+            files = {name: compress_small(data) for name, data in self.store.tokenizer_files().items()}
+            self._model_info = pb.ModelInfo(
+                model_id=self.run.model_id, config_json=self.store.config_json(), tokenizer_files=files,
+                tokenizer_codec=pb.CODEC_ZSTD, dtype=self.run.dtype, num_blocks=len(self.run.specs),
+                layers_per_block=self.config.layers_per_block)
+        return self._model_info
 
     def heartbeat(self, client: ClientRow, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         self.state.touch_client(client.id, gpu_peak_allocated_bytes=req.gpu_peak_allocated_bytes,
@@ -151,6 +157,7 @@ class Coordinator:
             valid = task is not None and task.client_id == client.id and task.status == "issued"
             if valid:
                 self.state.note_progress(task.id)
+                self._progress[task.id] = (req.phase[:16], req.step)
         return pb.HeartbeatResponse(task_valid=valid, heartbeat_interval_s=self.config.heartbeat_interval_s)
 
     # -- scheduling ----------------------------------------------------------------------------
@@ -390,7 +397,7 @@ class Coordinator:
     def _start_evaluator(self) -> None:
         tokenizer = self.store.tokenizer()
         sequences = load_packed(self.config.eval.data, tokenizer, self.config.training.seq_len)
-        self._eval_sequences = sequences[: self.config.eval.max_sequences]
+        self._eval_sequences = spread_sample(sequences, self.config.eval.max_sequences)
         evaluated = {v for v, _, _ in self.state.evals()}
         latest, _ = self.state.latest_version()
         self._eval_thread = threading.Thread(target=self._eval_loop, name="evaluator", daemon=True)
@@ -452,8 +459,12 @@ class Coordinator:
             round=self.rounds_done, total_rounds=self.schedule.total_rounds, num_blocks=len(self.run.specs), version=latest,
             blocks=blocks, clients=clients,
             tasks=[pb.TaskStatus(task_id=t.id, client_id=t.client_id, round=t.round, block_index=t.block_index,
-                                 base_version=t.base_version, issued_unix=t.issued_unix) for t in in_flight],
-            visits=[_visit_message(v, self.run.specs[v.block_index].name, names.get(v.client_id, "")) for v in shown],
+                                 base_version=t.base_version, issued_unix=t.issued_unix,
+                                 phase=self._progress.get(t.id, ("download", 0))[0],
+                                 step=self._progress.get(t.id, ("", 0))[1], steps=self.config.training.local_steps)
+                   for t in in_flight],
+            visits=[_visit_message(v, self.schedule.cycle_of(v.round), self.run.specs[v.block_index].name,
+                                   names.get(v.client_id, "")) for v in shown],
             evals=[pb.EvalPoint(version=v, rounds_done=r, loss=loss) for v, r, loss in self.state.evals()],
             total_bytes_down=sum(v.record["bytes_down"] for v in visits),
             total_bytes_up=sum(v.record["bytes_up"] for v in visits),
@@ -470,10 +481,10 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _visit_message(v: VisitRow, block_name: str, client_name: str) -> pb.VisitRecord:
+def _visit_message(v: VisitRow, cycle: int, block_name: str, client_name: str) -> pb.VisitRecord:
     r = v.record
     return pb.VisitRecord(
-        round=v.round, cycle=0, block_index=v.block_index, block_name=block_name, client_id=v.client_id,
+        round=v.round, cycle=cycle, block_index=v.block_index, block_name=block_name, client_id=v.client_id,
         client_name=client_name, task_id=v.task_id, base_version=v.base_version, new_version=v.new_version,
         lr=r["lr"], seed=r["seed"], bytes_down=r["bytes_down"], bytes_up=r["bytes_up"], loss_before=r["loss_before"],
         loss_after=r["loss_after"], peak_memory_bytes=r["peak_memory_bytes"], train_seconds=r["train_seconds"],

@@ -21,7 +21,8 @@ from fedcybgd.common.modeling import (
     DTYPES, TOKENIZER_FILES, config_from_json, dtype_name, load_blob_file, model_from_config, partition,
 )
 
-MAX_TOKENIZER_BYTES = 3 * 1024 * 1024
+#: Bound on the tokenizer files sent with the model info (before compression).
+MAX_TOKENIZER_BYTES = 32 * 1024 * 1024
 
 
 class ModelStore:
@@ -35,6 +36,9 @@ class ModelStore:
 
         Returns (block specs, manifest of blob SHA-256 per block, the dtype name used).
         """
+        if not (Path(model_path) / "config.json").is_file():
+            raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json); "
+                                    "for a GGUF file run 'fedcybgd prepare-model' first")
         kwargs = {} if dtype == "auto" else {"dtype": DTYPES[dtype]}
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
         stored_dtype = next(model.parameters()).dtype

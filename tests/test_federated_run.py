@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import start_client, wait_clients, write_data
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.data import load_packed
-from fedcybgd.common.eval import evaluate_loss
+from fedcybgd.common.eval import evaluate_loss, spread_sample
 from fedcybgd.common.modeling import partition
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, EvalConfig, TrainingConfig
@@ -120,7 +120,7 @@ def test_exported_model_loads_and_its_eval_loss_equals_the_coordinators(finished
     out = export_version(coordinator.state_dir, tmp_path / "export")
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    sequences = load_packed(finished_run["eval_data"], tokenizer, TRAINING.seq_len)[:16]
+    sequences = spread_sample(load_packed(finished_run["eval_data"], tokenizer, TRAINING.seq_len), 16)
     loss = evaluate_loss(model, sequences, batch_size=4)
     assert math.isfinite(loss)
     assert loss == evals[status.version]

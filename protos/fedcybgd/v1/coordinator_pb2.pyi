@@ -45,7 +45,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block")
+    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,13 +59,15 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_CODEC_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
     dtype: str
     num_blocks: int
     layers_per_block: int
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ...) -> None: ...
+    tokenizer_codec: Codec
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("task_id", "phase", "step", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes")
@@ -344,20 +346,26 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix")
+    __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix", "phase", "step", "steps")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ISSUED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     client_id: str
     round: int
     block_index: int
     base_version: int
     issued_unix: float
-    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., issued_unix: _Optional[float] = ...) -> None: ...
+    phase: str
+    step: int
+    steps: int
+    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., issued_unix: _Optional[float] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class VisitRecord(_message.Message):
     __slots__ = ("round", "cycle", "block_index", "block_name", "client_id", "client_name", "task_id", "base_version", "new_version", "lr", "seed", "bytes_down", "bytes_up", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "visit_seconds", "samples")

@@ -1,0 +1,80 @@
+"""Data stays where it is: no training text, and no tokenized training sequence, reaches the
+coordinator in any message of a complete run. Every request message is recorded on the server
+side, upload chunks are decoded, and the lot is searched."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+from transformers import AutoTokenizer
+
+from conftest import start_client, wait_clients, write_data
+from fedcybgd.common.codec import decode_chunk
+from fedcybgd.common.data import load_documents, load_packed
+from fedcybgd.server.app import start
+from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.scheduler import ScheduleConfig
+from fedcybgd.v1 import coordinator_pb2 as pb
+
+
+class RecordRequests(grpc.ServerInterceptor):
+    """Keeps every request message the coordinator receives, whatever the RPC."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self._lock = threading.Lock()
+
+    def _keep(self, message):
+        with self._lock:
+            self.messages.append(message)
+        return message
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            inner = handler.unary_unary
+            return grpc.unary_unary_rpc_method_handler(lambda req, ctx: inner(self._keep(req), ctx), **kwargs)
+        if handler.unary_stream:
+            inner = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(lambda req, ctx: inner(self._keep(req), ctx), **kwargs)
+        if handler.stream_unary:
+            inner = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: inner((self._keep(m) for m in it), ctx), **kwargs)
+        return handler
+
+
+def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_path):
+    data, _ = write_data(tmp_path, clients=2)
+    recorder = RecordRequests()
+    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
+                               schedule=ScheduleConfig(cycles=1), training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
+    running = start(config, interceptors=[recorder])
+    try:
+        address = f"127.0.0.1:{running.port}"
+        wait_clients([start_client(address, data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}") for i in range(2)])
+    finally:
+        running.stop(grace=1)
+
+    received = []
+    for message in recorder.messages:
+        received.append(message.SerializeToString())
+        if isinstance(message, pb.UploadMessage) and message.HasField("chunk"):
+            received.append(decode_chunk(message.chunk))  # what the compressed bytes carry
+    assert any(isinstance(m, pb.UploadMessage) for m in recorder.messages), "the run uploaded nothing?"
+    haystack = b"\0".join(received)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for path in data:
+        for doc in load_documents(path):
+            for line in doc.text.splitlines():
+                if len(line.strip()) >= 20:
+                    assert line.strip().encode() not in haystack, f"training text reached the coordinator: {line!r}"
+        sequences = load_packed(path, tokenizer, 64)
+        for row in sequences[:: max(1, len(sequences) // 20)]:
+            window = row[:12].numpy()
+            for dtype in (np.int64, np.int32, np.int16):
+                assert window.astype(dtype).tobytes() not in haystack, "tokenized training data reached the coordinator"
