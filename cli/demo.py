@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,35 +88,33 @@ def _dtype(o: DemoOptions) -> str:
     return "bfloat16" if o.dtype == "auto" else o.dtype
 
 
-def _wait_serving(address: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300.0) -> None:
+def _wait_until(what: str, address: str, proc: subprocess.Popen, log_path: Path,
+                ready: Callable[[grpc.Channel], bool], timeout: float) -> None:
+    """Poll `ready` until it holds; fail early, with the log's tail, if the coordinator died."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"coordinator exited with {proc.returncode}:\n{_tail(log_path)}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                if ready(channel):
                     return
             except grpc.RpcError:
-                time.sleep(0.3)
-    raise TimeoutError("coordinator did not start serving")
+                pass  # not listening yet
+            time.sleep(0.3)
+    raise TimeoutError(f"timed out waiting for {what}")
 
 
-def _wait_base_eval(address: str, proc: subprocess.Popen, log_path: Path, timeout: float = 1800.0) -> None:
+def _serving(channel: grpc.Channel) -> bool:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _base_evaluated(channel: grpc.Channel) -> bool:
     """Clients start once the base model's held-out loss is measured: the measurement then has
     the CPU to itself, and so does the first visit."""
-    print("measuring the held-out loss of the base model ...", flush=True)
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"coordinator exited with {proc.returncode}:\n{_tail(log_path)}")
-            if any(e.version == 0 for e in stub.GetStatus(pb.GetStatusRequest(max_visits=1), timeout=30).evals):
-                return
-            time.sleep(0.5)
-    raise TimeoutError("the base model's evaluation did not finish")
+    status = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(max_visits=1), timeout=30)
+    return any(e.version == 0 for e in status.evals)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -148,8 +147,9 @@ def run_demo(o: DemoOptions) -> dict:
     clients: list[subprocess.Popen] = []
     started = time.monotonic()
     try:
-        _wait_serving(address, coordinator, coordinator_log)
-        _wait_base_eval(address, coordinator, coordinator_log)
+        _wait_until("the coordinator to serve", address, coordinator, coordinator_log, _serving, 300)
+        print("measuring the held-out loss of the base model ...", flush=True)
+        _wait_until("the base model's evaluation", address, coordinator, coordinator_log, _base_evaluated, 1800)
         print(f"coordinator on {address}" + (f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""))
         threads = o.threads or os.cpu_count() or 1
         for i, data in enumerate(client_data):

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedcybgd.common.blobstore import BlobStore
@@ -84,7 +83,3 @@ class ModelStore:
         model.save_pretrained(str(out))
         self.tokenizer().save_pretrained(str(out))
         return out
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
