@@ -10,8 +10,10 @@ paragraphs of the training works across clients. Evaluation always holds out who
 from __future__ import annotations
 
 import configparser
+import difflib
 import json
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,27 @@ def find_works(corpus: str | Path) -> list[Work]:
         titles = {section: parser[section].get("title", section) for section in parser.sections()}
     grouped: dict[str, list[Path]] = {}
     for f in files:
-        grouped.setdefault(titles.get(f.stem, f.stem), []).append(f)
+        title = titles.get(f.stem, f.stem)
+        same = next((known for known in grouped if same_work(known, title)), title)
+        grouped.setdefault(same, []).append(f)
     return [Work(title, tuple(paths)) for title, paths in sorted(grouped.items())]
+
+
+_FILLER = {"the", "a", "an", "of", "tragedy", "king", "part"}
+_NUMERAL = re.compile(r"^(\d+|[ivxlc]+)$")
+
+
+def _title_key(title: str) -> tuple[frozenset[str], str]:
+    words = [w for w in re.split(r"[^a-z0-9]+", title.lower().replace("'", "")) if w and w not in _FILLER]
+    numerals = frozenset(w for w in words if _NUMERAL.match(w))
+    return numerals, "".join(w for w in words if w not in numerals)
+
+
+def same_work(a: str, b: str) -> bool:
+    """Titles of two editions of one work: equal numbering (Henry IV Part 1 is not Part 2) and
+    names that differ only in spelling ("Twelfe-Night", "Twelfth Night")."""
+    (nums_a, name_a), (nums_b, name_b) = _title_key(a), _title_key(b)
+    return nums_a == nums_b and difflib.SequenceMatcher(None, name_a, name_b).ratio() >= 0.8
 
 
 def partition_corpus(corpus: str | Path, out_dir: str | Path, clients: int, mode: str = "by-document",

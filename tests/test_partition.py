@@ -77,3 +77,21 @@ def test_bad_requests_are_refused(corpus, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedcybgd.cli.main", "partition", str(corpus), "--clients", "0",
                            "--out", str(tmp_path / "y")], capture_output=True, text=True)
     assert proc.returncode != 0 and "clients" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("Twelfe-Night", "Twelfth Night", True),
+    ("The Tragedy of Titus Andronicus", "Titus Andronicus", True),
+    ("All is well, that Ends well", "All's Well That Ends Well", True),
+    ("Anthonie and Cleopatra", "Antony and Cleopatra", True),
+    ("King Richard II", "Richard II", True),
+    ("King Henry IV, Part 1", "Henry IV Part 2", False),
+    ("Henry V", "Henry VI Part 1", False),
+    ("Richard II", "Richard III", False),
+    ("The Passionate Pilgrim", "The Phoenix and the Turtle", False),
+    ("Hamlet", "Macbeth", False),
+])
+def test_titles_of_two_editions_are_recognised(a, b, same):
+    from fedcybgd.cli.partition import same_work
+
+    assert same_work(a, b) is same
