@@ -148,9 +148,9 @@ def run_demo(o: DemoOptions) -> dict:
     started = time.monotonic()
     try:
         _wait_until("the coordinator to serve", address, coordinator, coordinator_log, _serving, 300)
+        print(f"coordinator on {address}" + (f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""))
         print("measuring the held-out loss of the base model ...", flush=True)
         _wait_until("the base model's evaluation", address, coordinator, coordinator_log, _base_evaluated, 1800)
-        print(f"coordinator on {address}" + (f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""))
         threads = o.threads or os.cpu_count() or 1
         for i, data in enumerate(client_data):
             clients.append(subprocess.Popen(

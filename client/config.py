@@ -17,6 +17,8 @@ class ClientConfig:
     poll_seconds: int = 20                 # long-poll length of GetTask
     retry_seconds: float = 600.0           # give up when the coordinator is unreachable this long
     max_visits: int = 0                    # stop after this many visits; 0: until the run is done
+    metrics_port: int = 0                  # Prometheus endpoint; 0: off
+    metrics_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.data:

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedcybgd.client.config import ClientConfig
+from fedcybgd.client.metrics import ClientMetrics, rss_bytes
 from fedcybgd.client.trainer import VisitHyper, train_block
 from fedcybgd.client.transfer import download_model, upload_block
 from fedcybgd.common.blobstore import BlobStore
@@ -64,6 +65,9 @@ class ClientDaemon:
         self._step = 0
         self._withdrawn = False
         self.visits_done = 0
+        self.metrics = ClientMetrics(self.device)
+        if config.metrics_port:
+            self.metrics.serve(config.metrics_port, config.metrics_address)
 
     # -- connection ----------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -152,6 +156,7 @@ class ClientDaemon:
                 try:
                     self.visit(reply.task)
                 except TaskWithdrawn as err:
+                    self.metrics.visits.labels(outcome="withdrawn").inc()
                     log.warning("%s", err)
                 finally:
                     self._phase, self._task_id = "idle", ""
@@ -167,6 +172,7 @@ class ClientDaemon:
         started = time.perf_counter()
         manifest, bytes_down = self._call("download", lambda: download_model(self.stub, self.metadata, task, self.cache))
         download_seconds = time.perf_counter() - started
+        self.metrics.transfer_bytes.labels(direction="down").inc(bytes_down)
         self._load_manifest(manifest)
 
         self._phase = "train"
@@ -176,6 +182,8 @@ class ClientDaemon:
         spec = self.specs[task.block_index]
         log.info("round %d: training block %s for %d steps at lr %.3g", task.round, spec.name, hyper.steps, hyper.lr)
         result = train_block(self.model, spec, self._training_sequences(hyper.seq_len), hyper, on_step=self._on_step(hyper.steps))
+        self.metrics.tokens_per_second.set(result.tokens / max(result.seconds, 1e-9))
+        self.metrics.visit_peak.set(result.peak_memory_bytes)
         blob = serialize_block(result.tensors)
         sha = self.cache.put(blob)
         self.loaded[task.block_index] = sha
@@ -192,6 +200,8 @@ class ClientDaemon:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err
             raise
+        self.metrics.transfer_bytes.labels(direction="up").inc(bytes_up)
+        self.metrics.visits.labels(outcome="completed").inc()
         log.info("round %d: block %s -> version %d; loss %.4f -> %.4f; %.1f MB down, %.2f MB up, %.1fs",
                  task.round, spec.name, reply.new_version, result.loss_before, result.loss_after, bytes_down / 1e6,
                  bytes_up / 1e6, time.perf_counter() - started)
@@ -218,8 +228,13 @@ class ClientDaemon:
 
     def _on_step(self, steps: int) -> Callable[[int, float], None]:
         every = max(1, steps // 5)
+        last = [time.perf_counter()]
 
         def on_step(step: int, loss: float) -> None:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last[0])
+            self.metrics.train_loss.set(loss)
+            last[0] = now
             self._step = step + 1
             if (step + 1) % every == 0 or step + 1 == steps:
                 log.info("  step %d/%d loss %.4f", step + 1, steps, loss)
@@ -234,7 +249,7 @@ class ClientDaemon:
             try:
                 reply = self.stub.Heartbeat(pb.HeartbeatRequest(
                     task_id=self._task_id, phase=self._phase, step=self._step,
-                    host_rss_bytes=_rss_bytes(), **_gpu_peaks(self.device)), metadata=self.metadata, timeout=10)
+                    host_rss_bytes=rss_bytes(), **_gpu_peaks(self.device)), metadata=self.metadata, timeout=10)
                 interval = max(1.0, reply.heartbeat_interval_s)
                 if self._task_id and not reply.task_valid and self._phase == "train":
                     self._withdrawn = True
@@ -259,16 +274,6 @@ def _gpu_peaks(device: torch.device) -> dict[str, int]:
         return {}
     return {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
             "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
-
-
-def _rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -77,6 +77,9 @@ class Coordinator:
         self._done_rounds = {v.round for v in self.state.visits()}
         self.clients_told_done: set[str] = set()
         self._model_info: pb.ModelInfo | None = None
+        # Bytes of each open task by (direction, kind): (wire, raw). Published when it commits.
+        self._task_bytes: dict[str, dict[tuple[str, str], list[int]]] = {}
+        self.metrics.count_active_clients(self._active_clients)
         self._progress: dict[str, tuple[str, int]] = {}  # task id -> (phase, step) from heartbeats
         self._eval_queue: queue.Queue[int | None] = queue.Queue()
         self._eval_sequences: torch.Tensor | None = None
@@ -241,6 +244,7 @@ class Coordinator:
         for task in self.state.tasks_with_status("issued"):
             alive = max(task.last_progress_unix, last_seen.get(task.client_id, 0.0))
             if now - alive > self.config.task_timeout_s and self.state.expire_task(task.id):
+                self._task_bytes.pop(task.id, None)
                 self.metrics.visits.labels(outcome="reassigned").inc()
                 log.warning("task %s (round %d) expired: no progress for %.0fs; it will be reassigned",
                             task.id, task.round, now - alive)
@@ -278,6 +282,7 @@ class Coordinator:
         trainable = manifest[task.block_index]
         first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending))
         total = first.ByteSize()
+        self._count(task.id, "down", "context", first.ByteSize(), 0)
         yield first
         for sha in sending:
             kind = "block" if sha == trainable else "context"
@@ -294,7 +299,7 @@ class Coordinator:
                     chunks.close()
             total += wire_bytes
             self.state.note_progress(task.id, bytes_down=wire_bytes)
-            self.metrics.count_transfer("down", kind, wire_bytes, raw_bytes)
+            self._count(task.id, "down", kind, wire_bytes, raw_bytes)
         self.state.note_progress(task.id, bytes_down=first.ByteSize())
         log.debug("task %s: sent %d blobs, %d bytes", task.id, len(sending), total)
 
@@ -327,12 +332,23 @@ class Coordinator:
         except CodecError as err:
             writer.abort()
             self.metrics.rejections.labels(reason="data").inc()
+            self.metrics.visits.labels(outcome="failed").inc()
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"upload rejected: {err}") from err
         except BaseException:
             writer.abort()
             raise
-        self.metrics.count_transfer("up", "block", wire, header.blob_size)
+        self._count(task.id, "up", "block", wire, header.blob_size)
         return self._commit(client, task, header, wire)
+
+    def _count(self, task_id: str, direction: str, kind: str, wire: int, raw: int) -> None:
+        self.metrics.count_transfer(direction, kind, wire, raw)
+        totals = self._task_bytes.setdefault(task_id, {}).setdefault((direction, kind), [0, 0])
+        totals[0] += wire
+        totals[1] += raw
+
+    def _active_clients(self) -> int:
+        horizon = time.time() - 3 * self.config.heartbeat_interval_s
+        return sum(1 for c in self.state.clients() if c.last_seen_unix >= horizon)
 
     def _check_header(self, task: TaskRow, spec: BlockSpec, header: pb.UploadHeader) -> None:
         code = grpc.StatusCode
@@ -384,7 +400,7 @@ class Coordinator:
             self.state.note_progress(task.id, bytes_up=wire_bytes)
             self._done_rounds.add(task.round)
             self._cond.notify_all()
-        self.metrics.observe_visit(visit, self.run.specs[task.block_index].name, client.name)
+        self.metrics.observe_round(record, self._task_bytes.pop(task.id, {}), client.name)
         self.metrics.set_progress(self.rounds_done, self.schedule)
         log.info("round %d committed: block %s -> version %d (loss %.4f -> %.4f)", task.round,
                  self.run.specs[task.block_index].name, visit.new_version, header.loss_before, header.loss_after)

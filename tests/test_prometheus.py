@@ -1,0 +1,187 @@
+"""A real Prometheus server scrapes a coordinator and its clients during an end-to-end run.
+
+Every PromQL expression of the shipped Grafana dashboard must return data, and the per-round
+and cumulative byte figures must equal the bytes this test counted on its own side (a server
+interceptor that sums the size of every message of every transfer).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import start_client, wait_clients, wait_for, write_data
+from fedcybgd.cli.demo import free_port
+from fedcybgd.server.app import start
+from fedcybgd.server.config import CoordinatorConfig, EvalConfig, TrainingConfig
+from fedcybgd.server.scheduler import ScheduleConfig
+from fedcybgd.v1 import coordinator_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedcybgd.json"
+SCRAPE = "250ms"
+
+
+def _prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is not installed: the test setup (deploy/install-test-tools.sh) should have done it")
+        pytest.skip("prometheus is not installed (run deploy/install-test-tools.sh as root)")
+    return binary
+
+
+class CountBytes(grpc.ServerInterceptor):
+    """Bytes of every transfer as the wire sees them (message sizes), by task and direction."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def _add(self, task_id: str, direction: str, n: int) -> None:
+        with self._lock:
+            self.bytes[(task_id, direction)] += n
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if details.method.endswith("/DownloadModel"):
+            inner = handler.unary_stream
+
+            def download(request, context):
+                for message in inner(request, context):
+                    self._add(request.task_id, "down", message.ByteSize())
+                    yield message
+            return grpc.unary_stream_rpc_method_handler(download, **kwargs)
+        if details.method.endswith("/UploadBlock"):
+            inner = handler.stream_unary
+
+            def upload(requests, context):
+                task = {}
+
+                def counted():
+                    for message in requests:
+                        if message.HasField("header"):
+                            task["id"] = message.header.task_id
+                        self._add(task.get("id", ""), "up", message.ByteSize())
+                        yield message
+                return inner(counted(), context)
+            return grpc.stream_unary_rpc_method_handler(upload, **kwargs)
+        return handler
+
+
+def _query(base: str, expr: str, **params) -> list:
+    path = "query_range" if "start" in params else "query"
+    url = f"{base}/api/v1/{path}?" + urllib.parse.urlencode({"query": expr, **params})
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        body = json.load(reply)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"] + [p for row in dashboard["panels"] for p in row.get("panels", [])]
+    return [t["expr"] for p in panels for t in p.get("targets", []) if t.get("expr")]
+
+
+def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tiny_model_dir, tmp_path):
+    prometheus = _prometheus_binary()
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 10
+
+    data, eval_data = write_data(tmp_path, clients=2)
+    counter = CountBytes()
+    metrics_port, client_ports = free_port(), [free_port(), free_port()]
+    config = CoordinatorConfig(
+        model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0", metrics_port=metrics_port,
+        heartbeat_interval_s=1, schedule=ScheduleConfig(cycles=2, lr=3e-3),
+        # Visits long enough (about a second) for several scrapes each.
+        training=TrainingConfig(local_steps=60, batch_size=8, seq_len=128),
+        eval=EvalConfig(data=str(eval_data), max_sequences=8))
+    running = start(config, interceptors=[counter])
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        f"global:\n  scrape_interval: {SCRAPE}\n  scrape_timeout: {SCRAPE}\n"
+        f"scrape_configs:\n"
+        f"  - job_name: coordinator\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        f"  - job_name: clients\n    static_configs:\n      - targets: [{', '.join(repr(f'127.0.0.1:{p}') for p in client_ports)}]\n")
+    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=open(tmp_path / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{prom_port}"
+    try:
+        wait_for(lambda: _ready(base), 60, "prometheus to be ready", interval=0.3)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedcybgd.v1.Coordinator"))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        started = time.time()
+        clients = [start_client(f"127.0.0.1:{running.port}", data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
+                                "--metrics-port", str(client_ports[i])) for i in range(2)]
+        # Client endpoints go away with the clients: let Prometheus see them mid-run.
+        wait_for(lambda: _query(base, 'up{job="clients"} == 1') and len(_query(base, 'up{job="clients"} == 1')) == 2,
+                 120, "both client endpoints to be scraped", interval=0.3)
+        wait_for(lambda: bool(_query(base, "fedcybgd_client_step_seconds_count > 0")), 120, "a client training step",
+                 interval=0.3)
+        wait_clients(clients)
+        wait_for(lambda: running.coordinator.finished, 60, "the final evaluation")
+        time.sleep(1.5)  # a few more scrapes of the final values
+        ended = time.time()
+
+        missing = [expr for expr in exprs if not _query(base, expr, time=f"{ended - 0.5:.3f}") and
+                   not _query(base, f"last_over_time(({expr})[{int(ended - started) + 5}s:250ms])", time=f"{ended:.3f}")]
+        assert not missing, f"dashboard queries without data: {missing}"
+
+        visits = sorted(running.coordinator.state.visits(), key=lambda v: v.round)
+        counted = {v.round: {d: counter.bytes[(v.task_id, d)] for d in ("down", "up")} for v in visits}
+        assert all(c["down"] > 0 and c["up"] > 0 for c in counted.values())
+
+        # Cumulative: the counters equal the sum of what the test counted.
+        for direction in ("down", "up"):
+            total = _query(base, f'sum(fedcybgd_transfer_bytes_total{{direction="{direction}"}})')
+            assert float(total[0]["value"][1]) == sum(c[direction] for c in counted.values()), direction
+
+        # Per round: for each round Prometheus saw completed, the gauges' last value while that
+        # round was the latest equals the test's own count for it.
+        step = "0.25"
+        rounds = _series(_query(base, "fedcybgd_round", start=f"{started:.3f}", end=f"{ended:.3f}", step=step))
+        per_round = {d: _series(_query(base, f'sum(fedcybgd_round_transfer_bytes{{direction="{d}"}})',
+                                       start=f"{started:.3f}", end=f"{ended:.3f}", step=step)) for d in ("down", "up")}
+        last_value: dict[int, dict[str, float]] = {}
+        for ts, done in rounds.items():
+            if done >= 1 and all(ts in per_round[d] for d in per_round):
+                last_value[int(done) - 1] = {d: per_round[d][ts] for d in per_round}
+        assert len(last_value) >= len(visits) // 2, f"Prometheus saw only rounds {sorted(last_value)}"
+        for round_, values in last_value.items():
+            assert values == {d: float(counted[round_][d]) for d in ("down", "up")}, round_
+        assert len(visits) - 1 in last_value, "the final round's figures must be visible"
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        running.stop(grace=1)
+
+
+def _ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _series(result: list) -> dict[float, float]:
+    assert len(result) == 1, result
+    return {float(ts): float(v) for ts, v in result[0]["values"]}
