@@ -20,8 +20,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedcybgd.cli.certs import make_certs
 from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
 from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
+from fedcybgd.common.transport import client_channel
 from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
 from fedcybgd.server.export import export_version
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -88,11 +90,23 @@ def _dtype(o: DemoOptions) -> str:
     return "bfloat16" if o.dtype == "auto" else o.dtype
 
 
-def _wait_until(what: str, address: str, proc: subprocess.Popen, log_path: Path,
+@dataclass(frozen=True)
+class _Operator:
+    """The demo watches the run as an operator: mutual TLS with the operator certificate."""
+
+    address: str
+    tls: Path
+
+    def channel(self) -> grpc.Channel:
+        return client_channel(self.address, tls_ca=str(self.tls / "ca.pem"), tls_cert=str(self.tls / "operator.pem"),
+                              tls_key=str(self.tls / "operator.key"))
+
+
+def _wait_until(what: str, operator: _Operator, proc: subprocess.Popen, log_path: Path,
                 ready: Callable[[grpc.Channel], bool], timeout: float) -> None:
     """Poll `ready` until it holds; fail early, with the log's tail, if the coordinator died."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with operator.channel() as channel:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"coordinator exited with {proc.returncode}:\n{_tail(log_path)}")
@@ -132,6 +146,9 @@ def run_demo(o: DemoOptions) -> dict:
     model_dir, client_data, eval_data = prepare_inputs(o, out)
 
     address = f"127.0.0.1:{free_port()}"
+    # Mutual TLS even on loopback: the demo runs the programs exactly as on separate machines.
+    tls = make_certs(out / "tls", ["127.0.0.1", "localhost"], [f"site-{i}" for i in range(o.clients)])
+    operator = _Operator(address, tls)
     state_dir = out / "state"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "fedcybgd.cli.main"]
@@ -142,23 +159,25 @@ def run_demo(o: DemoOptions) -> dict:
          "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
          "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
          "--metrics-port", str(o.metrics_port), "--dtype", o.dtype,
-         "--eval-max-sequences", str(o.eval_sequences)],
+         "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
+         "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],
         stdout=open(coordinator_log, "w"), stderr=subprocess.STDOUT, env=env)
     clients: list[subprocess.Popen] = []
     started = time.monotonic()
     try:
-        _wait_until("the coordinator to serve", address, coordinator, coordinator_log, _serving, 300)
+        _wait_until("the coordinator to serve", operator, coordinator, coordinator_log, _serving, 300)
         print(f"coordinator on {address}" + (f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""))
         print("measuring the held-out loss of the base model ...", flush=True)
-        _wait_until("the base model's evaluation", address, coordinator, coordinator_log, _base_evaluated, 1800)
+        _wait_until("the base model's evaluation", operator, coordinator, coordinator_log, _base_evaluated, 1800)
         threads = o.threads or os.cpu_count() or 1
         for i, data in enumerate(client_data):
             clients.append(subprocess.Popen(
                 [*cmd, "client", "--coordinator", address, "--data", str(data), "--cache-dir", str(out / "cache" / f"client-{i}"),
-                 "--name", f"site-{i}", "--device", "auto", "--threads", str(threads),
+                 "--name", f"site-{i}", "--device", "auto", "--threads", str(threads), "--tls-ca", str(tls / "ca.pem"),
+                 "--tls-cert", str(tls / f"site-{i}.pem"), "--tls-key", str(tls / f"site-{i}.key"),
                  *(["--base-model", str(model_dir)] if o.clients_hold_base else [])],
                 stdout=open(logs / f"client-{i}.log", "w"), stderr=subprocess.STDOUT, env=env))
-        status = _follow(address, coordinator, clients, coordinator_log, o.timeout_s)
+        status = _follow(operator, coordinator, clients, coordinator_log, o.timeout_s)
         for proc in clients:  # each hears "done" at its next poll and exits
             proc.wait(timeout=120)
         coordinator.send_signal(signal.SIGTERM)
@@ -192,12 +211,12 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
     return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _follow(address: str, coordinator: subprocess.Popen, clients: list[subprocess.Popen], log_path: Path,
+def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[subprocess.Popen], log_path: Path,
             timeout_s: float) -> pb.GetStatusResponse:
     """Print each visit as it is merged; return the final status once the run is finished."""
     shown, last_progress = 0, ""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with operator.channel() as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         while time.monotonic() < deadline:
             status = stub.GetStatus(pb.GetStatusRequest(), timeout=30)

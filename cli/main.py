@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,12 @@ COORDINATOR_FLAGS = [
     ("--max-grad-norm", "training.max_grad_norm", float, "gradient clipping (0: off)"),
     ("--eval-data", "eval.data", str, "held-out data the coordinator evaluates on (no client sees it)"),
     ("--eval-max-sequences", "eval.max_sequences", int, "held-out sequences evaluated"),
+    ("--insecure", "insecure", bool, "plaintext, no client authentication: tests and trusted networks only"),
+    ("--tls-cert", "tls_cert", str, "server certificate (PEM)"),
+    ("--tls-key", "tls_key", str, "server private key (PEM)"),
+    ("--tls-client-ca", "tls_client_ca", str, "require client certificates signed by this CA (mutual TLS)"),
+    ("--join-token", "join_token", str, "secret a client must present to register (or env FEDCYBGD_JOIN_TOKEN)"),
+    ("--operator-token", "operator_token", str, "bearer token for operator calls (or env FEDCYBGD_OPERATOR_TOKEN)"),
 ]
 
 CLIENT_FLAGS = [
@@ -54,17 +61,34 @@ CLIENT_FLAGS = [
     ("--max-visits", "max_visits", int, "stop after this many visits (0: until done)"),
     ("--metrics-port", "metrics_port", int, "Prometheus endpoint port (0: off)"),
     ("--metrics-address", "metrics_address", str, "Prometheus endpoint address (default 127.0.0.1)"),
+    ("--insecure", "insecure", bool, "plaintext: tests and trusted networks only"),
+    ("--tls-ca", "tls_ca", str, "CA certificate that signed the coordinator's certificate"),
+    ("--tls-cert", "tls_cert", str, "this site's client certificate (mutual TLS)"),
+    ("--tls-key", "tls_key", str, "this site's client key"),
+    ("--server-name", "server_name", str, "name expected in the coordinator's certificate"),
+    ("--join-token", "join_token", str, "enrolment secret (or env FEDCYBGD_JOIN_TOKEN)"),
 ]
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags) -> None:
     parser.add_argument("--config", help="TOML configuration file; flags override it")
     for flag, key, type_, help_ in flags:
-        parser.add_argument(flag, dest=key, type=type_, default=None, help=help_)
+        if type_ is bool:
+            parser.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=key, type=type_, default=None, help=help_)
+
+
+#: Secrets may come from the environment rather than the command line (visible in `ps`).
+SECRET_ENV = {"join_token": "FEDCYBGD_JOIN_TOKEN", "operator_token": "FEDCYBGD_OPERATOR_TOKEN"}
 
 
 def _overrides(args: argparse.Namespace, flags) -> dict:
-    return {key: getattr(args, key) for _, key, _, _ in flags}
+    values = {key: getattr(args, key) for _, key, _, _ in flags}
+    for key, env in SECRET_ENV.items():
+        if key in values and values[key] is None and os.environ.get(env):
+            values[key] = os.environ[env]
+    return values
 
 
 def _setup_logging(level: str) -> None:
@@ -95,12 +119,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
+    from fedcybgd.common.transport import client_channel
     from fedcybgd.v1 import coordinator_pb2 as pb
     from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
+    token = args.operator_token or os.environ.get(SECRET_ENV["operator_token"])
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     try:
-        with grpc.insecure_channel(args.coordinator) as channel:
-            status = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(max_visits=args.visits), timeout=10)
+        with client_channel(args.coordinator, insecure=args.insecure, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                            tls_key=args.tls_key, server_name=args.server_name) as channel:
+            status = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(max_visits=args.visits),
+                                                                metadata=metadata, timeout=10)
     except grpc.RpcError as err:
         raise ConnectionError(f"cannot reach coordinator at {args.coordinator}: {err.code().name}") from err
     if args.json:
@@ -113,6 +142,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  client {c.client_id} {c.name:<16} {c.device_kind:<10} visits {c.visits_completed:>4}  task {c.current_task or '-'}")
     for e in status.evals:
         print(f"  eval: version {e.version} after {e.rounds_done} rounds: loss {e.loss:.4f}")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedcybgd.cli.certs import make_certs
+
+    out = make_certs(args.out, args.server_names, args.clients)
+    print(f"certificates in {out}: ca.pem (give to every site), server.pem/.key (coordinator), "
+          f"<site>.pem/.key per site, operator.pem/.key; keep ca.key offline")
     return 0
 
 
@@ -184,7 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default="127.0.0.1:50051")
     p.add_argument("--visits", type=int, default=20, help="completed visits to include (0: all)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--insecure", action="store_true", help="plaintext connection")
+    p.add_argument("--tls-ca", dest="tls_ca")
+    p.add_argument("--tls-cert", dest="tls_cert", help="operator certificate (mutual TLS)")
+    p.add_argument("--tls-key", dest="tls_key")
+    p.add_argument("--server-name", dest="server_name")
+    p.add_argument("--operator-token", dest="operator_token", help="or env FEDCYBGD_OPERATOR_TOKEN")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("certs", help="create a CA, a server certificate and client certificates (mutual TLS)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--server-name", dest="server_names", action="append", required=True,
+                   help="host name or IP the clients dial (repeatable)")
+    p.add_argument("--client", dest="clients", action="append", default=[], help="site name (repeatable)")
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("export", help="write a model version as a Hugging Face directory")
     p.add_argument("--state-dir", required=True)

@@ -17,9 +17,18 @@ class ClientConfig:
     poll_seconds: int = 20                 # long-poll length of GetTask
     retry_seconds: float = 600.0           # give up when the coordinator is unreachable this long
     max_visits: int = 0                    # stop after this many visits; 0: until the run is done
+    insecure: bool = False                 # plaintext: only for tests and trusted loopback runs
+    tls_ca: str | None = None              # CA that signed the coordinator's certificate
+    tls_cert: str | None = None            # this site's client certificate (mutual TLS)
+    tls_key: str | None = None
+    server_name: str | None = None         # expected name in the coordinator's certificate, if not the host
+    join_token: str | None = None          # enrolment secret, when the coordinator requires one
     metrics_port: int = 0                  # Prometheus endpoint; 0: off
     metrics_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("a client needs local data (--data)")
+        if not self.insecure and not self.tls_ca:
+            raise ValueError("TLS is on by default: give tls_ca (the coordinator's CA certificate), "
+                             "or set insecure = true on a trusted network")

@@ -25,8 +25,9 @@ from fedcybgd.client.trainer import VisitHyper, train_block
 from fedcybgd.client.transfer import download_model, upload_block
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import block_tensors
-from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, GRPC_CHANNEL_OPTIONS, decompress_small, serialize_block
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
+from fedcybgd.common.transport import client_channel
 from fedcybgd.common.modeling import (
     DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, partition,
 )
@@ -52,7 +53,8 @@ class ClientDaemon:
         self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.channel = grpc.insecure_channel(config.coordinator, options=GRPC_CHANNEL_OPTIONS)
+        self.channel = client_channel(config.coordinator, insecure=config.insecure, tls_ca=config.tls_ca,
+                                      tls_cert=config.tls_cert, tls_key=config.tls_key, server_name=config.server_name)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.client_id = ""
@@ -100,7 +102,8 @@ class ClientDaemon:
                     if err.code() != grpc.StatusCode.UNAUTHENTICATED:
                         raise
         request = pb.RegisterRequest(name=self.config.name, device_kind=_device_kind(self.device),
-                                     memory_bytes=_memory_bytes(self.device), held_blobs=list(self.cache))
+                                     memory_bytes=_memory_bytes(self.device), held_blobs=list(self.cache),
+                                     join_token=self.config.join_token or "")
         reply = self._call("register", lambda: self.stub.Register(request))
         self.client_id = reply.client_id
         self.metadata = (("authorization", f"Bearer {reply.token}"),)

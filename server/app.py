@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedcybgd.common.codec import GRPC_CHANNEL_OPTIONS
+from fedcybgd.common.transport import server_credentials
 from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.coordinator import Coordinator
 from fedcybgd.server.service import SERVICE_NAME, CoordinatorService
@@ -49,8 +50,12 @@ def start(config: CoordinatorConfig, interceptors: Sequence[grpc.ServerIntercept
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    # TLS arrives with the security work; until then the coordinator listens in plaintext.
-    port = server.add_insecure_port(config.address)
+    if config.insecure:
+        log.warning("listening in PLAINTEXT with open registration (insecure = true): trusted networks only")
+        port = server.add_insecure_port(config.address)
+    else:
+        port = server.add_secure_port(config.address, server_credentials(config.tls_cert, config.tls_key,
+                                                                         config.tls_client_ca))
     if port == 0:
         raise OSError(f"cannot listen on {config.address}")
     server.start()

@@ -42,6 +42,13 @@ class CoordinatorConfig:
     zstd_level: int = DEFAULT_ZSTD_LEVEL
     metrics_port: int = 0                 # Prometheus endpoint; 0: off
     metrics_address: str = "127.0.0.1"
+    # Security: TLS is on unless `insecure` says otherwise (tests, a trusted loopback demo).
+    insecure: bool = False
+    tls_cert: str | None = None           # server certificate (PEM); `fedcybgd certs` makes one
+    tls_key: str | None = None
+    tls_client_ca: str | None = None      # require client certificates signed by this CA (mutual TLS)
+    join_token: str | None = None         # shared secret a client must present to register
+    operator_token: str | None = None     # bearer token for operator calls (status)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -53,5 +60,11 @@ class CoordinatorConfig:
             raise ValueError("max_concurrent_visits must be >= 1")
         if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+        if not self.insecure and not (self.tls_cert and self.tls_key):
+            raise ValueError("TLS is on by default: give tls_cert and tls_key ('fedcybgd certs' makes them), "
+                             "or set insecure = true on a trusted network")
+        if not self.insecure and not (self.tls_client_ca or self.join_token):
+            raise ValueError("clients must authenticate: give tls_client_ca (mutual TLS) and/or a join_token, "
+                             "or set insecure = true on a trusted network")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")

@@ -8,6 +8,7 @@ any moment continues from its state directory.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import queue
@@ -28,6 +29,7 @@ from fedcybgd.common.codec import BlobAssembler, CodecError, compress_small, enc
 from fedcybgd.common.config import to_dict
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.eval import evaluate_loss, spread_sample
+from fedcybgd.common.transport import OPERATOR_NAME
 from fedcybgd.common.modeling import max_blob_size, specs_from_json, specs_to_json
 from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.metrics import CoordinatorMetrics
@@ -106,7 +108,7 @@ class Coordinator:
             log.info("importing model %s", self.config.model)
             specs, manifest, dtype = self.store.import_model(self.config.model, self.config.layers_per_block, self.config.dtype)
             model_id = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
-            self.state.add_version(0, manifest, None)
+            self.state.add_version(0, manifest, None, replace=True)  # a crash mid-import may have left one
             # Written last: its presence marks a completely initialised run.
             self.state.set_meta({"blocks": specs_to_json(specs), "dtype": dtype, "model_id": model_id,
                                  "run_config": self._run_fingerprint()})
@@ -119,7 +121,18 @@ class Coordinator:
                        model_id=self.state.get_meta("model_id"))
 
     # -- clients -------------------------------------------------------------------------------
-    def register(self, req: pb.RegisterRequest) -> pb.RegisterResponse:
+    def register(self, req: pb.RegisterRequest, peer_name: str | None = None) -> pb.RegisterResponse:
+        """Enrolment: by client certificate (mutual TLS; the certificate's name is the site's
+        name), by join token, or both; open only in insecure mode with neither configured."""
+        cfg = self.config
+        if cfg.join_token and not hmac.compare_digest(req.join_token.encode(), cfg.join_token.encode()):
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing join token")
+        if cfg.tls_client_ca:
+            if peer_name is None:
+                raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+            if peer_name == OPERATOR_NAME:
+                raise RpcError(grpc.StatusCode.PERMISSION_DENIED, "the operator certificate cannot register as a client")
+            req = pb.RegisterRequest(name=peer_name, device_kind=req.device_kind, memory_bytes=req.memory_bytes)
         name = req.name.strip()
         if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"client name must be 1-{MAX_NAME_CHARS} printable characters")
@@ -132,14 +145,33 @@ class Coordinator:
         log.info("registered client %s (%s, %s)", client.id, name, client.device_kind)
         return pb.RegisterResponse(client_id=client.id, token=token, heartbeat_interval_s=self.config.heartbeat_interval_s)
 
-    def authenticate(self, metadata: dict[str, str]) -> ClientRow:
+    def authenticate(self, metadata: dict[str, str], peer_name: str | None = None) -> ClientRow:
+        """The client a call comes from, by its bearer token; with mutual TLS the token must also
+        belong to the site named in the certificate (a stolen token is useless elsewhere)."""
         auth = metadata.get("authorization", "")
-        if not auth.startswith("Bearer "):
+        if not auth.startswith("Bearer ") or len(auth) > 512:
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata; register first")
         client = self.state.client_by_token(_token_hash(auth[len("Bearer "):]))
         if client is None:
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "unknown client token")
+        if self.config.tls_client_ca and peer_name != client.name:
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, "this token belongs to another site's certificate")
         return client
+
+    def authorize_operator(self, metadata: dict[str, str], peer_name: str | None) -> None:
+        """Operator calls: the operator token, or the operator's client certificate."""
+        cfg = self.config
+        if peer_name == OPERATOR_NAME and cfg.tls_client_ca:
+            return
+        auth = metadata.get("authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        if cfg.operator_token and hmac.compare_digest(token.encode(), cfg.operator_token.encode()):
+            return
+        if cfg.insecure and not cfg.operator_token:
+            return
+        if token and self.state.client_by_token(_token_hash(token)) is not None:
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, "operator calls need operator credentials, not a client's")
+        raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "operator credentials required (operator token or certificate)")
 
     def model_info(self) -> pb.ModelInfo:
         if self._model_info is None:  # immutable for the run: compress once

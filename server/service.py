@@ -6,6 +6,7 @@ import logging
 
 import grpc
 
+from fedcybgd.common.transport import peer_common_name
 from fedcybgd.server.coordinator import Coordinator, RpcError
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
@@ -45,11 +46,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.coordinator = coordinator
 
     def _client(self, context: grpc.ServicerContext):
-        return self.coordinator.authenticate(dict(context.invocation_metadata()))
+        return self.coordinator.authenticate(dict(context.invocation_metadata()), peer_common_name(context))
 
     @_unary
     def Register(self, request, context):
-        return self.coordinator.register(request)
+        return self.coordinator.register(request, peer_common_name(context))
 
     @_unary
     def GetModelInfo(self, request, context):
@@ -74,6 +75,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_unary
     def GetStatus(self, request, context):
+        self.coordinator.authorize_operator(dict(context.invocation_metadata()), peer_common_name(context))
         return self.coordinator.status(request)
 
 

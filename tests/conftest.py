@@ -50,7 +50,7 @@ def start_client(address: str, data: Path, cache_dir: Path, name: str, *extra: s
     log = open(cache_dir.parent / f"{name}.log", "a")
     return subprocess.Popen(
         [sys.executable, "-m", "fedcybgd.cli.main", "client", "--coordinator", address, "--data", str(data),
-         "--cache-dir", str(cache_dir), "--name", name, "--threads", "1", "--device", "cpu", *extra],
+         "--cache-dir", str(cache_dir), "--name", name, "--threads", "1", "--device", "cpu", "--insecure", *extra],
         stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

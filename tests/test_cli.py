@@ -55,7 +55,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     client-process paths are covered by the end-to-end tests)."""
     tmp = tmp_path_factory.mktemp("cli-run")
     data, _ = write_data(tmp, clients=1)
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
                                schedule=ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=1),
                                training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
     running = start(config)
@@ -77,14 +77,14 @@ def finished_run(tiny_model_dir, tmp_path_factory):
 # -- coordinator ------------------------------------------------------------------------------
 
 def test_coordinator_without_model_on_a_fresh_state_dir_fails_clearly(tmp_path):
-    proc = cli("coordinator", "--state-dir", str(tmp_path / "state"), "--address", "127.0.0.1:0")
+    proc = cli("coordinator", "--insecure", "--state-dir", str(tmp_path / "state"), "--address", "127.0.0.1:0")
     assert_clean_failure(proc, "--model")
     assert proc.returncode == 2
 
 
 def test_coordinator_with_a_missing_model_directory_fails_clearly(tmp_path):
     missing = tmp_path / "no-such-model"
-    proc = cli("coordinator", "--model", str(missing), "--state-dir", str(tmp_path / "state"), "--address", "127.0.0.1:0")
+    proc = cli("coordinator", "--insecure", "--model", str(missing), "--state-dir", str(tmp_path / "state"), "--address", "127.0.0.1:0")
     assert_clean_failure(proc, str(missing))
 
 
@@ -137,11 +137,11 @@ def test_restart_on_a_state_dir_with_other_layers_per_block_is_refused(tiny_mode
     state_dir = tmp_path / "state"
     # Initialise the run exactly as `coordinator --model M --state-dir S` (all other settings
     # default) would, then check that the same settings are accepted again.
-    config = load_config(CoordinatorConfig, None, {"model": str(tiny_model_dir), "state_dir": str(state_dir)})
+    config = load_config(CoordinatorConfig, None, {"model": str(tiny_model_dir), "state_dir": str(state_dir), "insecure": True})
     Coordinator(config).close()
     Coordinator(config).close()
 
-    proc = cli("coordinator", "--model", str(tiny_model_dir), "--state-dir", str(state_dir),
+    proc = cli("coordinator", "--insecure", "--model", str(tiny_model_dir), "--state-dir", str(state_dir),
                "--address", "127.0.0.1:0", "--layers-per-block", "2")
     assert_clean_failure(proc, "state directory", str(state_dir), '"layers_per_block": 2')
     assert proc.returncode == 2
@@ -158,7 +158,7 @@ def test_client_without_data_fails_clearly(tmp_path):
 # -- status -----------------------------------------------------------------------------------
 
 def test_status_prints_the_run_state(finished_run):
-    proc = cli("status", "--coordinator", finished_run["address"])
+    proc = cli("status", "--insecure", "--coordinator", finished_run["address"])
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "run done: round 5/5" in out
@@ -169,7 +169,7 @@ def test_status_prints_the_run_state(finished_run):
 
 
 def test_status_json_has_the_expected_keys(finished_run):
-    proc = cli("status", "--coordinator", finished_run["address"], "--json")
+    proc = cli("status", "--insecure", "--coordinator", finished_run["address"], "--json")
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
     for key in ("runState", "round", "totalRounds", "numBlocks", "version", "blocks", "clients", "visits",
@@ -185,7 +185,7 @@ def test_status_json_has_the_expected_keys(finished_run):
 
 def test_status_of_an_unreachable_coordinator_fails_clearly():
     address = f"127.0.0.1:{free_port()}"
-    proc = cli("status", "--coordinator", address)
+    proc = cli("status", "--insecure", "--coordinator", address)
     assert_clean_failure(proc, address)
 
 

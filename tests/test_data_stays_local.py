@@ -50,7 +50,7 @@ class RecordRequests(grpc.ServerInterceptor):
 def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_path):
     data, _ = write_data(tmp_path, clients=2)
     recorder = RecordRequests()
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
                                schedule=ScheduleConfig(cycles=1), training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
     running = start(config, interceptors=[recorder])
     try:

@@ -246,7 +246,7 @@ def test_compose_healthcheck_asks_the_grpc_health_service(tiny_model_dir, tmp_pa
         return subprocess.run([sys.executable, "-c", code.replace("localhost:50051", f"127.0.0.1:{port}")],
                               capture_output=True, timeout=60).returncode
 
-    running = start(CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
+    running = start(CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
                                       address="127.0.0.1:0"))
     try:
         assert check(running.port) == 0

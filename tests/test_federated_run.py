@@ -33,7 +33,7 @@ TRAINING = TrainingConfig(local_steps=3, batch_size=2, seq_len=64)
 def finished_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     data, eval_data = write_data(tmp, clients=3)
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
                                schedule=SCHEDULE, training=TRAINING,
                                eval=EvalConfig(data=str(eval_data), max_sequences=16, batch_size=4, every_cycle=True))
     running = start(config)

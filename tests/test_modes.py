@@ -81,7 +81,7 @@ class InFlightSampler(threading.Thread):
 def parallel_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
     data, _ = write_data(tmp, clients=3)
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
                                max_concurrent_visits=PARALLEL_K, schedule=PARALLEL_SCHEDULE, training=PARALLEL_TRAINING)
     running = start(config)
     sampler = InFlightSampler(running.coordinator.state)
@@ -171,7 +171,7 @@ def test_clients_with_local_base_weights_download_only_what_changed(tiny_model_d
     # takes round 1 needs only that block; the other has every block of its base version already.
     schedule = ScheduleConfig(cycles=1, order="descending", lr=3e-3, seed=5)
     data, _ = write_data(tmp_path, clients=2)
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
                                schedule=schedule, training=TrainingConfig(local_steps=3, batch_size=2, seq_len=64))
     running = start(config)
     try:
@@ -223,7 +223,7 @@ def test_clients_with_local_base_weights_download_only_what_changed(tiny_model_d
 def test_restarted_client_reuses_its_identity_and_its_cached_blobs(tiny_model_dir, tmp_path):
     schedule = ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=2)
     data, _ = write_data(tmp_path, clients=1)
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
                                schedule=schedule, training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
     cache = tmp_path / "caches" / "site-0"
     running = start(config)

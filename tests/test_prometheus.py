@@ -107,7 +107,7 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tiny_model_
     counter = CountBytes()
     metrics_port, client_ports = free_port(), [free_port(), free_port()]
     config = CoordinatorConfig(
-        model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0", metrics_port=metrics_port,
+        insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0", metrics_port=metrics_port,
         heartbeat_interval_s=1, schedule=ScheduleConfig(cycles=2, lr=3e-3),
         # Visits long enough (about a second) for several scrapes each.
         training=TrainingConfig(local_steps=60, batch_size=8, seq_len=128),

@@ -41,7 +41,7 @@ def test_sigterm_mid_run_then_restart_loses_nothing(tiny_model_dir, tmp_path):
     command = [sys.executable, "-m", "fedcybgd.cli.main", "coordinator", "--model", str(tiny_model_dir),
                "--state-dir", str(state_dir), "--address", address, "--cycles", "3", "--order", "ascending",
                "--lr", "3e-3", "--seed", "3", "--local-steps", "12", "--batch-size", "4", "--seq-len", "96",
-               "--exit-when-finished"]
+               "--exit-when-finished", "--insecure"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "coordinator.log", "a")
     coordinator = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path_factory.mktemp("state")),
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path_factory.mktemp("state")),
                                address="127.0.0.1:0", max_concurrent_visits=2,
                                schedule=ScheduleConfig(cycles=1), training=TrainingConfig(local_steps=1, seq_len=32))
     running = start(config)

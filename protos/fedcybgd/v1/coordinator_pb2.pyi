@@ -17,18 +17,20 @@ CODEC_NONE: Codec
 CODEC_ZSTD: Codec
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "device_kind", "memory_bytes", "held_blobs", "software_version")
+    __slots__ = ("name", "device_kind", "memory_bytes", "held_blobs", "software_version", "join_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     HELD_BLOBS_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_kind: str
     memory_bytes: int
     held_blobs: _containers.RepeatedScalarFieldContainer[str]
     software_version: str
-    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., held_blobs: _Optional[_Iterable[str]] = ..., software_version: _Optional[str] = ...) -> None: ...
+    join_token: str
+    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., held_blobs: _Optional[_Iterable[str]] = ..., software_version: _Optional[str] = ..., join_token: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("client_id", "token", "heartbeat_interval_s")
