@@ -17,8 +17,9 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
     Only the blobs the cache lacks are sent. Each is reassembled into a temporary file, checked
     chunk by chunk (CRC-32) and as a whole (SHA-256) before it becomes visible in the cache.
     """
-    request = pb.DownloadRequest(task_id=task.task_id, have=list(cache),
-                                 accept_codecs=[pb.CODEC_ZSTD, pb.CODEC_NONE])
+    partial = cache.partial_sizes()
+    request = pb.DownloadRequest(task_id=task.task_id, have=list(cache), accept_codecs=[pb.CODEC_ZSTD, pb.CODEC_NONE],
+                                 resume=[pb.BlobOffset(sha256=sha, offset=n) for sha, n in partial.items() if n > 0])
     stream = stub.DownloadModel(request, metadata=metadata)
     first = next(stream)
     if not first.HasField("manifest"):
@@ -30,7 +31,9 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
         raise CodecError("coordinator offered a blob that is not in the manifest")
     wire = first.ByteSize()
     total = sum(sizes[s] for s in pending)
-    log.info("round %d: downloading %d of %d blocks (%.1f MB raw)", task.round, len(pending), len(manifest.blocks), total / 1e6)
+    resumed = sum(min(partial.get(sha, 0), sizes[sha]) for sha in pending)
+    log.info("round %d: downloading %d of %d blocks (%.1f MB raw%s)", task.round, len(pending), len(manifest.blocks),
+             total / 1e6, f", resuming after {resumed / 1e6:.1f} MB" if resumed else "")
     writer: BlobWriter | None = None
     assembler: BlobAssembler | None = None
     try:
@@ -43,14 +46,21 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
                 if not pending or chunk.blob_sha256 != pending[0]:
                     raise CodecError(f"unexpected blob {chunk.blob_sha256[:12]} in the download")
                 sha = pending.pop(0)
-                writer = cache.writer(sha, sizes[sha])
-                assembler = BlobAssembler(sha, sizes[sha], writer)
+                writer = cache.resumable_writer(sha, sizes[sha])
+                if chunk.offset != writer.size:  # the coordinator did not resume (or we had nothing)
+                    writer.abort()
+                    writer = cache.resumable_writer(sha, sizes[sha])
+                assembler = BlobAssembler(sha, sizes[sha], writer, received=writer.size)
             assembler.add(chunk)
         if assembler is not None:
             _finish(assembler, writer)
+    except CodecError:
+        if writer is not None:
+            writer.abort()  # corrupt data: keep nothing of this blob
+        raise
     except BaseException:
         if writer is not None:
-            writer.abort()
+            writer.abort(keep_partial=True)  # a broken stream: the verified prefix stays for the retry
         raise
     if pending:
         raise CodecError(f"download ended with {len(pending)} blobs missing")

@@ -29,15 +29,28 @@ def _fsync_dir(path: Path) -> None:
 class BlobWriter:
     """Incremental write of one blob; `commit` verifies the hash and publishes it atomically."""
 
-    def __init__(self, store: "BlobStore", expected_sha256: str, max_size: int) -> None:
+    def __init__(self, store: "BlobStore", expected_sha256: str, max_size: int, partial: Path | None = None) -> None:
         self._store = store
         self.expected_sha256 = expected_sha256
         self.max_size = max_size
         self.size = 0
         self._hasher = hashlib.sha256()
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="incoming-")
-        self._file = os.fdopen(fd, "wb")
-        self._tmp_path = Path(name)
+        if partial is None:
+            fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="incoming-")
+            self._file = os.fdopen(fd, "wb")
+            self._tmp_path = Path(name)
+        else:  # continue a transfer that broke: what is there was verified chunk by chunk
+            self._tmp_path = partial
+            self._file = open(partial, "ab+")
+            self._file.seek(0)
+            while block := self._file.read(1 << 20):
+                self._hasher.update(block)
+                self.size += len(block)
+            if self.size > max_size:
+                self._file.truncate(0)
+                self._hasher, self.size = hashlib.sha256(), 0
+            self._file.seek(0, os.SEEK_END)
+        self._resumable = partial is not None
 
     def write(self, data: bytes) -> int:
         if self.size + len(data) > self.max_size:
@@ -68,10 +81,13 @@ class BlobWriter:
         self._store._publish(self._tmp_path, digest)
         return digest
 
-    def abort(self) -> None:
+    def abort(self, keep_partial: bool = False) -> None:
+        """Drop the write; a resumable one may keep its verified prefix for the next attempt."""
         if not self._file.closed:
+            self._file.flush()
             self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
+        if not (keep_partial and self._resumable):
+            self._tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "BlobWriter":
         return self
@@ -86,8 +102,9 @@ class BlobStore:
         self.root = Path(root)
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
-        self.objects_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.partial_dir = self.root / "partial"
+        for directory in (self.objects_dir, self.tmp_dir, self.partial_dir):
+            directory.mkdir(parents=True, exist_ok=True)
         # Leftovers of writes interrupted by a crash are garbage by construction.
         for leftover in self.tmp_dir.iterdir():
             leftover.unlink(missing_ok=True)
@@ -117,6 +134,15 @@ class BlobStore:
     def writer(self, expected_sha256: str, max_size: int) -> BlobWriter:
         self.path(expected_sha256)  # validates the name before any byte is written
         return BlobWriter(self, expected_sha256, max_size)
+
+    def resumable_writer(self, expected_sha256: str, max_size: int) -> BlobWriter:
+        """A writer that continues (or starts) partial/<sha>; kept across failures and restarts."""
+        self.path(expected_sha256)
+        return BlobWriter(self, expected_sha256, max_size, partial=self.partial_dir / expected_sha256)
+
+    def partial_sizes(self) -> dict[str, int]:
+        """Blobs received in part, and how many bytes of each."""
+        return {p.name: p.stat().st_size for p in self.partial_dir.iterdir() if p.is_file()}
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()

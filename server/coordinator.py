@@ -307,7 +307,10 @@ class Coordinator:
         task = self._own_issued_task(client, req.task_id)
         if len(req.have) > MAX_HAVE_ENTRIES:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'have' entries")
+        if len(req.resume) > MAX_HAVE_ENTRIES:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'resume' entries")
         have = set(req.have)
+        resume = {r.sha256: r.offset for r in req.resume}
         manifest = self.state.manifest(task.base_version)
         sending = [sha for sha in dict.fromkeys(manifest) if sha not in have]
         codec = pb.CODEC_ZSTD if pb.CODEC_ZSTD in req.accept_codecs else pb.CODEC_NONE
@@ -320,7 +323,10 @@ class Coordinator:
             kind = "block" if sha == trainable else "context"
             raw_bytes = wire_bytes = 0
             with self.store.blobs.open_mmap(sha) as blob:
-                chunks = encode_chunks(sha, blob, chunk_bytes=self.config.chunk_bytes, codec=codec, level=self.config.zstd_level)
+                # A broken transfer continues where the client's verified bytes end.
+                start = resume.get(sha, 0) if resume.get(sha, 0) < len(blob) else 0
+                chunks = encode_chunks(sha, blob, chunk_bytes=self.config.chunk_bytes, codec=codec,
+                                       level=self.config.zstd_level, start=start)
                 try:
                     for chunk in chunks:
                         message = pb.DownloadMessage(chunk=chunk)

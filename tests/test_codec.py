@@ -366,17 +366,23 @@ def test_assembler_verify_refuses_incomplete_blob(blob):
     asm.verify()
 
 
-def test_assembler_verify_refuses_wrong_final_sha():
+def test_lying_about_the_blob_hash_is_caught_when_the_blob_is_committed(tmp_path):
+    """Every chunk is individually fine; the SHA-256 of the whole is checked by the store's
+    writer on commit (the assembler checks order, bounds and CRCs only)."""
+    from fedcybgd.common.blobstore import BlobStore
+
     data = _random_bytes(2 * CB + 5)
     claimed = sha256_hex(b"x" + data[1:])  # the sender lies about the blob's hash
-    chunks = list(encode_chunks(claimed, data, chunk_bytes=CB))
-    sink = Sink()
-    asm = BlobAssembler(claimed, len(data), sink)
-    for c in chunks:
-        asm.add(c)  # every chunk is individually fine
+    store = BlobStore(tmp_path / "store")
+    writer = store.writer(claimed, len(data))
+    asm = BlobAssembler(claimed, len(data), writer)
+    for c in encode_chunks(claimed, data, chunk_bytes=CB):
+        asm.add(c)
     assert asm.complete
+    asm.verify()
     with pytest.raises(CodecError, match="SHA-256"):
-        asm.verify()
+        writer.commit()
+    assert not store.has(claimed)
 
 
 def test_assembler_rejects_corrupted_chunk(blob):
@@ -394,9 +400,9 @@ def test_assembler_empty_blob():
     asm = BlobAssembler(sha256_hex(b""), 0, Sink())
     assert asm.complete
     asm.verify()
-    bad = BlobAssembler(sha256_hex(b"x"), 0, Sink())
+    short = BlobAssembler(sha256_hex(b"x"), 1, Sink())
     with pytest.raises(CodecError):
-        bad.verify()
+        short.verify()
 
 
 # ------------------------------------------------------------------------------ canonical blobs

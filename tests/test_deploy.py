@@ -242,12 +242,18 @@ def test_compose_healthcheck_asks_the_grpc_health_service(tiny_model_dir, tmp_pa
     code = test[3]
     assert "localhost:50051" in code and SERVICE_NAME in code
 
-    def check(port: int) -> int:
-        return subprocess.run([sys.executable, "-c", code.replace("localhost:50051", f"127.0.0.1:{port}")],
-                              capture_output=True, timeout=60).returncode
+    from fedcybgd.cli.certs import make_certs
 
-    running = start(CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                                      address="127.0.0.1:0"))
+    tls = make_certs(tmp_path / "tls", ["localhost"], ["site-0"])
+
+    def check(port: int) -> int:
+        local = code.replace("localhost:50051", f"localhost:{port}").replace("/etc/fedcybgd/tls/", f"{tls}/")
+        return subprocess.run([sys.executable, "-c", local], capture_output=True, timeout=60).returncode
+
+    # As in the compose file: mutual TLS; the health check presents the operator's certificate.
+    running = start(CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
+                                      address="localhost:0", tls_cert=str(tls / "server.pem"),
+                                      tls_key=str(tls / "server.key"), tls_client_ca=str(tls / "ca.pem")))
     try:
         assert check(running.port) == 0
         running.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)

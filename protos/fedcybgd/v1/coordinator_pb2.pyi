@@ -162,14 +162,24 @@ class Hyper(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("task_id", "have", "accept_codecs")
+    __slots__ = ("task_id", "have", "accept_codecs", "resume")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_CODECS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     have: _containers.RepeatedScalarFieldContainer[str]
     accept_codecs: _containers.RepeatedScalarFieldContainer[Codec]
-    def __init__(self, task_id: _Optional[str] = ..., have: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ...) -> None: ...
+    resume: _containers.RepeatedCompositeFieldContainer[BlobOffset]
+    def __init__(self, task_id: _Optional[str] = ..., have: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., resume: _Optional[_Iterable[_Union[BlobOffset, _Mapping]]] = ...) -> None: ...
+
+class BlobOffset(_message.Message):
+    __slots__ = ("sha256", "offset")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class DownloadMessage(_message.Message):
     __slots__ = ("manifest", "chunk")
