@@ -62,7 +62,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     try:
         address = f"127.0.0.1:{running.port}"
         daemon = ClientDaemon(ClientConfig(coordinator=address, data=str(data[0]), cache_dir=str(tmp / "cache"),
-                                           name="site-cli", device="cpu", threads=1))
+                                           name="site-cli", device="cpu", threads=1, insecure=True))
         thread = threading.Thread(target=daemon.run, daemon=True)
         thread.start()
         thread.join(timeout=120)
@@ -104,7 +104,7 @@ def test_coordinator_config_file_with_unknown_keys_fails_naming_the_key(tmp_path
 
 def test_config_file_values_are_used_and_flags_override_them(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('model = "./m"\nstate_dir = "./s"\nmax_concurrent_visits = 2\n'
+    path.write_text('model = "./m"\nstate_dir = "./s"\nmax_concurrent_visits = 2\ninsecure = true\n'
                     '[schedule]\ncycles = 2\norder = "random"\nlr = 1e-3\n'
                     '[training]\nlocal_steps = 5\nseq_len = 128\n')
     args = build_parser().parse_args(["coordinator", "--config", str(path), "--cycles", "3", "--seq-len", "32",
@@ -119,7 +119,7 @@ def test_config_file_values_are_used_and_flags_override_them(tmp_path):
 
     client_toml = tmp_path / "client.toml"
     client_toml.write_text('coordinator = "h:1"\ndata = "./d"\nname = "site-x"\nmax_visits = 4\n')
-    args = build_parser().parse_args(["client", "--config", str(client_toml), "--max-visits", "7"])
+    args = build_parser().parse_args(["client", "--config", str(client_toml), "--max-visits", "7", "--insecure"])
     client = load_config(ClientConfig, args.config, _overrides(args, CLIENT_FLAGS))
     assert (client.coordinator, client.data, client.name, client.max_visits) == ("h:1", "./d", "site-x", 7)
 
