@@ -160,7 +160,7 @@ class Phase:
         self.sampler.sample_now()
         self.t1 = time.monotonic()
         self.result = {
-            "seconds": self.t1 - self.t0,
+            "t0": self.t0, "t1": self.t1, "seconds": self.t1 - self.t0,
             "coordinator_cpu_s": cpu_seconds(self.pid) - self.cpu0,
             "bench_cpu_s": time.process_time() - self.own0,
             "loadavg_1min_start": self.load0, "loadavg_1min_end": os.getloadavg()[0],
@@ -530,6 +530,13 @@ def main() -> int:
         else:
             print(f"kept {tmp}", file=sys.stderr)
     report.setdefault("final_status", {"VmHWM": 0})
+    if sampler is not None and sampler.samples:
+        origin = sampler.samples[0][0]
+        report["memory_trace_columns"] = ["t_s", "VmRSS", "RssAnon", "RssFile"]
+        report["memory_trace"] = [[round(t - origin, 3), m["VmRSS"], m["RssAnon"], m["RssFile"]]
+                                  for t, m in sampler.samples]
+        report["phase_times"] = {name: [round(p["t0"] - origin, 3), round(p["t1"] - origin, 3)]
+                                 for name, p in report["phases"].items() if "t0" in p}
     summarise(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -25,6 +25,8 @@ from fedcybgd.v1 import coordinator_pb2 as pb
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 #: The largest chunk a peer may send (raw or encoded); anything larger is refused.
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: The smallest chunk but a blob's last: bounds the number of messages a blob may take.
+MIN_CHUNK_BYTES = 16 * 1024
 #: gRPC message limit set on both ends: one chunk plus framing. Not a way to send big messages.
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 DEFAULT_ZSTD_LEVEL = 3
@@ -71,8 +73,8 @@ def encode_chunks(
     A chunk that zstd would not shrink is sent raw: no receiver time is spent on bytes that
     cannot compress.
     """
-    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
     view = memoryview(data)
     compressor = zstandard.ZstdCompressor(level=level) if codec == pb.CODEC_ZSTD else None
     for offset in range(start, len(view), chunk_bytes):
@@ -159,6 +161,8 @@ class BlobAssembler:
             raise CodecError(f"chunk at offset {chunk.offset}, expected {self.received}")
         if self.received + chunk.raw_size > self.size:
             raise CodecError(f"blob {self.sha256[:12]} exceeds its declared size {self.size}")
+        if chunk.raw_size < MIN_CHUNK_BYTES and self.received + chunk.raw_size != self.size:
+            raise CodecError(f"chunks other than a blob's last carry at least {MIN_CHUNK_BYTES} bytes")
         raw = decode_chunk(chunk)
         self.sink.write(raw)
         self.received += len(raw)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedcybgd.server.scheduler import ScheduleConfig
 
 
@@ -58,8 +58,8 @@ class CoordinatorConfig:
             raise ValueError("layers_per_block must be >= 1")
         if self.max_concurrent_visits < 1:
             raise ValueError("max_concurrent_visits must be >= 1")
-        if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
         if not self.insecure and not (self.tls_cert and self.tls_key):
             raise ValueError("TLS is on by default: give tls_cert and tls_key ('fedcybgd certs' makes them), "
                              "or set insecure = true on a trusted network")

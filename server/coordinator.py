@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import queue
 import re
 import secrets
@@ -138,8 +139,8 @@ class Coordinator:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"client name must be 1-{MAX_NAME_CHARS} printable characters")
         token = secrets.token_urlsafe(32)
         now = time.time()
-        client = ClientRow(id=f"c-{secrets.token_hex(6)}", name=name, device_kind=req.device_kind[:MAX_NAME_CHARS],
-                           memory_bytes=req.memory_bytes, registered_unix=now, last_seen_unix=now)
+        client = ClientRow(id=f"c-{secrets.token_hex(6)}", name=name, device_kind=_printable(req.device_kind),
+                           memory_bytes=_int64(req.memory_bytes), registered_unix=now, last_seen_unix=now)
         self.state.add_client(client, _token_hash(token))
         self.metrics.clients_registered.inc()
         log.info("registered client %s (%s, %s)", client.id, name, client.device_kind)
@@ -183,9 +184,10 @@ class Coordinator:
         return self._model_info
 
     def heartbeat(self, client: ClientRow, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        self.state.touch_client(client.id, gpu_peak_allocated_bytes=req.gpu_peak_allocated_bytes,
-                                gpu_peak_reserved_bytes=req.gpu_peak_reserved_bytes, host_rss_bytes=req.host_rss_bytes)
-        self.metrics.observe_client_memory(client.name, req.gpu_peak_allocated_bytes, req.gpu_peak_reserved_bytes, req.host_rss_bytes)
+        memory = {"gpu_peak_allocated_bytes": _int64(req.gpu_peak_allocated_bytes),
+                  "gpu_peak_reserved_bytes": _int64(req.gpu_peak_reserved_bytes), "host_rss_bytes": _int64(req.host_rss_bytes)}
+        self.state.touch_client(client.id, **memory)
+        self.metrics.observe_client_memory(client.name, *memory.values())
         valid = False
         if req.task_id:
             task = self.state.task(req.task_id)
@@ -397,6 +399,9 @@ class Coordinator:
                                                      f"not {header.base_version}")
         if not _SHA256.match(header.blob_sha256):
             raise RpcError(code.INVALID_ARGUMENT, "blob_sha256 must be 64 lowercase hex digits")
+        if not all(math.isfinite(x) and x >= 0 for x in (header.loss_before, header.loss_after, header.train_seconds,
+                                                        header.download_seconds)):
+            raise RpcError(code.INVALID_ARGUMENT, "losses and seconds in the header must be finite and >= 0")
         limit = max_blob_size(spec)
         if not 0 < header.blob_size <= limit:
             raise RpcError(code.INVALID_ARGUMENT, f"blob_size {header.blob_size} outside (0, {limit}] for block {spec.name}")
@@ -422,10 +427,10 @@ class Coordinator:
             record = {
                 "lr": self.schedule.lr_of(task.round), "seed": self.schedule.seed_of(task.round),
                 "bytes_down": bytes_down, "bytes_up": wire_bytes, "loss_before": header.loss_before,
-                "loss_after": header.loss_after, "peak_memory_bytes": header.peak_memory_bytes,
+                "loss_after": header.loss_after, "peak_memory_bytes": _int64(header.peak_memory_bytes),
                 "train_seconds": header.train_seconds, "download_seconds": header.download_seconds,
-                "visit_seconds": now - task.issued_unix, "samples": header.samples, "tokens": header.tokens,
-                "device": header.device[:MAX_NAME_CHARS],
+                "visit_seconds": now - task.issued_unix, "samples": _int64(header.samples), "tokens": _int64(header.tokens),
+                "device": _printable(header.device),
             }
             visit = VisitRow(round=task.round, task_id=task.id, client_id=task.client_id, block_index=task.block_index,
                              base_version=task.base_version, new_version=latest + 1, blob_sha256=header.blob_sha256,
@@ -529,6 +534,15 @@ class Coordinator:
         if self._eval_thread is not None:
             self._eval_queue.put(None)
             self._eval_thread.join(timeout=60)
+
+
+def _int64(value: int) -> int:
+    """uint64 fields from peers, clamped to what SQLite and Prometheus store."""
+    return min(int(value), 2**63 - 1)
+
+
+def _printable(text: str) -> str:
+    return "".join(c for c in text[:MAX_NAME_CHARS] if c.isprintable())
 
 
 def _token_hash(token: str) -> str:

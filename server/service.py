@@ -17,6 +17,9 @@ log = logging.getLogger("fedcybgd.service")
 def _abort(context: grpc.ServicerContext, exc: BaseException):
     if isinstance(exc, RpcError):
         context.abort(exc.code, exc.message)
+    if isinstance(exc, grpc.RpcError):  # the peer's stream broke (cancelled, deadline, too large)
+        log.info("call ended by the peer: %s", exc)
+        context.abort(grpc.StatusCode.CANCELLED, "the request stream ended abnormally")
     log.exception("internal error")
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 

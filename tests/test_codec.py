@@ -26,7 +26,7 @@ from fedcybgd.v1 import coordinator_pb2 as pb
 
 torch.set_num_threads(1)
 
-CB = 1000  # small chunk size so that a few KiB already make several chunks
+CB = 16 * 1024 + 1000  # the smallest allowed chunk plus an odd amount, so a few tens of KiB make several chunks
 
 
 class Sink:
@@ -495,3 +495,21 @@ def _garbage() -> list[bytes]:
 def test_deserialize_garbage_is_codec_error(data):
     with pytest.raises(CodecError):
         deserialize_block(data)
+
+
+def test_tiny_chunks_are_refused_except_a_blobs_last():
+    """The number of messages a blob may take is bounded: chunks carry at least MIN_CHUNK_BYTES."""
+    from fedcybgd.common.codec import MIN_CHUNK_BYTES
+
+    data = _random_bytes(MIN_CHUNK_BYTES + 100)
+    sha = sha256_hex(data)
+    tiny = pb.Chunk(blob_sha256=sha, offset=0, raw_size=100, codec=pb.CODEC_NONE, data=data[:100],
+                    crc32=zlib.crc32(data[:100]))
+    with pytest.raises(CodecError, match="at least"):
+        BlobAssembler(sha, len(data), Sink()).add(tiny)
+    asm = BlobAssembler(sha, len(data), Sink())
+    for c in encode_chunks(sha, data, chunk_bytes=MIN_CHUNK_BYTES):  # the last one is 100 bytes: fine
+        asm.add(c)
+    assert asm.complete
+    with pytest.raises(ValueError):
+        list(encode_chunks(sha, data, chunk_bytes=MIN_CHUNK_BYTES - 1))

@@ -715,18 +715,30 @@ REGISTER_CASES = [
 # -- cases: odd but legitimate requests that must be answered normally ------------------------
 
 
-def _heartbeat_invalid(client: str, task_attr: str | None, task_id: str = "") -> Callable[[World], Attempt]:
+def _heartbeat(client: str, task_attr: str | None, task_id: str = "", valid: bool = False,
+               memory: int = 1 << 30) -> Callable[[World], Attempt]:
+    """A heartbeat naming some task: answered normally, task_valid says whether it is the caller's open task."""
     def make(w: World) -> Attempt:
         tid = getattr(w, task_attr).task_id if task_attr else task_id
 
         def call():
-            reply = w.stub.Heartbeat(pb.HeartbeatRequest(task_id=tid, phase="train" * 100, step=2**32 - 1,
-                                                         gpu_peak_allocated_bytes=2**64 - 1, host_rss_bytes=2**64 - 1),
+            reply = w.stub.Heartbeat(pb.HeartbeatRequest(task_id=tid, phase="train" * 1000, step=2**32 - 1,
+                                                         gpu_peak_allocated_bytes=memory, gpu_peak_reserved_bytes=memory,
+                                                         host_rss_bytes=memory),
                                      metadata=w.md[client], timeout=CALL_TIMEOUT_S)
-            assert reply.task_valid is False
+            assert reply.task_valid is valid
             assert reply.heartbeat_interval_s > 0
         return Attempt(call)
     return make
+
+
+def _register_huge_memory(w: World) -> Attempt:
+    def call():
+        reply = w.stub.Register(pb.RegisterRequest(name="big-iron", device_kind="cpu", memory_bytes=2**64 - 1),
+                                timeout=CALL_TIMEOUT_S)
+        assert reply.token and reply.client_id
+    return Attempt(call)
+
 
 
 def _get_task_absurd_wait_with_task(w: World) -> Attempt:
@@ -786,11 +798,15 @@ def _malformed_have(w: World) -> list[str]:
 
 
 OK_CASES = [
-    pytest.param(OK, _heartbeat_invalid("a", "task_b"), id="heartbeat-foreign-task-id"),
-    pytest.param(OK, _heartbeat_invalid("a", None, "t-0-nope"), id="heartbeat-unknown-task-id"),
-    pytest.param(OK, _heartbeat_invalid("a", None, "t" * 100_000), id="heartbeat-overlong-task-id"),
-    pytest.param(OK, _heartbeat_invalid("a", "done_task"), id="heartbeat-completed-task-id"),
-    pytest.param(OK, _heartbeat_invalid("e", "expired_task"), id="heartbeat-expired-task-id"),
+    pytest.param(OK, _heartbeat("a", "task_b"), id="heartbeat-foreign-task-id"),
+    pytest.param(OK, _heartbeat("b", "task_a"), id="heartbeat-foreign-task-id-reverse"),
+    pytest.param(OK, _heartbeat("a", None, "t-0-nope"), id="heartbeat-unknown-task-id"),
+    pytest.param(OK, _heartbeat("a", None, "t" * 100_000), id="heartbeat-overlong-task-id"),
+    pytest.param(OK, _heartbeat("a", "done_task"), id="heartbeat-completed-task-id"),
+    pytest.param(OK, _heartbeat("e", "expired_task"), id="heartbeat-expired-task-id"),
+    pytest.param(OK, _heartbeat("a", "task_a", valid=True, memory=2**63 - 1), id="heartbeat-memory-int64-max"),
+    pytest.param(OK, _heartbeat("a", "task_a", valid=True, memory=2**64 - 1), id="heartbeat-memory-uint64-max"),
+    pytest.param(OK, _register_huge_memory, id="register-memory-uint64-max"),
     pytest.param(OK, _get_task_absurd_wait_with_task, id="gettask-absurd-wait-with-open-task"),
     pytest.param(OK, _get_task_absurd_wait_clamped, id="gettask-absurd-wait-is-clamped"),
     pytest.param(OK, _download_everything(_malformed_have), id="download-malformed-have-sends-everything"),
