@@ -95,6 +95,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def machine_busy_seconds() -> float:
+    """CPU-seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     """Nearest-rank percentiles, in milliseconds."""
     if not values:
@@ -153,16 +161,19 @@ class Phase:
     def __enter__(self) -> "Phase":
         self.sampler.sample_now()
         self.t0, self.cpu0, self.own0 = time.monotonic(), cpu_seconds(self.pid), time.process_time()
+        self.busy0 = machine_busy_seconds()
         self.load0 = os.getloadavg()[0]
         return self
 
     def __exit__(self, *exc) -> None:
         self.sampler.sample_now()
         self.t1 = time.monotonic()
+        coordinator, bench = cpu_seconds(self.pid) - self.cpu0, time.process_time() - self.own0
         self.result = {
             "t0": self.t0, "t1": self.t1, "seconds": self.t1 - self.t0,
-            "coordinator_cpu_s": cpu_seconds(self.pid) - self.cpu0,
-            "bench_cpu_s": time.process_time() - self.own0,
+            "coordinator_cpu_s": coordinator, "bench_cpu_s": bench,
+            # busy CPU-seconds of everything else on the machine: other jobs disturbing the figures
+            "other_cpu_s": max(0.0, machine_busy_seconds() - self.busy0 - coordinator - bench),
             "loadavg_1min_start": self.load0, "loadavg_1min_end": os.getloadavg()[0],
             "memory": self.sampler.window(self.t0, self.t1),
         }
@@ -400,6 +411,8 @@ def summarise(report: dict) -> None:
     print(f"model: {report['num_blocks']} blocks, {model / MB:.1f} MB fp32; coordinator pid {report['coordinator_pid']}; "
           f"load avg before/after: {report['loadavg_before']} / {report['loadavg_after']}")
     print(f"{args_line(report)}")
+    if report.get("note"):
+        print(f"note: {report['note']}")
     print()
     print(f"{'control plane':<28}{'calls':>8}{'calls/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'coord CPU s':>12}")
@@ -440,6 +453,11 @@ def summarise(report: dict) -> None:
               f"({summary['extra_VmRSS_per_stream_vs_model'] * 100:.1f} % of the model), "
               f"RssAnon {summary['extra_RssAnon_per_stream_bytes'] / MB:.2f} MB "
               f"({summary['extra_RssAnon_per_stream_vs_model'] * 100:.1f} % of the model)")
+    other = sum(p.get("other_cpu_s", 0) for p in ph.values())
+    measured = sum(p.get("seconds", 0) for p in ph.values())
+    report["other_cpu_s"] = other
+    print(f"CPU used by other processes during the measured phases: {other:.1f} CPU-s over {measured:.0f} s "
+          f"({other / max(measured, 1e-9) / (report['cpus'] or 1) * 100:.0f} % of the machine)")
     print(f"errors: {len(report['errors'])}")
     for e in report["errors"][:20]:
         print(f"  {e}")

@@ -22,14 +22,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.metrics import ClientMetrics, rss_bytes
 from fedcybgd.client.trainer import VisitHyper, train_block
-from fedcybgd.client.transfer import download_model, upload_block
+from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_block
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.transport import client_channel
 from fedcybgd.common.modeling import (
-    DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, partition,
+    DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, partition, word_size,
 )
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
@@ -123,6 +123,8 @@ class ClientDaemon:
             (model_dir / name).write_bytes(data)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.dtype = DTYPES[info.dtype]
+        # The best codec both sides know (an older coordinator announces none: plain zstd).
+        self.upload_codec = next((c for c in ACCEPT_CODECS if c in info.upload_codecs), pb.CODEC_ZSTD)
         self.model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
         self.specs = partition(self.model, info.layers_per_block)
         if self.config.base_model:
@@ -198,7 +200,8 @@ class ClientDaemon:
             loss_after=result.loss_after, peak_memory_bytes=result.peak_memory_bytes, train_seconds=result.seconds,
             download_seconds=download_seconds, device=_device_kind(self.device))
         try:
-            reply, bytes_up = self._call("upload", lambda: upload_block(self.stub, self.metadata, header, blob, DEFAULT_CHUNK_BYTES))
+            reply, bytes_up = self._call("upload", lambda: upload_block(
+                self.stub, self.metadata, header, blob, DEFAULT_CHUNK_BYTES, self.upload_codec, word_size(spec)))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err

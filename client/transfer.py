@@ -9,6 +9,8 @@ from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger("fedcybgd.client")
+#: In order of preference; the coordinator picks the first it knows.
+ACCEPT_CODECS = [pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE]
 
 
 def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.Manifest, int]:
@@ -18,7 +20,7 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
     chunk by chunk (CRC-32) and as a whole (SHA-256) before it becomes visible in the cache.
     """
     partial = cache.partial_sizes()
-    request = pb.DownloadRequest(task_id=task.task_id, have=list(cache), accept_codecs=[pb.CODEC_ZSTD, pb.CODEC_NONE],
+    request = pb.DownloadRequest(task_id=task.task_id, have=list(cache), accept_codecs=ACCEPT_CODECS,
                                  resume=[pb.BlobOffset(sha256=sha, offset=n) for sha, n in partial.items() if n > 0])
     stream = stub.DownloadModel(request, metadata=metadata)
     first = next(stream)
@@ -75,10 +77,12 @@ def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:
     writer.commit()
 
 
-def upload_block(stub, metadata, header: pb.UploadHeader, blob: bytes, chunk_bytes: int) -> tuple[pb.UploadResponse, int]:
+def upload_block(stub, metadata, header: pb.UploadHeader, blob: bytes, chunk_bytes: int, codec: int,
+                 word_size: int) -> tuple[pb.UploadResponse, int]:
     """Send the trained block; returns (the coordinator's answer, bytes on the wire)."""
     messages = [pb.UploadMessage(header=header)]
-    messages += [pb.UploadMessage(chunk=c) for c in encode_chunks(header.blob_sha256, blob, chunk_bytes=chunk_bytes)]
+    messages += [pb.UploadMessage(chunk=c) for c in encode_chunks(header.blob_sha256, blob, chunk_bytes=chunk_bytes,
+                                                                  codec=codec, word_size=word_size)]
     wire = sum(m.ByteSize() for m in messages)
 
     def stream() -> Iterator[pb.UploadMessage]:

@@ -18,6 +18,8 @@ import safetensors.torch
 import torch
 import zstandard
 
+from fedcybgd.common import bytegroup
+from fedcybgd.common.errors import CodecError  # re-exported: part of this module's API
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 #: Raw bytes per chunk. With framing and an incompressible chunk a message stays well under the
@@ -37,8 +39,6 @@ GRPC_CHANNEL_OPTIONS = [
 ]
 
 
-class CodecError(ValueError):
-    """A chunk or blob failed a check (checksum, size, order, hash, format)."""
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -67,14 +67,17 @@ def encode_chunks(
     codec: int = pb.CODEC_ZSTD,
     level: int = DEFAULT_ZSTD_LEVEL,
     start: int = 0,
+    word_size: int = 1,
 ) -> Iterator[pb.Chunk]:
     """Cut `data` into chunks from raw offset `start` and encode each one.
 
-    A chunk that zstd would not shrink is sent raw: no receiver time is spent on bytes that
-    cannot compress.
+    `word_size` is the byte size of the blob's floating-point elements (2 for bf16/fp16, 4 for
+    fp32) for CODEC_BYTEGROUP; chunk boundaries stay on word boundaries because chunk sizes and
+    the safetensors data offset are multiples of 8. A chunk that would not shrink is sent raw:
+    no receiver time is spent on bytes that cannot compress.
     """
-    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ValueError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % 8:
+        raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
     view = memoryview(data)
     compressor = zstandard.ZstdCompressor(level=level) if codec == pb.CODEC_ZSTD else None
     for offset in range(start, len(view), chunk_bytes):
@@ -84,6 +87,10 @@ def encode_chunks(
             packed = compressor.compress(raw)
             if len(packed) < len(raw):
                 payload, used = packed, pb.CODEC_ZSTD
+        elif codec == pb.CODEC_BYTEGROUP:
+            packed = bytegroup.encode(raw, word_size if offset % word_size == 0 else 1)
+            if len(packed) < len(raw):
+                payload, used = packed, pb.CODEC_BYTEGROUP
         yield pb.Chunk(
             blob_sha256=blob_sha256,
             offset=offset,
@@ -115,6 +122,8 @@ def decode_chunk(chunk: pb.Chunk) -> bytes:
             raw = zstandard.ZstdDecompressor().decompress(chunk.data, max_output_size=chunk.raw_size)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd chunk at offset {chunk.offset} does not decode: {exc}") from exc
+    elif chunk.codec == pb.CODEC_BYTEGROUP:
+        raw = bytegroup.decode(chunk.data, chunk.raw_size)
     else:
         raise CodecError(f"unsupported codec {chunk.codec}")
     if len(raw) != chunk.raw_size:

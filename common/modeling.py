@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from fedcybgd.common.blocks import BlockSpec, TensorSpec, load_block, partition_model
+from fedcybgd.common.blocks import BlockSpec, TensorSpec, load_block, partition_model, st_dtype_to_torch
 
 #: Tokenizer files a client may receive; anything else in a model directory stays home.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -65,6 +65,12 @@ def specs_from_json(text: str) -> list[BlockSpec]:
                   tensors=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in b["tensors"]))
         for b in json.loads(text)
     ]
+
+
+def word_size(spec: BlockSpec) -> int:
+    """Element size for the byte-grouping codec: the block's float size when it has only one."""
+    sizes = {st_dtype_to_torch(t.dtype).itemsize for t in spec.tensors}
+    return sizes.pop() if len(sizes) == 1 and next(iter(sizes)) in (2, 4) else 1
 
 
 def max_blob_size(spec: BlockSpec) -> int:

@@ -58,8 +58,8 @@ class CoordinatorConfig:
             raise ValueError("layers_per_block must be >= 1")
         if self.max_concurrent_visits < 1:
             raise ValueError("max_concurrent_visits must be >= 1")
-        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES or self.chunk_bytes % 8:
+            raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
         if not self.insecure and not (self.tls_cert and self.tls_key):
             raise ValueError("TLS is on by default: give tls_cert and tls_key ('fedcybgd certs' makes them), "
                              "or set insecure = true on a trusted network")

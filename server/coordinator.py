@@ -31,7 +31,7 @@ from fedcybgd.common.config import to_dict
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.eval import evaluate_loss, spread_sample
 from fedcybgd.common.transport import OPERATOR_NAME
-from fedcybgd.common.modeling import max_blob_size, specs_from_json, specs_to_json
+from fedcybgd.common.modeling import max_blob_size, specs_from_json, specs_to_json, word_size
 from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.model_store import ModelStore
@@ -45,6 +45,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_HAVE_ENTRIES = 100_000
 MAX_NAME_CHARS = 128
 MAX_GET_TASK_WAIT_S = 30
+UPLOAD_CODECS = (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE)
 
 
 class RpcError(Exception):
@@ -179,7 +180,8 @@ class Coordinator:
             files = {name: compress_small(data) for name, data in self.store.tokenizer_files().items()}
             self._model_info = pb.ModelInfo(
                 model_id=self.run.model_id, config_json=self.store.config_json(), tokenizer_files=files,
-                tokenizer_codec=pb.CODEC_ZSTD, dtype=self.run.dtype, num_blocks=len(self.run.specs),
+                tokenizer_codec=pb.CODEC_ZSTD, upload_codecs=UPLOAD_CODECS, dtype=self.run.dtype,
+                num_blocks=len(self.run.specs),
                 layers_per_block=self.config.layers_per_block)
         return self._model_info
 
@@ -315,7 +317,8 @@ class Coordinator:
         resume = {r.sha256: r.offset for r in req.resume}
         manifest = self.state.manifest(task.base_version)
         sending = [sha for sha in dict.fromkeys(manifest) if sha not in have]
-        codec = pb.CODEC_ZSTD if pb.CODEC_ZSTD in req.accept_codecs else pb.CODEC_NONE
+        codec = next((c for c in (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD) if c in req.accept_codecs), pb.CODEC_NONE)
+        words = {sha: word_size(spec) for spec, sha in zip(self.run.specs, manifest, strict=True)}
         trainable = manifest[task.block_index]
         first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending))
         total = first.ByteSize()
@@ -328,7 +331,7 @@ class Coordinator:
                 # A broken transfer continues where the client's verified bytes end.
                 start = resume.get(sha, 0) if resume.get(sha, 0) < len(blob) else 0
                 chunks = encode_chunks(sha, blob, chunk_bytes=self.config.chunk_bytes, codec=codec,
-                                       level=self.config.zstd_level, start=start)
+                                       level=self.config.zstd_level, start=start, word_size=words[sha])
                 try:
                     for chunk in chunks:
                         message = pb.DownloadMessage(chunk=chunk)

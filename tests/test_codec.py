@@ -231,7 +231,7 @@ def test_payload_above_max_rejected():
         decode_chunk(c)
 
 
-@pytest.mark.parametrize("codec", [pb.CODEC_UNSPECIFIED, 3, 99])
+@pytest.mark.parametrize("codec", [pb.CODEC_UNSPECIFIED, 4, 99])
 def test_unknown_codec_rejected(codec):
     c = _chunk(b"abc", codec=codec)
     with pytest.raises(CodecError, match="codec"):

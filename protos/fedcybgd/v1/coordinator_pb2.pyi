@@ -12,9 +12,11 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_UNSPECIFIED: _ClassVar[Codec]
     CODEC_NONE: _ClassVar[Codec]
     CODEC_ZSTD: _ClassVar[Codec]
+    CODEC_BYTEGROUP: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
 CODEC_ZSTD: Codec
+CODEC_BYTEGROUP: Codec
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "device_kind", "memory_bytes", "held_blobs", "software_version", "join_token")
@@ -47,7 +49,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec")
+    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class ModelInfo(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_CODEC_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_CODECS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
@@ -69,7 +72,8 @@ class ModelInfo(_message.Message):
     num_blocks: int
     layers_per_block: int
     tokenizer_codec: Codec
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ...) -> None: ...
+    upload_codecs: _containers.RepeatedScalarFieldContainer[Codec]
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("task_id", "phase", "step", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes")

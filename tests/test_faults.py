@@ -1,0 +1,652 @@
+"""Faults injected into real processes: a coordinator SIGKILLed at random moments and restarted,
+client daemons SIGKILLed mid-download, mid-training and mid-upload and restarted from their cache,
+and a late upload for a task that was reassigned meanwhile.
+
+Every run must still end with a consistent version history (one visit per round, versions
+1..N in order, every manifest's blobs present and intact, nothing left half-written) and, the
+algorithm being deterministic, with exactly the weights of the single-process reference replaying
+the recorded visits (each with the data of the client that made it).
+
+The coordinator runs with `--task-timeout 3` (a dead client's task is reassigned quickly) and a
+heartbeat interval of 1 s from a TOML config file (phases are reported often).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import safetensors.torch
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import start_client, wait_clients, wait_for, write_data
+from fedcybgd.cli.demo import free_port
+from fedcybgd.client.transfer import download_model, upload_block
+from fedcybgd.common.blobstore import BlobStore
+from fedcybgd.common.blocks import block_tensors
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, serialize_block
+from fedcybgd.common.data import load_packed
+from fedcybgd.common.modeling import partition
+from fedcybgd.common.tiny import make_byte_tokenizer, tiny_config
+from fedcybgd.server.config import TrainingConfig
+from fedcybgd.server.reference import run_reference
+from fedcybgd.server.scheduler import ScheduleConfig
+from fedcybgd.server.state import SqliteState, TaskRow
+from fedcybgd.v1 import coordinator_pb2 as pb
+from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
+
+TASK_TIMEOUT_S = 3.0
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# -- processes and probes --------------------------------------------------------------------------
+class CoordinatorProcess:
+    """`fedcybgd coordinator` as a subprocess, restartable from the same state directory and address."""
+
+    def __init__(self, tmp_path: Path, model_dir: Path, state_dir: Path, schedule: ScheduleConfig,
+                 training: TrainingConfig, exit_when_finished: bool = True) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.state_dir = state_dir
+        config = tmp_path / "coordinator.toml"
+        config.write_text("heartbeat_interval_s = 1\n")
+        self.command = [
+            sys.executable, "-m", "fedcybgd.cli.main", "coordinator", "--config", str(config),
+            "--model", str(model_dir), "--state-dir", str(state_dir), "--address", self.address,
+            "--cycles", str(schedule.cycles), "--order", schedule.order, "--lr", repr(schedule.lr),
+            "--seed", str(schedule.seed), "--local-steps", str(training.local_steps),
+            "--batch-size", str(training.batch_size), "--seq-len", str(training.seq_len),
+            "--task-timeout", str(TASK_TIMEOUT_S), "--insecure",
+        ] + (["--exit-when-finished"] if exit_when_finished else [])
+        self.log = open(tmp_path / "coordinator.log", "a")
+        self.proc: subprocess.Popen | None = None
+        self.probe = Probe(self.address)
+
+    def start(self, timeout: float = 60) -> None:
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
+        wait_for(lambda: self.probe.status() is not None or self.proc.poll() is not None, timeout, "the coordinator to serve",
+                 interval=0.05)
+        assert self.proc.poll() is None, "the coordinator exited at start (see coordinator.log)"
+
+    def sigkill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.probe.close()
+        self.log.close()
+
+
+class Probe:
+    """The operator's view (GetStatus, no credentials in insecure mode) over one channel that
+    reconnects quickly after a coordinator restart."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 300)])
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    def status(self, timeout: float = 5.0) -> pb.GetStatusResponse | None:
+        try:
+            return self.stub.GetStatus(pb.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def kill_all(procs) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGCONT)  # in case a test left it stopped
+            except ProcessLookupError:
+                pass
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def objects(store_root: Path) -> set[str]:
+    """SHA-256 names of the complete blobs in a blob store (coordinator store or client cache)."""
+    root = store_root / "objects"
+    if not root.is_dir():
+        return set()
+    return {blob.name for sub in root.iterdir() if sub.is_dir() for blob in sub.iterdir()}
+
+
+def incoming(store_root: Path) -> list[Path]:
+    """Blobs being written into a blob store: temporary files, and partial (resumable) downloads."""
+    return [f for sub in ("tmp", "partial") if (store_root / sub).is_dir() for f in (store_root / sub).iterdir()]
+
+
+def temporary(store_root: Path) -> list[Path]:
+    tmp = store_root / "tmp"
+    return list(tmp.iterdir()) if tmp.is_dir() else []
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- checks ----------------------------------------------------------------------------------------
+def check_history(state: SqliteState, state_dir: Path, total_rounds: int) -> None:
+    """One visit per round, versions 1..N in order, each from the previous one and differing from it
+    in its block only; every blob of every manifest is in the store under its own hash; nothing
+    half-written is left behind."""
+    visits = state.visits()
+    assert [v.round for v in visits] == list(range(total_rounds))
+    assert [v.new_version for v in visits] == list(range(1, total_rounds + 1))
+    assert all(v.base_version == v.new_version - 1 for v in visits), "sequential mode: each visit starts from the previous version"
+    latest, _ = state.latest_version()
+    assert latest == total_rounds
+    for v in visits:
+        before, after = state.manifest(v.base_version), state.manifest(v.new_version)
+        assert after[v.block_index] == v.blob_sha256
+        assert [s for i, s in enumerate(after) if i != v.block_index] == [s for i, s in enumerate(before) if i != v.block_index]
+    checked: set[str] = set()
+    for version in range(latest + 1):
+        for sha in state.manifest(version):
+            if sha in checked:
+                continue
+            path = state_dir / "blobs" / "objects" / sha[:2] / sha
+            assert path.is_file(), f"version {version}: blob {sha[:12]} missing from the store"
+            assert sha256_file(path) == sha, f"version {version}: blob {sha[:12]} does not hash to its name"
+            checked.add(sha)
+    assert temporary(state_dir / "blobs") == [], "temporary files left in the blob store"
+
+
+def check_cache(cache_dir: Path) -> None:
+    """A client cache holds only complete blobs, each under its own hash, and no temporary file."""
+    store = cache_dir / "blobs"
+    assert temporary(store) == [], f"temporary files left in {store}"
+    for sha in objects(store):
+        assert sha256_file(store / "objects" / sha[:2] / sha) == sha, f"{store}: {sha[:12]} does not hash to its name"
+
+
+class WeightsDiffer(AssertionError):
+    """The federated weights are not those of the single-process reference."""
+
+
+class ClientCrashed(AssertionError):
+    """A client daemon died of an error instead of dropping a withdrawn task."""
+
+
+def check_reference(model_dir: Path, state_dir: Path, state: SqliteState, data_of_name: dict[str, Path],
+                    schedule: ScheduleConfig, training: TrainingConfig) -> None:
+    """The final weights equal the single-process reference replaying the recorded visits, each
+    with the data of the client that made it: bit for bit."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    names = {c.id: c.name for c in state.clients()}
+    packed = {name: load_packed(path, tokenizer, training.seq_len) for name, path in data_of_name.items()}
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    run_reference(reference, 1, schedule, training, [packed[names[v.client_id]] for v in state.visits()])
+    _, manifest = state.latest_version()
+    for spec, sha in zip(partition(reference, 1), manifest, strict=True):
+        stored = safetensors.torch.load_file(str(state_dir / "blobs" / "objects" / sha[:2] / sha))
+        for name, tensor in block_tensors(reference, spec).items():
+            if not torch.equal(stored[name], tensor):
+                raise WeightsDiffer(f"{spec.name}/{name} differs from the single-process reference")
+
+
+def all_tasks(state: SqliteState) -> list[TaskRow]:
+    return [t for status in ("issued", "done", "expired") for t in state.tasks_with_status(status)]
+
+
+# -- 1. the coordinator SIGKILLed at random moments -------------------------------------------------
+def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(tiny_model_dir, tmp_path):
+    rng = random.Random(20240611)
+    data, _ = write_data(tmp_path, clients=3)
+    names = [f"site-{i}" for i in range(3)]
+    schedule = ScheduleConfig(cycles=3, order="random", lr=3e-3, seed=11)
+    training = TrainingConfig(local_steps=40, batch_size=4, seq_len=64)
+    total = 3 * 5
+    state_dir = tmp_path / "state"
+    coordinator = CoordinatorProcess(tmp_path, tiny_model_dir, state_dir, schedule, training)
+    clients: list[subprocess.Popen] = []
+    kept: dict[int, str] = {}      # round -> blob of every visit committed before some kill
+    moments = []
+    try:
+        coordinator.start()
+        clients = [start_client(coordinator.address, data[i], tmp_path / "caches" / n, n) for i, n in enumerate(names)]
+        committed = 0
+        for _ in range(3):
+            # At least one visit committed since the (re)start, then a random moment of the visit
+            # that follows (a visit lasts a few tenths of a second here).
+            wait_for(lambda: (s := coordinator.probe.status()) is not None and s.round > committed and bool(s.tasks),
+                     90, "a visit committed since the restart and the next one under way", interval=0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
+            s = coordinator.probe.status()
+            coordinator.sigkill()
+            name_of = {c.client_id: c.name for c in s.clients} if s else {}
+            base = {b.sha256 for b in s.blocks} if s else set()
+            moments.append({
+                "tasks": [(t.round, name_of.get(t.client_id), "downloading" if not base <= objects(
+                    tmp_path / "caches" / name_of.get(t.client_id, "?") / "blobs") else "downloaded") for t in s.tasks] if s else None,
+                "upload_left_half_written": len(temporary(state_dir / "blobs")),
+            })
+            state = SqliteState(state_dir / "state.sqlite")
+            visits = state.visits()
+            state.close()
+            for v in visits:
+                assert kept.setdefault(v.round, v.blob_sha256) == v.blob_sha256, "a committed visit changed"
+            committed = len(visits)
+            assert committed < total, f"the run finished before kill {len(moments)}; kill earlier"
+            coordinator.start()
+        wait_clients(clients, timeout=120)
+        assert coordinator.wait(timeout=90) == 0
+    finally:
+        kill_all(clients)
+        coordinator.cleanup()
+    print("coordinator killed at:", moments)
+
+    state = SqliteState(state_dir / "state.sqlite")
+    try:
+        check_history(state, state_dir, total)
+        assert {v.round: v.blob_sha256 for v in state.visits() if v.round in kept} == kept, \
+            "an upload accepted before a kill was lost or changed"
+        assert sorted(c.name for c in state.clients()) == names, "a client registered again"
+        check_reference(tiny_model_dir, state_dir, state, dict(zip(names, data)), schedule, training)
+    finally:
+        state.close()
+    for n in names:
+        check_cache(tmp_path / "caches" / n)
+
+
+# -- 2. clients SIGKILLed mid-download, mid-training, mid-upload --------------------------------------
+@pytest.fixture(scope="module")
+def medium_model_dir(tmp_path_factory) -> Path:
+    """Llama-like, hidden 512: decoder-layer blocks of about 16 MB, so transfers last long enough
+    to be caught in the act; 3 layers + embeddings/head = 4 blocks."""
+    path = tmp_path_factory.mktemp("model") / "medium-llama"
+    config = tiny_config("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    make_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def freeze_when(proc: subprocess.Popen, caught: Callable[[], bool], missed: Callable[[], bool],
+                budget_s: float = 2.0) -> bool:
+    """Freeze `proc` (SIGSTOP), then let it run a few milliseconds at a time until `caught()` holds,
+    checked while it is frozen once in-flight data has settled: True, and `proc` stays frozen.
+    False, with `proc` running again, when `missed()` says the moment has passed, or after
+    `budget_s`."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        time.sleep(0.03)
+        if caught():
+            return True
+        if missed():
+            break
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.004)
+        os.kill(proc.pid, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGCONT)
+    return False
+
+
+def kill_when(proc: subprocess.Popen, caught: Callable[[], bool], missed: Callable[[], bool]) -> bool:
+    """SIGKILL `proc` at the moment `caught()` holds (see `freeze_when`)."""
+    if not freeze_when(proc, caught, missed):
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return True
+
+
+def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(medium_model_dir, tmp_path):
+    data, _ = write_data(tmp_path, clients=3)
+    names = [f"site-{i}" for i in range(3)]
+    data_of = dict(zip(names, data))
+    caches = {n: tmp_path / "caches" / n for n in names}
+    schedule = ScheduleConfig(cycles=1, order="ascending", lr=1e-3, seed=5)
+    training = TrainingConfig(local_steps=20, batch_size=2, seq_len=64)
+    total = 4
+    state_dir = tmp_path / "state"
+    store = state_dir / "blobs"
+    coordinator = CoordinatorProcess(tmp_path, medium_model_dir, state_dir, schedule, training)
+    procs: dict[str, subprocess.Popen] = {}
+    ids: dict[str, str] = {}
+    kills: list[dict] = []
+    try:
+        coordinator.start()
+        procs = {n: start_client(coordinator.address, data_of[n], caches[n], n) for n in names}
+        pending = ["download", "train", "upload"]
+        deadline = time.monotonic() + 150
+        while pending:
+            assert time.monotonic() < deadline, f"could not inject {pending}; kills so far: {kills}"
+            s = coordinator.probe.status()
+            if s is None:
+                time.sleep(0.01)
+                continue
+            assert s.run_state != "done" and s.round < total, f"the run ended before {pending} could be injected"
+            for c in s.clients:
+                assert ids.setdefault(c.name, c.client_id) == c.client_id, f"{c.name} registered twice"
+            name_of = {c.client_id: c.name for c in s.clients}
+            dead = {k["name"] for k in kills}
+            live = [t for t in s.tasks if name_of.get(t.client_id) not in dead]
+            if not live:
+                time.sleep(0.005)
+                continue
+            task = live[0]
+            holder = name_of[task.client_id]
+            cache = caches[holder] / "blobs"
+            base = {b.sha256 for b in s.blocks}  # sequential: the latest version is the task's base
+            event = None
+            evidence = {}
+            if "download" in pending and task.phase == "download" and not base <= objects(cache):
+                # It has not got its base model yet: single-step it into the middle of the download.
+                def downloading() -> bool:
+                    written = sum(_size(f) for f in incoming(cache))
+                    evidence.update(blobs_complete=len(base & objects(cache)), blobs=len(base), partial_bytes=written)
+                    return written > 0 and not base <= objects(cache)
+                if kill_when(procs[holder], downloading, lambda: base <= objects(cache)):
+                    event = "download"
+            elif "train" in pending and task.phase == "train" and 1 <= task.step <= task.steps // 2:
+                procs[holder].kill()  # reported by its last heartbeat, with half the steps still to go
+                evidence = {"step": task.step, "steps": task.steps}
+                event = "train"
+            elif "upload" in pending and objects(cache) - objects(store):
+                # It holds a trained block the coordinator has not got: single-step it into the
+                # middle of the upload (the coordinator holds part of the block, not all of it).
+                def uploading() -> bool:
+                    evidence.update(coordinator_partial_bytes=sum(_size(f) for f in incoming(store)))
+                    return bool(incoming(store))
+                if kill_when(procs[holder], uploading, lambda: (x := coordinator.probe.status()) is None or x.round > s.round):
+                    event = "upload"
+            if event is None:
+                time.sleep(0.005)
+                continue
+            procs[holder].wait(timeout=30)
+            kills.append({"event": event, "name": holder, "client_id": task.client_id, "task_id": task.task_id,
+                          "round": task.round, **evidence})
+            pending.remove(event)
+            if event == "train":
+                time.sleep(0.3)
+                assert not objects(cache) - objects(store), "the client finished training before it was killed"
+            if event == "upload":
+                wait_for(lambda: not incoming(store), 15, "the coordinator to drop the partial upload")
+                x = coordinator.probe.status()
+                assert x is not None and task.task_id not in {v.task_id for v in x.visits}, "the killed upload was committed"
+
+            if pending:
+                continue  # the killed client stays down: the others must take its round over
+            # All three injected: restart the first two, let them take the last dead task's round over
+            # (after the task timeout), then restart the last one. Same cache dir and name each time.
+            last = kills[-1]
+            for k in kills[:-1]:
+                procs[k["name"]] = start_client(coordinator.address, data_of[k["name"]], caches[k["name"]], k["name"])
+            wait_for(lambda: (x := coordinator.probe.status()) is not None and (
+                x.round > last["round"] or any(t.round == last["round"] and t.task_id != last["task_id"] for t in x.tasks)),
+                60, "the last dead task to be reassigned")
+            procs[last["name"]] = start_client(coordinator.address, data_of[last["name"]], caches[last["name"]], last["name"])
+
+        wait_clients(list(procs.values()), timeout=150)
+        assert coordinator.wait(timeout=90) == 0
+    finally:
+        kill_all(procs.values())
+        coordinator.cleanup()
+    print("clients killed:", kills)
+
+    assert sorted(k["event"] for k in kills) == ["download", "train", "upload"]
+    assert len({k["name"] for k in kills}) == 3, "each fault hits another client"
+    state = SqliteState(state_dir / "state.sqlite")
+    try:
+        # Rejoined with their stored identity: no new registration.
+        assert sorted(c.name for c in state.clients()) == names
+        assert {c.name: c.id for c in state.clients()} == ids
+        # Each dead task expired after the timeout and its round was taken over by another client.
+        tasks = all_tasks(state)
+        visit_of_round = {v.round: v for v in state.visits()}
+        for k in kills:
+            dead = state.task(k["task_id"])
+            assert dead.status == "expired", k
+            assert dead.finished_unix - dead.last_progress_unix > TASK_TIMEOUT_S, k
+            successor = min((t for t in tasks if t.round == dead.round and t.issued_unix > dead.issued_unix),
+                            key=lambda t: t.issued_unix)
+            assert successor.client_id != dead.client_id, k
+            assert successor.issued_unix - dead.last_progress_unix > TASK_TIMEOUT_S, k
+            assert visit_of_round[dead.round].task_id != dead.id, k
+        check_history(state, state_dir, total)
+        check_reference(medium_model_dir, state_dir, state, data_of, schedule, training)
+    finally:
+        state.close()
+    for n in names:
+        check_cache(caches[n])
+
+
+# -- 3. a late upload for a reassigned task -----------------------------------------------------------
+def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(tiny_model_dir, tmp_path):
+    data, _ = write_data(tmp_path, clients=1)
+    schedule = ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=2)
+    training = TrainingConfig(local_steps=6, batch_size=2, seq_len=64)
+    total = 5
+    state_dir = tmp_path / "state"
+    coordinator = CoordinatorProcess(tmp_path, tiny_model_dir, state_dir, schedule, training)
+    client = None
+    channel = None
+    try:
+        coordinator.start()
+        channel = grpc.insecure_channel(coordinator.address)
+        stub = pb_grpc.CoordinatorStub(channel)
+        # A raw client registers, takes round 0 and fetches its base model ...
+        late = stub.Register(pb.RegisterRequest(name="late-site", device_kind="cpu"), timeout=10)
+        metadata = (("authorization", f"Bearer {late.token}"),)
+        reply = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+        assert reply.WhichOneof("outcome") == "task"
+        task = reply.task
+        assert task.round == 0
+        cache = BlobStore(tmp_path / "late-cache" / "blobs")
+        manifest, _ = download_model(stub, metadata, task, cache)
+        # ... and prepares a perfectly valid block (its base block, nudged), then goes silent.
+        base = safetensors.torch.load_file(str(cache.path(manifest.blocks[task.block_index].sha256)))
+        blob = serialize_block({name: t + 0.01 for name, t in base.items()})
+        header = pb.UploadHeader(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
+                                 blob_sha256=hashlib.sha256(blob).hexdigest(), blob_size=len(blob), samples=2, tokens=128,
+                                 loss_before=5.0, loss_after=4.0, device="cpu")
+
+        # A real client arrives; once the task timeout has passed, the round is reassigned to it.
+        client = start_client(coordinator.address, data[0], tmp_path / "caches" / "site-0", "site-0")
+        wait_for(lambda: (s := coordinator.probe.status()) is not None and (
+            s.round > 0 or any(t.round == 0 and t.client_id != late.client_id for t in s.tasks)), 60,
+            "round 0 to be reassigned")
+        beat = stub.Heartbeat(pb.HeartbeatRequest(task_id=task.task_id, phase="upload"), metadata=metadata, timeout=10)
+        assert not beat.task_valid
+
+        # The late upload, while the other client holds the round: refused, nothing changes.
+        before = coordinator.probe.status()
+        with pytest.raises(grpc.RpcError) as refused:
+            upload_block(stub, metadata, header, blob, DEFAULT_CHUNK_BYTES)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+        after = coordinator.probe.status()
+        for s in (before, after):
+            assert header.blob_sha256 not in {b.sha256 for b in s.blocks}
+            assert late.client_id not in {v.client_id for v in s.visits}
+            assert s.version == len(s.visits)
+        assert [v.blob_sha256 for v in after.visits][:len(before.visits)] == [v.blob_sha256 for v in before.visits]
+
+        # Again once the round was committed by the other client and the run is over.
+        wait_clients([client], timeout=90)
+        with pytest.raises(grpc.RpcError) as refused:
+            upload_block(stub, metadata, header, blob, DEFAULT_CHUNK_BYTES)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+        done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+        assert done.WhichOneof("outcome") == "done" and done.done.final_version == total
+        channel.close()
+        channel = None
+        assert coordinator.wait(timeout=90) == 0
+    finally:
+        if channel is not None:
+            channel.close()
+        kill_all([client])
+        coordinator.cleanup()
+
+    state = SqliteState(state_dir / "state.sqlite")
+    try:
+        assert state.task(task.task_id).status == "expired"
+        assert all(v.client_id != late.client_id for v in state.visits())
+        for version in range(total + 1):
+            assert header.blob_sha256 not in state.manifest(version)
+        check_history(state, state_dir, total)
+        check_reference(tiny_model_dir, state_dir, state, {"site-0": data[0]}, schedule, training)
+    finally:
+        state.close()
+
+
+# -- bugs found on the way: a client whose task was reassigned while it was away --------------------
+@pytest.mark.xfail(strict=True, raises=ClientCrashed, reason=(
+    "client/daemon.py ClientDaemon.visit: a download retried after a coordinator outage for a task that "
+    "was reassigned meanwhile gets FAILED_PRECONDITION, which is not mapped to TaskWithdrawn (only the "
+    "upload's is), so the daemon dies with a traceback instead of dropping the task"))
+def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(medium_model_dir, tmp_path):
+    """A client is mid-download when the coordinator dies; the coordinator comes back and, the
+    client having been silent longer than the task timeout, reassigns the round. The client's
+    download retry is refused (FAILED_PRECONDITION): it must drop the task like a refused upload
+    and carry on with the run."""
+    data, _ = write_data(tmp_path, clients=1)
+    schedule = ScheduleConfig(cycles=1, order="ascending", lr=1e-3, seed=4)
+    training = TrainingConfig(local_steps=2, batch_size=2, seq_len=64)
+    state_dir = tmp_path / "state"
+    coordinator = CoordinatorProcess(tmp_path, medium_model_dir, state_dir, schedule, training)
+    cache = tmp_path / "caches" / "site-0" / "blobs"
+    client = channel = None
+    try:
+        coordinator.start()
+        base = {b.sha256 for b in coordinator.probe.status().blocks}
+        client = start_client(coordinator.address, data[0], cache.parent, "site-0")
+        wait_for(lambda: bool(incoming(cache)) or (s := coordinator.probe.status()) is not None and bool(s.tasks), 60,
+                 "the client's first task", interval=0.005)
+        # Frozen in the middle of its download (part of a blob written, not all blobs there) ...
+        assert freeze_when(client, lambda: sum(_size(f) for f in incoming(cache)) > 0 and not base <= objects(cache),
+                           lambda: base <= objects(cache)), "could not freeze the client mid-download"
+        frozen_at = time.monotonic()
+        # ... while the coordinator is killed and restarted.
+        coordinator.sigkill()
+        coordinator.start()
+        # Another site asks for work after the task timeout: the silent client's round goes to it.
+        time.sleep(max(0.0, frozen_at + TASK_TIMEOUT_S + 0.5 - time.monotonic()))
+        channel = grpc.insecure_channel(coordinator.address)
+        stub = pb_grpc.CoordinatorStub(channel)
+        other = stub.Register(pb.RegisterRequest(name="other-site", device_kind="cpu"), timeout=10)
+        metadata = (("authorization", f"Bearer {other.token}"),)
+        taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+        assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
+        # The client wakes up; its download breaks and is retried against the restarted coordinator.
+        os.kill(client.pid, signal.SIGCONT)
+        try:
+            client.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if client.poll() is not None:
+            raise ClientCrashed(f"the client exited with {client.returncode} (see site-0.log)")
+        # The other site never comes back: after the timeout the client gets the round again.
+        wait_clients([client], timeout=90)
+        done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+        assert done.WhichOneof("outcome") == "done"
+        channel.close()
+        channel = None
+        assert coordinator.wait(timeout=90) == 0
+    finally:
+        if channel is not None:
+            channel.close()
+        kill_all([client])
+        coordinator.cleanup()
+    state = SqliteState(state_dir / "state.sqlite")
+    try:
+        check_history(state, state_dir, 4)
+        check_reference(medium_model_dir, state_dir, state, {"site-0": data[0]}, schedule, training)
+    finally:
+        state.close()
+
+
+@pytest.mark.xfail(strict=True, raises=WeightsDiffer, reason=(
+    "client/daemon.py ClientDaemon.visit/_on_step: a visit withdrawn mid-training (TaskWithdrawn from "
+    "on_step) leaves the resident model's block half trained while self.loaded still maps it to the base "
+    "blob, so when the same round comes back to this client _load_manifest skips reloading the block and "
+    "the visit trains from corrupted weights"))
+def test_client_withdrawn_mid_training_then_given_the_round_again_trains_from_the_base(tmp_path):
+    """A client stalls mid-training past the task timeout; its round goes to another site and the
+    client, once awake, is told (heartbeat) to drop its visit. The other site vanishes too, so the
+    round comes back to the first client: its visit must start again from the base block."""
+    model_dir = tmp_path / "one-layer"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=1)).save_pretrained(model_dir)
+    make_byte_tokenizer().save_pretrained(model_dir)
+    data, _ = write_data(tmp_path, clients=1)
+    schedule = ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=6)
+    training = TrainingConfig(local_steps=1000, batch_size=2, seq_len=64)
+    state_dir = tmp_path / "state"
+    store = state_dir / "blobs"
+    coordinator = CoordinatorProcess(tmp_path, model_dir, state_dir, schedule, training)
+    cache = tmp_path / "caches" / "site-0" / "blobs"
+    client = channel = None
+    try:
+        coordinator.start()
+        client = start_client(coordinator.address, data[0], cache.parent, "site-0")
+        wait_for(lambda: (s := coordinator.probe.status()) is not None and bool(s.tasks), 60, "the client's first task")
+        first = coordinator.probe.status().tasks[0]
+        base = {b.sha256 for b in coordinator.probe.status().blocks}
+        wait_for(lambda: base <= objects(cache), 30, "the client's download", interval=0.01)
+        time.sleep(0.3)  # into its 1000 training steps (about 1.5 s)
+        os.kill(client.pid, signal.SIGSTOP)
+        assert not objects(cache) - objects(store), "the client finished training before it was frozen"
+        # Stalled past the task timeout (and past the first heartbeat's 5 s): the round goes elsewhere.
+        time.sleep(5.5)
+        channel = grpc.insecure_channel(coordinator.address)
+        stub = pb_grpc.CoordinatorStub(channel)
+        other = stub.Register(pb.RegisterRequest(name="other-site", device_kind="cpu"), timeout=10)
+        metadata = (("authorization", f"Bearer {other.token}"),)
+        taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+        assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
+        # The client wakes up, learns from its heartbeat that the task is gone and drops the visit;
+        # the other site never comes back, so after the timeout round 0 returns to the client.
+        os.kill(client.pid, signal.SIGCONT)
+        wait_clients([client], timeout=90)
+        assert "withdrawn" in (cache.parent.parent / "site-0.log").read_text(), "the visit was not withdrawn mid-training"
+        done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+        assert done.WhichOneof("outcome") == "done"
+        channel.close()
+        channel = None
+        assert coordinator.wait(timeout=90) == 0
+    finally:
+        if channel is not None:
+            channel.close()
+        kill_all([client])
+        coordinator.cleanup()
+    state = SqliteState(state_dir / "state.sqlite")
+    try:
+        assert state.task(first.task_id).status == "expired"
+        assert state.task(taken.task.task_id).status == "expired"
+        visits = state.visits()
+        assert visits[0].client_id == first.client_id and visits[0].task_id not in (first.task_id, taken.task.task_id)
+        check_history(state, state_dir, 2)
+        check_reference(model_dir, state_dir, state, {"site-0": data[0]}, schedule, training)
+    finally:
+        state.close()
