@@ -36,13 +36,35 @@ PLANE_PARAMS = zstandard.ZstdCompressionParameters(window_log=20, hash_log=6, ch
                                                    min_match=7, strategy=zstandard.STRATEGY_FAST)
 
 
-def _split_top(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The two top bytes of each word, rotated left by one bit: (exponent byte, sign+mantissa byte)."""
-    return (hi << 1) | (lo >> 7), (lo & 0x7F) | (hi & 0x80)
+def _planes(data: np.ndarray, word_size: int, n: int) -> list[np.ndarray]:
+    """Byte planes of n little-endian words, low bytes first, then the two top bytes rotated
+    left by one bit: (sign + high mantissa bits, exponent)."""
+    if word_size == 1:
+        return [data[:n]]
+    if word_size == 2:  # the words themselves: no copy
+        low, top = [], data[: 2 * n].view("<u2")
+    else:
+        columns = data[: n * word_size].reshape(n, word_size)
+        low = [np.ascontiguousarray(columns[:, i]) for i in range(word_size - 2)]
+        top = np.ascontiguousarray(columns[:, -2:]).view("<u2").reshape(n)
+    exponent = ((top >> 7) & 0xFF).astype(np.uint8)
+    rest = (((top >> 8) & 0x80) | (top & 0x7F)).astype(np.uint8)
+    return [*low, rest, exponent]
 
 
-def _join_top(exponent: np.ndarray, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return ((exponent & 1) << 7) | (rest & 0x7F), (rest & 0x80) | (exponent >> 1)
+def _words(planes: list[np.ndarray], word_size: int) -> np.ndarray:
+    if word_size == 1:
+        return planes[0]
+    *low, rest, exponent = planes
+    rest, exponent = rest.astype("<u2"), exponent.astype("<u2")
+    top = ((rest & 0x80) << 8) | (exponent << 7) | (rest & 0x7F)
+    if word_size == 2:
+        return top.view(np.uint8)
+    columns = np.empty((len(top), word_size), dtype=np.uint8)
+    for i, plane in enumerate(low):
+        columns[:, i] = plane
+    columns[:, -2:] = top.view(np.uint8).reshape(-1, 2)
+    return columns
 
 
 def encode(raw: bytes | memoryview, word_size: int) -> bytes:
@@ -51,12 +73,7 @@ def encode(raw: bytes | memoryview, word_size: int) -> bytes:
         raise ValueError("word_size must be 1, 2 or 4")
     data = np.frombuffer(raw, dtype=np.uint8)
     n = len(data) // word_size
-    if word_size == 1:
-        planes = [data[:n]]
-    else:
-        columns = data[: n * word_size].reshape(n, word_size)
-        exponent, rest = _split_top(columns[:, -2], columns[:, -1])
-        planes = [columns[:, i] for i in range(word_size - 2)] + [rest, exponent]
+    planes = _planes(data, word_size, n)
     compressor = zstandard.ZstdCompressor(compression_params=PLANE_PARAMS)
     parts, table = [], []
     for plane in planes:
@@ -112,12 +129,5 @@ def decode(frame: bytes, raw_size: int) -> bytes:
     tail = frame[offset:]
     if n * word_size + len(tail) != raw_size:
         raise CodecError("byte-group frame decodes to the wrong size")
-    if word_size == 1:
-        body = planes[0]
-    else:
-        columns = np.empty((n, word_size), dtype=np.uint8)
-        for i in range(word_size - 2):
-            columns[:, i] = planes[i]
-        columns[:, -2], columns[:, -1] = _join_top(planes[-1], planes[-2])
-        body = columns
+    body = _words(planes, word_size)
     return body.tobytes() + bytes(tail)

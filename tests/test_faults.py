@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,10 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import start_client, wait_clients, wait_for, write_data
 from fedcybgd.cli.demo import free_port
-from fedcybgd.client.transfer import download_model, upload_block
-from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import block_tensors
-from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, serialize_block
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.modeling import partition
 from fedcybgd.common.tiny import make_byte_tokenizer, tiny_config
@@ -151,6 +149,17 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def raw_upload(stub, metadata, header: pb.UploadHeader, blob: bytes, chunk_bytes: int = 1 << 20) -> pb.UploadResponse:
+    """UploadBlock straight from the protocol: the header, then raw (uncompressed) chunks."""
+    def messages():
+        yield pb.UploadMessage(header=header)
+        for offset in range(0, len(blob), chunk_bytes):
+            raw = blob[offset:offset + chunk_bytes]
+            yield pb.UploadMessage(chunk=pb.Chunk(blob_sha256=header.blob_sha256, offset=offset, raw_size=len(raw),
+                                                  codec=pb.CODEC_NONE, data=raw, crc32=zlib.crc32(raw)))
+    return stub.UploadBlock(messages(), metadata=metadata, timeout=30)
+
+
 # -- checks ----------------------------------------------------------------------------------------
 def check_history(state: SqliteState, state_dir: Path, total_rounds: int) -> None:
     """One visit per round, versions 1..N in order, each from the previous one and differing from it
@@ -221,7 +230,7 @@ def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(tiny_mode
     data, _ = write_data(tmp_path, clients=3)
     names = [f"site-{i}" for i in range(3)]
     schedule = ScheduleConfig(cycles=3, order="random", lr=3e-3, seed=11)
-    training = TrainingConfig(local_steps=40, batch_size=4, seq_len=64)
+    training = TrainingConfig(local_steps=24, batch_size=4, seq_len=64)
     total = 3 * 5
     state_dir = tmp_path / "state"
     coordinator = CoordinatorProcess(tmp_path, tiny_model_dir, state_dir, schedule, training)
@@ -234,10 +243,10 @@ def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(tiny_mode
         committed = 0
         for _ in range(3):
             # At least one visit committed since the (re)start, then a random moment of the visit
-            # that follows (a visit lasts a few tenths of a second here).
+            # that follows (a visit lasts about a tenth of a second here).
             wait_for(lambda: (s := coordinator.probe.status()) is not None and s.round > committed and bool(s.tasks),
                      90, "a visit committed since the restart and the next one under way", interval=0.02)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.25))
             s = coordinator.probe.status()
             coordinator.sigkill()
             name_of = {c.client_id: c.name for c in s.clients} if s else {}
@@ -376,8 +385,9 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(me
                 # It holds a trained block the coordinator has not got: single-step it into the
                 # middle of the upload (the coordinator holds part of the block, not all of it).
                 def uploading() -> bool:
-                    evidence.update(coordinator_partial_bytes=sum(_size(f) for f in incoming(store)))
-                    return bool(incoming(store))
+                    written = sum(_size(f) for f in incoming(store))
+                    evidence.update(coordinator_partial_bytes=written)
+                    return written > 0
                 if kill_when(procs[holder], uploading, lambda: (x := coordinator.probe.status()) is None or x.round > s.round):
                     event = "upload"
             if event is None:
@@ -391,7 +401,7 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(me
                 time.sleep(0.3)
                 assert not objects(cache) - objects(store), "the client finished training before it was killed"
             if event == "upload":
-                wait_for(lambda: not incoming(store), 15, "the coordinator to drop the partial upload")
+                wait_for(lambda: not temporary(store), 15, "the coordinator to drop the partial upload")
                 x = coordinator.probe.status()
                 assert x is not None and task.task_id not in {v.task_id for v in x.visits}, "the killed upload was committed"
 
@@ -462,11 +472,13 @@ def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(tiny_mode
         assert reply.WhichOneof("outcome") == "task"
         task = reply.task
         assert task.round == 0
-        cache = BlobStore(tmp_path / "late-cache" / "blobs")
-        manifest, _ = download_model(stub, metadata, task, cache)
+        received = [m for m in stub.DownloadModel(pb.DownloadRequest(task_id=task.task_id, accept_codecs=[pb.CODEC_NONE]),
+                                                  metadata=metadata, timeout=30)]
+        assert received[0].HasField("manifest") and len(received) > 1
         # ... and prepares a perfectly valid block (its base block, nudged), then goes silent.
-        base = safetensors.torch.load_file(str(cache.path(manifest.blocks[task.block_index].sha256)))
-        blob = serialize_block({name: t + 0.01 for name, t in base.items()})
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        spec = partition(model, 1)[task.block_index]
+        blob = safetensors.torch.save({name: t + 0.01 for name, t in block_tensors(model, spec).items()})
         header = pb.UploadHeader(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
                                  blob_sha256=hashlib.sha256(blob).hexdigest(), blob_size=len(blob), samples=2, tokens=128,
                                  loss_before=5.0, loss_after=4.0, device="cpu")
@@ -482,7 +494,7 @@ def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(tiny_mode
         # The late upload, while the other client holds the round: refused, nothing changes.
         before = coordinator.probe.status()
         with pytest.raises(grpc.RpcError) as refused:
-            upload_block(stub, metadata, header, blob, DEFAULT_CHUNK_BYTES)
+            raw_upload(stub, metadata, header, blob)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
         after = coordinator.probe.status()
         for s in (before, after):
@@ -494,7 +506,7 @@ def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(tiny_mode
         # Again once the round was committed by the other client and the run is over.
         wait_clients([client], timeout=90)
         with pytest.raises(grpc.RpcError) as refused:
-            upload_block(stub, metadata, header, blob, DEFAULT_CHUNK_BYTES)
+            raw_upload(stub, metadata, header, blob)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
         done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
         assert done.WhichOneof("outcome") == "done" and done.done.final_version == total
