@@ -175,7 +175,12 @@ class ClientDaemon:
     def visit(self, task: pb.Task) -> pb.UploadResponse | None:
         self._task_id, self._phase, self._step = task.task_id, "download", 0
         started = time.perf_counter()
-        manifest, bytes_down = self._call("download", lambda: download_model(self.stub, self.metadata, task, self.cache))
+        try:
+            manifest, bytes_down = self._call("download", lambda: download_model(self.stub, self.metadata, task, self.cache))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # reassigned while we could not reach it
+                raise TaskWithdrawn(f"round {task.round}: download refused: {err.details()}") from err
+            raise
         download_seconds = time.perf_counter() - started
         self.metrics.transfer_bytes.labels(direction="down").inc(bytes_down)
         self._load_manifest(manifest)
@@ -186,6 +191,8 @@ class ClientDaemon:
                            max_grad_norm=task.hyper.max_grad_norm)
         spec = self.specs[task.block_index]
         log.info("round %d: training block %s for %d steps at lr %.3g", task.round, spec.name, hyper.steps, hyper.lr)
+        # Training changes the block in place: until it is done, the model holds no known blob.
+        self.loaded.pop(task.block_index, None)
         result = train_block(self.model, spec, self._training_sequences(hyper.seq_len), hyper, on_step=self._on_step(hyper.steps))
         self.metrics.tokens_per_second.set(result.tokens / max(result.seconds, 1e-9))
         self.metrics.visit_peak.set(result.peak_memory_bytes)
@@ -250,7 +257,7 @@ class ClientDaemon:
         return on_step
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
-        interval = 5.0
+        interval = 1.0  # the first beat soon; then the coordinator's interval
         while not stop.wait(interval):
             try:
                 reply = self.stub.Heartbeat(pb.HeartbeatRequest(

@@ -81,6 +81,7 @@ class Coordinator:
         self._done_rounds = {v.round for v in self.state.visits()}
         self.clients_told_done: set[str] = set()
         self._model_info: pb.ModelInfo | None = None
+        self._started_unix = time.time()
         # Bytes of each open task by (direction, kind): (wire, raw). Published when it commits.
         self._task_bytes: dict[str, dict[tuple[str, str], list[int]]] = {}
         self.metrics.count_active_clients(self._active_clients)
@@ -278,7 +279,8 @@ class Coordinator:
         now = time.time()
         last_seen = {c.id: c.last_seen_unix for c in self.state.clients()}
         for task in self.state.tasks_with_status("issued"):
-            alive = max(task.last_progress_unix, last_seen.get(task.client_id, 0.0))
+            # Our own downtime is not the client's silence: count from this process's start too.
+            alive = max(task.last_progress_unix, last_seen.get(task.client_id, 0.0), self._started_unix)
             if now - alive > self.config.task_timeout_s and self.state.expire_task(task.id):
                 self._task_bytes.pop(task.id, None)
                 self.metrics.visits.labels(outcome="reassigned").inc()
@@ -522,7 +524,7 @@ class Coordinator:
             blocks=blocks, clients=clients,
             tasks=[pb.TaskStatus(task_id=t.id, client_id=t.client_id, round=t.round, block_index=t.block_index,
                                  base_version=t.base_version, issued_unix=t.issued_unix,
-                                 phase=self._progress.get(t.id, ("download", 0))[0],
+                                 phase=self._progress.get(t.id, ("issued", 0))[0],
                                  step=self._progress.get(t.id, ("", 0))[1], steps=self.config.training.local_steps)
                    for t in in_flight],
             visits=[_visit_message(v, self.schedule.cycle_of(v.round), self.run.specs[v.block_index].name,
