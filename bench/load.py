@@ -13,13 +13,18 @@ Phase 1, control plane: N clients (grpc.aio, one connection each, all in flight 
 together, then Heartbeat (a) paced, each client once per --heartbeat-interval, and (b) closed
 loop, each client calling again as soon as its previous call returned (saturation).
 Phase 2, data plane: 1, 4 and --downloads concurrent DownloadModel streams of the whole model
-(empty `have`), each consumed at full speed; then the largest run again while the N clients
-heartbeat (paced), to see the control plane under download load.
+(empty `have`), each consumed at full speed and repeated on the same task for --download-seconds
+(one 47 MB download takes ~0.1 s, too short for 50 ms memory sampling); then the largest run
+again while the N clients heartbeat (paced), to see the control plane under download load.
 
 The coordinator's memory (VmRSS, RssAnon, RssFile from /proc/<pid>/status) is sampled every
 50 ms. Blobs are served memory-mapped, so file pages mapped by a stream count in VmRSS/RssFile
 (once per mapping); RssAnon is the process's own heap, the figure that must not grow with the
 number of streams beyond a small per-stream buffer.
+
+The machine is often shared: the report gives the CPU-seconds used by everything other than the
+coordinator and this process during the measured phases (from /proc/stat); figures taken while
+that is more than a few CPU-seconds are disturbed and should be taken again.
 
 Exits 1 if any call failed or a download came back short.
 """
