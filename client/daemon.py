@@ -184,6 +184,7 @@ class ClientDaemon:
         download_seconds = time.perf_counter() - started
         self.metrics.transfer_bytes.labels(direction="down").inc(bytes_down)
         self._load_manifest(manifest)
+        started_from = manifest.blocks[task.block_index].sha256
 
         self._phase = "train"
         hyper = VisitHyper(lr=task.hyper.lr, steps=task.hyper.local_steps, batch_size=task.hyper.batch_size,
@@ -207,8 +208,12 @@ class ClientDaemon:
             loss_after=result.loss_after, peak_memory_bytes=result.peak_memory_bytes, train_seconds=result.seconds,
             download_seconds=download_seconds, device=_device_kind(self.device))
         try:
+            # A delta against the block the visit started from, which the coordinator holds (an
+            # older coordinator that announced no byte grouping gets the plain block).
+            delta = ((started_from, self.cache.read(started_from))
+                     if self.upload_codec == pb.CODEC_BYTEGROUP and len(blob) == self.cache.size(started_from) else None)
             reply, bytes_up = self._call("upload", lambda: upload_block(
-                self.stub, self.metadata, header, blob, DEFAULT_CHUNK_BYTES, self.upload_codec, word_size(spec)))
+                self.stub, self.metadata, header, blob, DEFAULT_CHUNK_BYTES, self.upload_codec, word_size(spec), delta))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err

@@ -38,6 +38,13 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
              total / 1e6, f", resuming after {resumed / 1e6:.1f} MB" if resumed else "")
     writer: BlobWriter | None = None
     assembler: BlobAssembler | None = None
+    bases: dict[str, object] = {}
+
+    def delta_source(sha: str):  # an older version of a block, which this cache holds
+        if sha not in bases:
+            bases[sha] = cache.open_mmap(sha)
+        return bases[sha]
+
     try:
         for message in stream:
             wire += message.ByteSize()
@@ -52,7 +59,7 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
                 if chunk.offset != writer.size:  # the coordinator did not resume (or we had nothing)
                     writer.abort()
                     writer = cache.resumable_writer(sha, sizes[sha])
-                assembler = BlobAssembler(sha, sizes[sha], writer, received=writer.size)
+                assembler = BlobAssembler(sha, sizes[sha], writer, received=writer.size, delta_source=delta_source)
             assembler.add(chunk)
         if assembler is not None:
             _finish(assembler, writer)
@@ -64,6 +71,9 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
         if writer is not None:
             writer.abort(keep_partial=True)  # a broken stream: the verified prefix stays for the retry
         raise
+    finally:
+        for mapped in bases.values():
+            mapped.close()
     if pending:
         raise CodecError(f"download ended with {len(pending)} blobs missing")
     missing = [b.name for b in manifest.blocks if not cache.has(b.sha256)]
@@ -78,11 +88,12 @@ def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:
 
 
 def upload_block(stub, metadata, header: pb.UploadHeader, blob: bytes, chunk_bytes: int, codec: int,
-                 word_size: int) -> tuple[pb.UploadResponse, int]:
-    """Send the trained block; returns (the coordinator's answer, bytes on the wire)."""
+                 word_size: int, delta: tuple[str, bytes] | None = None) -> tuple[pb.UploadResponse, int]:
+    """Send the trained block, as a delta against the block the visit started from when given;
+    returns (the coordinator's answer, bytes on the wire)."""
     messages = [pb.UploadMessage(header=header)]
     messages += [pb.UploadMessage(chunk=c) for c in encode_chunks(header.blob_sha256, blob, chunk_bytes=chunk_bytes,
-                                                                  codec=codec, word_size=word_size)]
+                                                                  codec=codec, word_size=word_size, delta=delta)]
     wire = sum(m.ByteSize() for m in messages)
 
     def stream() -> Iterator[pb.UploadMessage]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import safetensors.torch
 import torch
 import zstandard
@@ -68,20 +69,28 @@ def encode_chunks(
     level: int = DEFAULT_ZSTD_LEVEL,
     start: int = 0,
     word_size: int = 1,
+    delta: tuple[str, bytes | memoryview] | None = None,
 ) -> Iterator[pb.Chunk]:
     """Cut `data` into chunks from raw offset `start` and encode each one.
 
     `word_size` is the byte size of the blob's floating-point elements (2 for bf16/fp16, 4 for
     fp32) for CODEC_BYTEGROUP; chunk boundaries stay on word boundaries because chunk sizes and
     the safetensors data offset are multiples of 8. A chunk that would not shrink is sent raw:
-    no receiver time is spent on bytes that cannot compress.
+    no receiver time is spent on bytes that cannot compress. With `delta` = (sha256, bytes of an
+    older version of the same block, as long as `data`) each chunk carries the XOR against it:
+    weights a visit changed keep their sign and exponent, so the XOR is mostly zero bits.
     """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % 8:
         raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
     view = memoryview(data)
+    if delta is not None and len(delta[1]) != len(view):
+        raise ValueError("a delta base must have the blob's length")
     compressor = zstandard.ZstdCompressor(level=level) if codec == pb.CODEC_ZSTD else None
     for offset in range(start, len(view), chunk_bytes):
         raw = view[offset : offset + chunk_bytes]
+        crc = zlib.crc32(raw)
+        if delta is not None:
+            raw = memoryview(_xor(raw, memoryview(delta[1])[offset : offset + len(raw)]))
         payload, used = raw.tobytes(), pb.CODEC_NONE
         if compressor is not None:
             packed = compressor.compress(raw)
@@ -97,12 +106,18 @@ def encode_chunks(
             raw_size=len(raw),
             codec=used,
             data=payload,
-            crc32=zlib.crc32(raw),
+            crc32=crc,
+            delta_base=delta[0] if delta is not None else "",
         )
 
 
-def decode_chunk(chunk: pb.Chunk) -> bytes:
-    """Decode and verify one chunk; decompression is bounded by the declared raw size."""
+def _xor(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
+    return np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)).tobytes()
+
+
+def decode_chunk(chunk: pb.Chunk, delta: bytes | memoryview | None = None) -> bytes:
+    """Decode and verify one chunk; decompression is bounded by the declared raw size. A delta
+    chunk needs the bytes of its base blob (`delta`)."""
     if not 0 < chunk.raw_size <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk raw_size {chunk.raw_size} outside (0, {MAX_CHUNK_BYTES}]")
     if len(chunk.data) > MAX_CHUNK_BYTES:
@@ -128,6 +143,10 @@ def decode_chunk(chunk: pb.Chunk) -> bytes:
         raise CodecError(f"unsupported codec {chunk.codec}")
     if len(raw) != chunk.raw_size:
         raise CodecError(f"chunk at offset {chunk.offset}: {len(raw)} bytes, declared {chunk.raw_size}")
+    if chunk.delta_base:
+        if delta is None or len(delta) < chunk.offset + chunk.raw_size:
+            raise CodecError(f"delta chunk against {chunk.delta_base[:12]}, a blob the receiver cannot use")
+        raw = _xor(raw, memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size])
     if zlib.crc32(raw) != chunk.crc32:
         raise CodecError(f"chunk at offset {chunk.offset}: CRC-32 mismatch")
     return raw
@@ -162,6 +181,8 @@ class BlobAssembler:
     size: int
     sink: "BlobSink"
     received: int = 0
+    #: Bytes of a blob the receiver holds, by SHA-256, for delta chunks (KeyError: not usable).
+    delta_source: Callable[[str], bytes | memoryview] | None = None
 
     def add(self, chunk: pb.Chunk) -> None:
         if chunk.blob_sha256 != self.sha256:
@@ -172,7 +193,13 @@ class BlobAssembler:
             raise CodecError(f"blob {self.sha256[:12]} exceeds its declared size {self.size}")
         if chunk.raw_size < MIN_CHUNK_BYTES and self.received + chunk.raw_size != self.size:
             raise CodecError(f"chunks other than a blob's last carry at least {MIN_CHUNK_BYTES} bytes")
-        raw = decode_chunk(chunk)
+        delta = None
+        if chunk.delta_base:
+            try:
+                delta = self.delta_source(chunk.delta_base) if self.delta_source else None
+            except (KeyError, ValueError, OSError):
+                delta = None
+        raw = decode_chunk(chunk, delta)
         self.sink.write(raw)
         self.received += len(raw)
 

@@ -7,6 +7,7 @@ any moment continues from its state directory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -79,6 +80,10 @@ class Coordinator:
         self.metrics.set_model_bytes(self._model_bytes)
         self._cond = threading.Condition()
         self._done_rounds = {v.round for v in self.state.visits()}
+        # Every blob each block has had, oldest first: candidates for version deltas.
+        self._history: dict[int, list[str]] = {i: [sha] for i, sha in enumerate(self.state.manifest(0))}
+        for visit in self.state.visits():
+            self._history[visit.block_index].append(visit.blob_sha256)
         self.clients_told_done: set[str] = set()
         self._model_info: pb.ModelInfo | None = None
         self._started_unix = time.time()
@@ -321,6 +326,7 @@ class Coordinator:
         sending = [sha for sha in dict.fromkeys(manifest) if sha not in have]
         codec = next((c for c in (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD) if c in req.accept_codecs), pb.CODEC_NONE)
         words = {sha: word_size(spec) for spec, sha in zip(self.run.specs, manifest, strict=True)}
+        blocks = {sha: i for i, sha in enumerate(manifest)}
         trainable = manifest[task.block_index]
         first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending))
         total = first.ByteSize()
@@ -329,11 +335,14 @@ class Coordinator:
         for sha in sending:
             kind = "block" if sha == trainable else "context"
             raw_bytes = wire_bytes = 0
-            with self.store.blobs.open_mmap(sha) as blob:
+            base = self._delta_base(blocks[sha], sha, have)
+            with self.store.blobs.open_mmap(sha) as blob, \
+                    (self.store.blobs.open_mmap(base) if base else contextlib.nullcontext()) as older:
                 # A broken transfer continues where the client's verified bytes end.
                 start = resume.get(sha, 0) if resume.get(sha, 0) < len(blob) else 0
                 chunks = encode_chunks(sha, blob, chunk_bytes=self.config.chunk_bytes, codec=codec,
-                                       level=self.config.zstd_level, start=start, word_size=words[sha])
+                                       level=self.config.zstd_level, start=start, word_size=words[sha],
+                                       delta=(base, older) if base else None)
                 try:
                     for chunk in chunks:
                         message = pb.DownloadMessage(chunk=chunk)
@@ -347,6 +356,14 @@ class Coordinator:
             self._count(task.id, "down", kind, wire_bytes, raw_bytes)
         self.state.note_progress(task.id, bytes_down=first.ByteSize())
         log.debug("task %s: sent %d blobs, %d bytes", task.id, len(sending), total)
+
+    def _delta_base(self, block: int, sha: str, have: set[str]) -> str | None:
+        """The newest earlier version of this block that the client holds (same size), if any."""
+        size = self.store.blobs.size(sha)
+        for older in reversed(self._history.get(block, [])):
+            if older != sha and older in have and self.store.blobs.has(older) and self.store.blobs.size(older) == size:
+                return older
+        return None
 
     def upload(self, client: ClientRow, messages: Iterator[pb.UploadMessage]) -> pb.UploadResponse:
         first = next(messages, None)
@@ -364,8 +381,19 @@ class Coordinator:
         spec = self.run.specs[task.block_index]
         self._check_header(task, spec, header)
         writer = self.store.blobs.writer(header.blob_sha256, header.blob_size)
+        # Uploads may be deltas against the block the visit started from, and nothing else.
+        started_from = self.state.manifest(task.base_version)[task.block_index]
+        bases: dict[str, object] = {}
+
+        def delta_source(sha: str):
+            if sha != started_from:
+                raise KeyError(sha)
+            if sha not in bases:
+                bases[sha] = self.store.blobs.open_mmap(sha)
+            return bases[sha]
+
         try:
-            assembler = BlobAssembler(header.blob_sha256, header.blob_size, writer)
+            assembler = BlobAssembler(header.blob_sha256, header.blob_size, writer, delta_source=delta_source)
             wire = first.ByteSize()
             for message in messages:
                 if not message.HasField("chunk"):
@@ -382,6 +410,9 @@ class Coordinator:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            for mapped in bases.values():
+                mapped.close()
         self._count(task.id, "up", "block", wire, header.blob_size)
         return self._commit(client, task, header, wire)
 
@@ -447,6 +478,7 @@ class Coordinator:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"upload rejected: {err} (reassigned)") from err
             self.state.note_progress(task.id, bytes_up=wire_bytes)
             self._done_rounds.add(task.round)
+            self._history[task.block_index].append(header.blob_sha256)
             self._cond.notify_all()
         self.metrics.observe_round(record, self._task_bytes.pop(task.id, {}), client.name)
         self.metrics.set_progress(self.rounds_done, self.schedule)

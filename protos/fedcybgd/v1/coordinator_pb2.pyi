@@ -228,20 +228,22 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("blob_sha256", "offset", "raw_size", "codec", "data", "crc32")
+    __slots__ = ("blob_sha256", "offset", "raw_size", "codec", "data", "crc32", "delta_base")
     BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     blob_sha256: str
     offset: int
     raw_size: int
     codec: Codec
     data: bytes
     crc32: int
-    def __init__(self, blob_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., raw_size: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    delta_base: str
+    def __init__(self, blob_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., raw_size: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., delta_base: _Optional[str] = ...) -> None: ...
 
 class UploadMessage(_message.Message):
     __slots__ = ("header", "chunk")
