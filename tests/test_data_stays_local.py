@@ -10,6 +10,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from conftest import start_client, wait_clients, write_data
+from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.codec import decode_chunk
 from fedcybgd.common.data import load_documents, load_packed
 from fedcybgd.server.app import start
@@ -60,10 +61,13 @@ def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_pa
         running.stop(grace=1)
 
     received = []
+    blobs = BlobStore(tmp_path / "state" / "blobs")  # delta chunks decode against blobs held here
     for message in recorder.messages:
         received.append(message.SerializeToString())
         if isinstance(message, pb.UploadMessage) and message.HasField("chunk"):
-            received.append(decode_chunk(message.chunk))  # what the compressed bytes carry
+            chunk = message.chunk
+            delta = blobs.read(chunk.delta_base) if chunk.delta_base else None
+            received.append(decode_chunk(chunk, delta))  # what the compressed bytes carry
     assert any(isinstance(m, pb.UploadMessage) for m in recorder.messages), "the run uploaded nothing?"
     haystack = b"\0".join(received)
 
