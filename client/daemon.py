@@ -24,12 +24,12 @@ from fedcybgd.client.metrics import ClientMetrics, rss_bytes
 from fedcybgd.client.trainer import VisitHyper, train_block
 from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_block
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import block_tensors
+from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.transport import client_channel
 from fedcybgd.common.modeling import (
-    DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, partition, word_size,
+    DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, word_size,
 )
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
@@ -126,7 +126,7 @@ class ClientDaemon:
         # The best codec both sides know (an older coordinator announces none: plain zstd).
         self.upload_codec = next((c for c in ACCEPT_CODECS if c in info.upload_codecs), pb.CODEC_ZSTD)
         self.model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
-        self.specs = partition(self.model, info.layers_per_block)
+        self.specs = partition_model(self.model, info.layers_per_block)
         if self.config.base_model:
             self._seed_cache_from_base()
 

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from fedcybgd.common.blocks import BlockSpec, TensorSpec, load_block, partition_model, st_dtype_to_torch
+from fedcybgd.common.blocks import BlockSpec, TensorSpec, load_block, st_dtype_to_torch
 
 #: Tokenizer files a client may receive; anything else in a model directory stays home.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -38,10 +38,6 @@ def model_from_config(config: PretrainedConfig, dtype: torch.dtype, device: str 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()  # no dropout anywhere: a visit is a deterministic function of its inputs
     return model
-
-
-def partition(model: PreTrainedModel, layers_per_block: int) -> list[BlockSpec]:
-    return partition_model(model, layers_per_block)
 
 
 def load_blob_file(model: PreTrainedModel, spec: BlockSpec, path: Path) -> None:

@@ -87,6 +87,7 @@ class Coordinator:
         self.clients_told_done: set[str] = set()
         self._model_info: pb.ModelInfo | None = None
         self._started_unix = time.time()
+        self._last_expiry_scan = 0.0
         # Bytes of each open task by (direction, kind): (wire, raw). Published when it commits.
         self._task_bytes: dict[str, dict[tuple[str, str], list[int]]] = {}
         self.metrics.count_active_clients(self._active_clients)
@@ -282,6 +283,9 @@ class Coordinator:
         """Reassign tasks whose client shows no sign of life: no heartbeat and no transfer progress
         for task_timeout_s. A slow but live client keeps its task however long the visit takes."""
         now = time.time()
+        if now - self._last_expiry_scan < 1.0:  # every waiting GetTask calls this; once a second is enough
+            return
+        self._last_expiry_scan = now
         last_seen = {c.id: c.last_seen_unix for c in self.state.clients()}
         for task in self.state.tasks_with_status("issued"):
             # Our own downtime is not the client's silence: count from this process's start too.

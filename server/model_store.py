@@ -14,10 +14,10 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import BlockSpec, block_tensors
+from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.modeling import (
-    DTYPES, TOKENIZER_FILES, config_from_json, dtype_name, load_blob_file, model_from_config, partition,
+    DTYPES, TOKENIZER_FILES, config_from_json, dtype_name, load_blob_file, model_from_config,
 )
 
 #: Bound on the tokenizer files sent with the model info (before compression).
@@ -43,7 +43,7 @@ class ModelStore:
         stored_dtype = next(model.parameters()).dtype
         if stored_dtype not in DTYPES.values():
             raise ValueError(f"unsupported weight dtype {stored_dtype}")
-        specs = partition(model, layers_per_block)
+        specs = partition_model(model, layers_per_block)
         manifest = [self.blobs.put(serialize_block(block_tensors(model, spec))) for spec in specs]
         self._write_model_dir(model, model_path)
         return specs, manifest, dtype_name(stored_dtype)

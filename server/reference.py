@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fedcybgd.client.trainer import VisitHyper, train_block
-from fedcybgd.common.modeling import partition
+from fedcybgd.common.blocks import partition_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 
@@ -22,7 +22,7 @@ def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config
                   training: TrainingConfig, data_of_round: Sequence[torch.Tensor]) -> PreTrainedModel:
     """Train `model` in place through every visit; `data_of_round[r]` is the data visit r used
     (in a federated run: the local data of the client that made visit r)."""
-    specs = partition(model, layers_per_block)
+    specs = partition_model(model, layers_per_block)
     schedule = CycleSchedule(len(specs), schedule_config)
     if len(data_of_round) != schedule.total_rounds:
         raise ValueError(f"need data for {schedule.total_rounds} rounds, got {len(data_of_round)}")

@@ -23,7 +23,7 @@ from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.daemon import ClientDaemon
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.config import from_dict, load_config
-from fedcybgd.common.modeling import partition
+from fedcybgd.common.blocks import partition_model
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.coordinator import Coordinator
@@ -208,7 +208,7 @@ def test_export_writes_the_latest_version_loadable_by_transformers(finished_run,
     coordinator = finished_run["coordinator"]
     latest, manifest = coordinator.state.latest_version()
     assert latest == 5
-    for spec, sha in zip(partition(model, 1), manifest, strict=True):
+    for spec, sha in zip(partition_model(model, 1), manifest, strict=True):
         stored = safetensors.torch.load_file(str(coordinator.store.blobs.path(sha)))
         exported = block_tensors(model, spec)
         assert set(exported) == set(stored), spec.name

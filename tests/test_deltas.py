@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks, serialize_block, sha256_hex
-from fedcybgd.common.modeling import partition
+from fedcybgd.common.blocks import partition_model
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -99,7 +99,7 @@ def test_uploads_and_downloads_travel_as_deltas_against_what_the_peer_holds(coor
     running, stub = coordinator
     base = running.coordinator.state.manifest(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    spec = partition(model, 1)[0]
+    spec = partition_model(model, 1)[0]
     md = _client(stub)
     task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
     assert task.block_index == 0

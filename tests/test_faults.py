@@ -33,7 +33,7 @@ from conftest import start_client, wait_clients, wait_for, write_data
 from fedcybgd.cli.demo import free_port
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.data import load_packed
-from fedcybgd.common.modeling import partition
+from fedcybgd.common.blocks import partition_model
 from fedcybgd.common.tiny import make_byte_tokenizer, tiny_config
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.reference import run_reference
@@ -213,7 +213,7 @@ def check_reference(model_dir: Path, state_dir: Path, state: SqliteState, data_o
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
     run_reference(reference, 1, schedule, training, [packed[names[v.client_id]] for v in state.visits()])
     _, manifest = state.latest_version()
-    for spec, sha in zip(partition(reference, 1), manifest, strict=True):
+    for spec, sha in zip(partition_model(reference, 1), manifest, strict=True):
         stored = safetensors.torch.load_file(str(state_dir / "blobs" / "objects" / sha[:2] / sha))
         for name, tensor in block_tensors(reference, spec).items():
             if not torch.equal(stored[name], tensor):
@@ -477,7 +477,7 @@ def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(tiny_mode
         assert received[0].HasField("manifest") and len(received) > 1
         # ... and prepares a perfectly valid block (its base block, nudged), then goes silent.
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-        spec = partition(model, 1)[task.block_index]
+        spec = partition_model(model, 1)[task.block_index]
         blob = safetensors.torch.save({name: t + 0.01 for name, t in block_tensors(model, spec).items()})
         header = pb.UploadHeader(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
                                  blob_sha256=hashlib.sha256(blob).hexdigest(), blob_size=len(blob), samples=2, tokens=128,

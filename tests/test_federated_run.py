@@ -17,7 +17,7 @@ from conftest import start_client, wait_clients, write_data
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.eval import evaluate_loss, spread_sample
-from fedcybgd.common.modeling import partition
+from fedcybgd.common.blocks import partition_model
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.export import export_version
@@ -74,7 +74,7 @@ def test_federated_weights_equal_single_process_reference(finished_run):
     run_reference(reference, 1, SCHEDULE, TRAINING, [data_of_client[v.client_name] for v in visits])
 
     _, manifest = coordinator.state.latest_version()
-    specs = partition(reference, 1)
+    specs = partition_model(reference, 1)
     changed = 0
     for spec, sha in zip(specs, manifest, strict=True):
         federated = safetensors.torch.load_file(str(coordinator.store.blobs.path(sha)))

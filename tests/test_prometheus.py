@@ -26,7 +26,6 @@ from fedcybgd.cli.demo import free_port
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
-from fedcybgd.v1 import coordinator_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedcybgd.json"

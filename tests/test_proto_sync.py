@@ -1,6 +1,5 @@
 """The committed gRPC stubs must be exactly what grpcio-tools generates from the .proto."""
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest

@@ -17,7 +17,7 @@ from conftest import start_client, wait_clients, wait_for, write_data
 from fedcybgd.cli.demo import free_port
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.data import load_packed
-from fedcybgd.common.modeling import partition
+from fedcybgd.common.blocks import partition_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.reference import run_reference
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -83,7 +83,7 @@ def test_sigterm_mid_run_then_restart_loses_nothing(tiny_model_dir, tmp_path):
     run_reference(reference, 1, ScheduleConfig(cycles=3, order="ascending", lr=3e-3, seed=3),
                   TrainingConfig(local_steps=12, batch_size=4, seq_len=96),
                   [per_client[names[v.client_id]] for v in visits])
-    for spec, sha in zip(partition(reference, 1), manifest, strict=True):
+    for spec, sha in zip(partition_model(reference, 1), manifest, strict=True):
         stored = safetensors.torch.load_file(str(state_dir / "blobs" / "objects" / sha[:2] / sha))
         for name, tensor in block_tensors(reference, spec).items():
             assert torch.equal(stored[name], tensor), f"{spec.name}/{name}"

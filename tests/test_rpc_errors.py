@@ -9,7 +9,7 @@ import pytest
 
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import encode_chunks, serialize_block, sha256_hex
-from fedcybgd.common.modeling import partition
+from fedcybgd.common.blocks import partition_model
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -50,7 +50,7 @@ def _upload(stub, md, header, blob, mutate_chunk=None):
 
 def _block_blob(tiny_model_dir, block_index, change=None):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    spec = partition(model, 1)[block_index]
+    spec = partition_model(model, 1)[block_index]
     tensors = {k: v.clone() for k, v in block_tensors(model, spec).items()}
     if change:
         change(tensors)
