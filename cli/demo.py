@@ -46,6 +46,8 @@ class DemoOptions:
     seed: int = 0
     dtype: str = "auto"        # weights on the wire and in training (bf16 trains through fp32 masters)
     clients_hold_base: bool = True  # partner sites already hold the public base weights
+    context: str = "none"      # lossy download of frozen blocks (see fedcybgd.common.context)
+    context_ratio: float | None = None
     eval_sequences: int = 64
     prompt: str | None = None  # default: a line of verse (tiny) or a stage cue (Shakespeare)
     metrics_port: int = 0
@@ -158,7 +160,8 @@ def run_demo(o: DemoOptions) -> dict:
          "--cycles", str(o.cycles), "--order", o.order, "--lr", str(o.lr), "--seed", str(o.seed),
          "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
          "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
-         "--metrics-port", str(o.metrics_port), "--dtype", o.dtype,
+         "--metrics-port", str(o.metrics_port), "--dtype", o.dtype, "--context-compression", o.context,
+         *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
          "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
          "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],
         stdout=open(coordinator_log, "w"), stderr=subprocess.STDOUT, env=env)
@@ -189,6 +192,7 @@ def run_demo(o: DemoOptions) -> dict:
                 proc.wait(timeout=30)
     export_dir = export_version(state_dir, out / "export")
     summary = build_summary(status, export_dir, time.monotonic() - started)
+    summary["context"] = {"method": o.context, "ratio": o.context_ratio}
     prompt = o.prompt or ("Shall I compare thee" if o.model == "tiny" else "KING.\nWhat news, my lord? ")
     summary["generation"] = {"prompt": prompt, "before": generate(model_dir, prompt), "after": generate(export_dir, prompt)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

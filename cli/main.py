@@ -42,6 +42,10 @@ COORDINATOR_FLAGS = [
     ("--max-grad-norm", "training.max_grad_norm", float, "gradient clipping (0: off)"),
     ("--eval-data", "eval.data", str, "held-out data the coordinator evaluates on (no client sees it)"),
     ("--eval-max-sequences", "eval.max_sequences", int, "held-out sequences evaluated"),
+    ("--context-compression", "context.method", str,
+     "lossy download of frozen blocks: none (default) | int8 | int4 | prune | drop"),
+    ("--context-ratio", "context.ratio", float, "prune: share of each block's change zeroed (0.9); drop: share of "
+                                                "changed frozen blocks not sent (0.5)"),
     ("--insecure", "insecure", bool, "plaintext, no client authentication: tests and trusted networks only"),
     ("--tls-cert", "tls_cert", str, "server certificate (PEM)"),
     ("--tls-key", "tls_key", str, "server private key (PEM)"),
@@ -261,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 for GGUF sources) | float32 | bfloat16")
     p.add_argument("--clients-download-base", dest="clients_hold_base", action="store_false",
                    help="clients start with an empty cache instead of holding the base weights")
+    p.add_argument("--context-compression", dest="context", default="none",
+                   help="lossy download of frozen blocks: none | int8 | int4 | prune | drop")
+    p.add_argument("--context-ratio", dest="context_ratio", type=float, default=None,
+                   help="prune: share of each block's change zeroed; drop: share of changed frozen blocks not sent")
     p.add_argument("--eval-sequences", dest="eval_sequences", type=int, default=64)
     p.add_argument("--prompt", default=None, help="prompt for the before/after generation")
     p.add_argument("--metrics-port", dest="metrics_port", type=int, default=0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,9 +24,10 @@ from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.metrics import ClientMetrics, rss_bytes
 from fedcybgd.client.trainer import VisitHyper, train_block
 from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_block
+from fedcybgd.common import context
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import block_tensors, partition_model
-from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
+from fedcybgd.common.blocks import block_tensors, load_block, partition_model
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, CodecError, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.transport import client_channel
 from fedcybgd.common.modeling import (
@@ -36,6 +38,7 @@ from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedcybgd.client")
 T = TypeVar("T")
+CONTEXT_METHODS = {pb.CONTEXT_INT8: "int8", pb.CONTEXT_INT4: "int4", pb.CONTEXT_PRUNE: "prune"}
 MAX_TOKENIZER_FILE_BYTES = 32 * 1024 * 1024
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
@@ -234,9 +237,28 @@ class ClientDaemon:
             wire = [(t.name, tuple(t.shape), t.dtype) for t in entry.tensors]
             if wire != [(t.name, tuple(t.shape), t.dtype) for t in spec.tensors]:
                 raise ValueError(f"block {entry.name}: the coordinator's tensors differ from this model's")
-            if self.loaded.get(entry.index) != entry.sha256:
-                load_blob_file(self.model, spec, self.cache.path(entry.sha256))
-                self.loaded[entry.index] = entry.sha256
+            if not entry.HasField("approx"):
+                if self.loaded.get(entry.index) != entry.sha256:
+                    load_blob_file(self.model, spec, self.cache.path(entry.sha256))
+                    self.loaded[entry.index] = entry.sha256
+            elif entry.approx.codec == pb.CONTEXT_DROP:  # keep (or go back to) the version we hold
+                if self.loaded.get(entry.index) != entry.approx.reference_sha256:
+                    load_blob_file(self.model, spec, self.cache.path(entry.approx.reference_sha256))
+                    self.loaded[entry.index] = entry.approx.reference_sha256
+            elif self.loaded.get(entry.index) != f"~{entry.approx.sha256}":
+                load_block(self.model, spec, self._approximated(spec, entry.approx))
+                # Not a block version: marked so that the exact block is loaded when it is needed.
+                self.loaded[entry.index] = f"~{entry.approx.sha256}"
+
+    def _approximated(self, spec, approx: pb.ContextApprox) -> dict[str, torch.Tensor]:
+        """A frozen block rebuilt from its lossy encoding and the exact version it refers to."""
+        method = CONTEXT_METHODS.get(approx.codec)
+        if method is None:
+            raise CodecError(f"block {spec.name}: unknown context codec {approx.codec}")
+        encoded = safetensors.torch.load_file(str(self.cache.path(approx.sha256)))
+        reference = (safetensors.torch.load_file(str(self.cache.path(approx.reference_sha256)))
+                     if approx.reference_sha256 else None)
+        return context.decode(method, encoded, spec.tensors, reference, group_size=approx.group_size)
 
     def _training_sequences(self, seq_len: int) -> torch.Tensor:
         if seq_len not in self._sequences:

@@ -11,16 +11,20 @@ from fedcybgd.v1 import coordinator_pb2 as pb
 log = logging.getLogger("fedcybgd.client")
 #: In order of preference; the coordinator picks the first it knows.
 ACCEPT_CODECS = [pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE]
+#: Approximations of frozen blocks this client decodes (fedcybgd.common.context).
+ACCEPT_CONTEXT = [pb.CONTEXT_DROP, pb.CONTEXT_INT8, pb.CONTEXT_INT4, pb.CONTEXT_PRUNE]
 
 
 def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.Manifest, int]:
     """Fetch the task's base model into `cache`; returns (manifest, bytes on the wire).
 
-    Only the blobs the cache lacks are sent. Each is reassembled into a temporary file, checked
+    Only the blobs the cache lacks are sent; frozen blocks may come as approximations (the
+    manifest's `approx`), which are blobs of their own. Each is reassembled into a temporary file, checked
     chunk by chunk (CRC-32) and as a whole (SHA-256) before it becomes visible in the cache.
     """
     partial = cache.partial_sizes()
     request = pb.DownloadRequest(task_id=task.task_id, have=list(cache), accept_codecs=ACCEPT_CODECS,
+                                 accept_context=ACCEPT_CONTEXT,
                                  resume=[pb.BlobOffset(sha256=sha, offset=n) for sha, n in partial.items() if n > 0])
     stream = stub.DownloadModel(request, metadata=metadata)
     first = next(stream)
@@ -28,6 +32,7 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
         raise CodecError("download did not start with a manifest")
     manifest = first.manifest
     sizes = {b.sha256: b.size for b in manifest.blocks}
+    sizes.update({b.approx.sha256: b.approx.size for b in manifest.blocks if b.approx.sha256})
     pending = list(manifest.sending)
     if any(sha not in sizes for sha in pending):
         raise CodecError("coordinator offered a blob that is not in the manifest")
@@ -76,10 +81,17 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
             mapped.close()
     if pending:
         raise CodecError(f"download ended with {len(pending)} blobs missing")
-    missing = [b.name for b in manifest.blocks if not cache.has(b.sha256)]
+    missing = [b.name for b in manifest.blocks if not all(cache.has(sha) for sha in needed_blobs(b))]
     if missing:
         raise CodecError(f"blocks missing after download: {missing[:5]}")
     return manifest, wire
+
+
+def needed_blobs(entry: pb.BlockEntry) -> list[str]:
+    """The blobs a client must hold to load a manifest entry."""
+    if not entry.HasField("approx"):
+        return [entry.sha256]
+    return [sha for sha in (entry.approx.sha256, entry.approx.reference_sha256) if sha]
 
 
 def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:

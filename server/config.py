@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from fedcybgd.common.context import DEFAULT_GROUP_SIZE, METHODS as CONTEXT_METHODS
 from fedcybgd.server.scheduler import ScheduleConfig
 
 
@@ -26,6 +27,28 @@ class EvalConfig:
     max_sequences: int = 64
     batch_size: int = 8
     every_cycle: bool = True
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Lossy download compression of the frozen blocks of a visit (the trainable block is always
+    exact). Off by default: every option trades quality for bytes; docs/benchmarks.md measures how."""
+
+    method: str = "none"          # none | int8 | int4 | prune | drop
+    ratio: float | None = None    # prune: share of the difference zeroed (0.9); drop: share of blocks not sent (0.5)
+    group_size: int = DEFAULT_GROUP_SIZE  # int8 / int4: values per fp32 scale
+
+    def __post_init__(self) -> None:
+        if self.method not in CONTEXT_METHODS:
+            raise ValueError(f"context method must be one of {CONTEXT_METHODS}, not {self.method!r}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError("context ratio must be in [0, 1)")
+        if not 8 <= self.group_size <= 4096 or self.group_size % 2:
+            raise ValueError("context group_size must be an even number in [8, 4096]")
+
+    @property
+    def effective_ratio(self) -> float:
+        return self.ratio if self.ratio is not None else {"prune": 0.9, "drop": 0.5}.get(self.method, 0.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,7 @@ class CoordinatorConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
 
     def __post_init__(self) -> None:
         if self.layers_per_block < 1:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import queue
+import random
 import re
 import secrets
 import threading
@@ -24,10 +25,13 @@ from pathlib import Path
 
 import grpc
 import safetensors
+import safetensors.torch
 import torch
 
+from fedcybgd.common import context
+from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec, st_dtype_to_torch
-from fedcybgd.common.codec import BlobAssembler, CodecError, compress_small, encode_chunks
+from fedcybgd.common.codec import BlobAssembler, CodecError, compress_small, encode_chunks, serialize_block
 from fedcybgd.common.config import to_dict
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.eval import evaluate_loss, spread_sample
@@ -47,6 +51,7 @@ MAX_HAVE_ENTRIES = 100_000
 MAX_NAME_CHARS = 128
 MAX_GET_TASK_WAIT_S = 30
 UPLOAD_CODECS = (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE)
+CONTEXT_CODECS = {"drop": pb.CONTEXT_DROP, "int8": pb.CONTEXT_INT8, "int4": pb.CONTEXT_INT4, "prune": pb.CONTEXT_PRUNE}
 
 
 class RpcError(Exception):
@@ -73,6 +78,10 @@ class Coordinator:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state: CoordinatorState = state or SqliteState(self.state_dir / "state.sqlite")
         self.store = ModelStore(self.state_dir)
+        # Lossy approximations of frozen blocks, by (method, ratio, group, block blob, reference blob).
+        self._approximations = BlobStore(self.state_dir / "context-blobs")
+        self._approximation_index: dict[tuple, tuple[str, int]] = {}
+        self._approximation_lock = threading.Lock()
         self.run = self._open_run()
         self.schedule = CycleSchedule(len(self.run.specs), config.schedule)
         self.metrics = metrics or CoordinatorMetrics()
@@ -307,18 +316,22 @@ class Coordinator:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id} is {task.status}, no longer open")
         return task
 
-    def manifest_message(self, version: int, sending: list[str]) -> pb.Manifest:
+    def manifest_message(self, version: int, sending: list[str],
+                         approx: dict[int, pb.ContextApprox] | None = None) -> pb.Manifest:
         manifest = self.state.manifest(version)
+        approx = approx or {}
         blocks = [
             pb.BlockEntry(index=spec.index, name=spec.name, sha256=sha, size=self.store.blobs.size(sha),
-                          tensors=[pb.TensorEntry(name=t.name, shape=t.shape, dtype=t.dtype) for t in spec.tensors])
+                          tensors=[pb.TensorEntry(name=t.name, shape=t.shape, dtype=t.dtype) for t in spec.tensors],
+                          approx=approx.get(spec.index))
             for spec, sha in zip(self.run.specs, manifest, strict=True)
         ]
         return pb.Manifest(version=version, blocks=blocks, sending=sending)
 
     def download(self, client: ClientRow, req: pb.DownloadRequest) -> Iterator[pb.DownloadMessage]:
         """The task's base model: manifest first, then every blob the client lacks, chunk by chunk,
-        read from memory-mapped files (no per-client copy of the model)."""
+        read from memory-mapped files (no per-client copy of the model). Frozen blocks may come as
+        lossy approximations when the run is configured for it and the client can decode them."""
         task = self._own_issued_task(client, req.task_id)
         if len(req.have) > MAX_HAVE_ENTRIES:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'have' entries")
@@ -327,25 +340,32 @@ class Coordinator:
         have = set(req.have)
         resume = {r.sha256: r.offset for r in req.resume}
         manifest = self.state.manifest(task.base_version)
-        sending = [sha for sha in dict.fromkeys(manifest) if sha not in have]
+        approx = self._context_plan(task, manifest, have, set(req.accept_context))
+        if approx:
+            self.metrics.context_blocks.labels(method=self.config.context.method).inc(len(approx))
+        exact = [sha for i, sha in enumerate(manifest) if i not in approx]
+        encoded = [a.sha256 for a in approx.values() if a.sha256]
+        sending = [sha for sha in dict.fromkeys(exact + encoded) if sha not in have]
         codec = next((c for c in (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD) if c in req.accept_codecs), pb.CODEC_NONE)
         words = {sha: word_size(spec) for spec, sha in zip(self.run.specs, manifest, strict=True)}
         blocks = {sha: i for i, sha in enumerate(manifest)}
         trainable = manifest[task.block_index]
-        first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending))
+        first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending, approx))
         total = first.ByteSize()
         self._count(task.id, "down", "context", first.ByteSize(), 0)
         yield first
         for sha in sending:
             kind = "block" if sha == trainable else "context"
             raw_bytes = wire_bytes = 0
-            base = self._delta_base(blocks[sha], sha, have)
-            with self.store.blobs.open_mmap(sha) as blob, \
+            is_block = sha in blocks and self.store.blobs.has(sha)
+            store = self.store.blobs if is_block else self._approximations
+            base = self._delta_base(blocks[sha], sha, have) if is_block else None
+            with store.open_mmap(sha) as blob, \
                     (self.store.blobs.open_mmap(base) if base else contextlib.nullcontext()) as older:
                 # A broken transfer continues where the client's verified bytes end.
                 start = resume.get(sha, 0) if resume.get(sha, 0) < len(blob) else 0
                 chunks = encode_chunks(sha, blob, chunk_bytes=self.config.chunk_bytes, codec=codec,
-                                       level=self.config.zstd_level, start=start, word_size=words[sha],
+                                       level=self.config.zstd_level, start=start, word_size=words[sha] if is_block else 1,
                                        delta=(base, older) if base else None)
                 try:
                     for chunk in chunks:
@@ -359,7 +379,50 @@ class Coordinator:
             self.state.note_progress(task.id, bytes_down=wire_bytes)
             self._count(task.id, "down", kind, wire_bytes, raw_bytes)
         self.state.note_progress(task.id, bytes_down=first.ByteSize())
-        log.debug("task %s: sent %d blobs, %d bytes", task.id, len(sending), total)
+        log.debug("task %s: sent %d blobs (%d frozen blocks approximated), %d bytes", task.id, len(sending),
+                  len(approx), total)
+
+    def _context_plan(self, task: TaskRow, manifest: list[str], have: set[str],
+                      accepted: set[int]) -> dict[int, pb.ContextApprox]:
+        """Which frozen blocks the client gets approximated, and how (block index -> approximation).
+
+        Only blocks the client lacks exactly, never the trainable block, and only with a codec the
+        client announced. The reference is the newest exact version of the block the client holds.
+        """
+        cfg = self.config.context
+        codec = CONTEXT_CODECS.get(cfg.method)
+        if codec is None or codec not in accepted:
+            return {}
+        trainable = manifest[task.block_index]
+        frozen = [(i, sha, self._delta_base(i, sha, have)) for i, sha in enumerate(manifest)
+                  if i != task.block_index and sha != trainable and sha not in have]
+        if cfg.method == "drop":
+            # Layer dropping as the authors' code does it: a seeded share of the changed frozen
+            # blocks is not sent; the client keeps the version it holds.
+            candidates = [(i, ref) for i, _, ref in frozen if ref]
+            chosen = random.Random(f"fedcybgd-drop:{self.schedule.seed_of(task.round)}").sample(
+                candidates, math.floor(cfg.effective_ratio * len(candidates) + 0.5))
+            return {i: pb.ContextApprox(codec=codec, reference_sha256=ref) for i, ref in chosen}
+        plan = {}
+        for i, sha, ref in frozen:
+            encoded_sha, size = self._approximation(i, sha, ref)
+            plan[i] = pb.ContextApprox(codec=codec, sha256=encoded_sha, size=size, reference_sha256=ref or "",
+                                       group_size=cfg.group_size)
+        return plan
+
+    def _approximation(self, block: int, sha: str, reference: str | None) -> tuple[str, int]:
+        """The encoded approximation of blob `sha` relative to `reference`, made once and kept."""
+        cfg = self.config.context
+        key = (cfg.method, cfg.effective_ratio, cfg.group_size, sha, reference)
+        with self._approximation_lock:
+            if key not in self._approximation_index:
+                tensors = safetensors.torch.load_file(str(self.store.blobs.path(sha)))
+                ref = safetensors.torch.load_file(str(self.store.blobs.path(reference))) if reference else None
+                blob = serialize_block(context.encode(cfg.method, tensors, ref, ratio=cfg.effective_ratio,
+                                                      group_size=cfg.group_size))
+                self._approximation_index[key] = (self._approximations.put(blob), len(blob))
+                log.debug("block %d: %s approximation of %s, %d bytes", block, cfg.method, sha[:12], len(blob))
+            return self._approximation_index[key]
 
     def _delta_base(self, block: int, sha: str, have: set[str]) -> str | None:
         """The newest earlier version of this block that the client holds (same size), if any."""

@@ -37,6 +37,9 @@ class CoordinatorMetrics:
         self.round_fedavg_equivalent_bytes = Gauge(
             "fedcybgd_round_fedavg_full_equivalent_bytes", "FedAvg-full bytes for one round (2 x model size)", registry=r)
         self.model_bytes = Gauge("fedcybgd_model_bytes", "Raw size of the full model", registry=r)
+        self.context_blocks = Counter("fedcybgd_context_blocks_approximated_total",
+                                      "Frozen blocks sent approximated (or, for drop, not sent) instead of exactly",
+                                      ["method"], registry=r)
         self.visits = Counter("fedcybgd_visits_total", "Visits by outcome", ["outcome"], registry=r)
         self.rejections = Counter("fedcybgd_upload_rejections_total", "Rejected uploads by reason", ["reason"], registry=r)
         self.visit_seconds = Histogram("fedcybgd_visit_duration_seconds", "Task issue to commit",

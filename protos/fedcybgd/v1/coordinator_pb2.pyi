@@ -13,10 +13,23 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_NONE: _ClassVar[Codec]
     CODEC_ZSTD: _ClassVar[Codec]
     CODEC_BYTEGROUP: _ClassVar[Codec]
+
+class ContextCodec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTEXT_UNSPECIFIED: _ClassVar[ContextCodec]
+    CONTEXT_DROP: _ClassVar[ContextCodec]
+    CONTEXT_INT8: _ClassVar[ContextCodec]
+    CONTEXT_INT4: _ClassVar[ContextCodec]
+    CONTEXT_PRUNE: _ClassVar[ContextCodec]
 CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
 CODEC_ZSTD: Codec
 CODEC_BYTEGROUP: Codec
+CONTEXT_UNSPECIFIED: ContextCodec
+CONTEXT_DROP: ContextCodec
+CONTEXT_INT8: ContextCodec
+CONTEXT_INT4: ContextCodec
+CONTEXT_PRUNE: ContextCodec
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "device_kind", "memory_bytes", "held_blobs", "software_version", "join_token")
@@ -166,16 +179,18 @@ class Hyper(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("task_id", "have", "accept_codecs", "resume")
+    __slots__ = ("task_id", "have", "accept_codecs", "resume", "accept_context")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_CODECS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     have: _containers.RepeatedScalarFieldContainer[str]
     accept_codecs: _containers.RepeatedScalarFieldContainer[Codec]
     resume: _containers.RepeatedCompositeFieldContainer[BlobOffset]
-    def __init__(self, task_id: _Optional[str] = ..., have: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., resume: _Optional[_Iterable[_Union[BlobOffset, _Mapping]]] = ...) -> None: ...
+    accept_context: _containers.RepeatedScalarFieldContainer[ContextCodec]
+    def __init__(self, task_id: _Optional[str] = ..., have: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., resume: _Optional[_Iterable[_Union[BlobOffset, _Mapping]]] = ..., accept_context: _Optional[_Iterable[_Union[ContextCodec, str]]] = ...) -> None: ...
 
 class BlobOffset(_message.Message):
     __slots__ = ("sha256", "offset")
@@ -204,18 +219,34 @@ class Manifest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockEntry, _Mapping]]] = ..., sending: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BlockEntry(_message.Message):
-    __slots__ = ("index", "name", "sha256", "size", "tensors")
+    __slots__ = ("index", "name", "sha256", "size", "tensors", "approx")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    APPROX_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
     sha256: str
     size: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ...) -> None: ...
+    approx: ContextApprox
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., approx: _Optional[_Union[ContextApprox, _Mapping]] = ...) -> None: ...
+
+class ContextApprox(_message.Message):
+    __slots__ = ("codec", "sha256", "size", "reference_sha256", "group_size")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    codec: ContextCodec
+    sha256: str
+    size: int
+    reference_sha256: str
+    group_size: int
+    def __init__(self, codec: _Optional[_Union[ContextCodec, str]] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., reference_sha256: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "shape", "dtype")
