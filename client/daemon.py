@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.metrics import ClientMetrics, rss_bytes
-from fedcybgd.client.trainer import VisitHyper, train_block
-from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_block
+from fedcybgd.client.trainer import VisitHyper, train_block, train_full, train_lora
+from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_blobs
 from fedcybgd.common import context
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import block_tensors, load_block, partition_model
@@ -125,6 +125,7 @@ class ClientDaemon:
                 data = decompress_small(data, MAX_TOKENIZER_FILE_BYTES)
             (model_dir / name).write_bytes(data)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model_info = info
         self.dtype = DTYPES[info.dtype]
         # The best codec both sides know (an older coordinator announces none: plain zstd).
         self.upload_codec = next((c for c in ACCEPT_CODECS if c in info.upload_codecs), pb.CODEC_ZSTD)
@@ -187,45 +188,64 @@ class ClientDaemon:
         download_seconds = time.perf_counter() - started
         self.metrics.transfer_bytes.labels(direction="down").inc(bytes_down)
         self._load_manifest(manifest)
-        started_from = manifest.blocks[task.block_index].sha256
 
         self._phase = "train"
         hyper = VisitHyper(lr=task.hyper.lr, steps=task.hyper.local_steps, batch_size=task.hyper.batch_size,
                            seq_len=task.hyper.seq_len, seed=task.hyper.seed, weight_decay=task.hyper.weight_decay,
                            max_grad_norm=task.hyper.max_grad_norm)
-        spec = self.specs[task.block_index]
-        log.info("round %d: training block %s for %d steps at lr %.3g", task.round, spec.name, hyper.steps, hyper.lr)
-        # Training changes the block in place: until it is done, the model holds no known blob.
-        self.loaded.pop(task.block_index, None)
-        result = train_block(self.model, spec, self._training_sequences(hyper.seq_len), hyper, on_step=self._on_step(hyper.steps))
+        sequences, on_step = self._training_sequences(hyper.seq_len), self._on_step(hyper.steps)
+        log.info("round %d: training %s for %d steps at lr %.3g", task.round, task.block_name, hyper.steps, hyper.lr)
+        if task.kind == pb.TASK_FULL:  # FedAvg-full: every parameter, every block uploaded
+            self.loaded.clear()  # training changes the model in place: until done it holds no known blob
+            result = train_full(self.model, sequences, hyper, on_step=on_step)
+            blobs = [serialize_block({n: result.tensors[n] for n in spec.names}) for spec in self.specs]
+            uploads = [(self.cache.put(blob), blob, word_size(spec), entry.sha256)
+                       for spec, blob, entry in zip(self.specs, blobs, manifest.blocks, strict=True)]
+            self.loaded = {i: sha for i, (sha, _, _, _) in enumerate(uploads)}
+            announced = dict(blobs=[pb.UploadedBlob(block_index=i, sha256=sha, size=len(blob))
+                                    for i, (sha, blob, _, _) in enumerate(uploads)])
+        elif task.kind == pb.TASK_LORA:  # FedLoRA: an adapter on the frozen model, from the global one
+            lora = self.model_info.lora
+            global_adapter = safetensors.torch.load_file(str(self.cache.path(manifest.adapter.sha256)))
+            result = train_lora(self.model, sequences, hyper, rank=lora.rank, alpha=lora.alpha,
+                                target_modules=list(lora.target_modules) or None, adapter=global_adapter,
+                                on_step=on_step)
+            blob = serialize_block(result.tensors)
+            uploads = [(self.cache.put(blob), blob, 4, manifest.adapter.sha256)]
+            announced = dict(block_index=manifest.adapter.index, blob_sha256=uploads[0][0], blob_size=len(blob))
+        else:  # FedCyBGD: one block
+            spec = self.specs[task.block_index]
+            self.loaded.pop(task.block_index, None)
+            result = train_block(self.model, spec, sequences, hyper, on_step=on_step)
+            blob = serialize_block(result.tensors)
+            uploads = [(self.cache.put(blob), blob, word_size(spec), manifest.blocks[task.block_index].sha256)]
+            self.loaded[task.block_index] = uploads[0][0]
+            announced = dict(block_index=task.block_index, blob_sha256=uploads[0][0], blob_size=len(blob))
         self.metrics.tokens_per_second.set(result.tokens / max(result.seconds, 1e-9))
         self.metrics.visit_peak.set(result.peak_memory_bytes)
-        blob = serialize_block(result.tensors)
-        sha = self.cache.put(blob)
-        self.loaded[task.block_index] = sha
 
         self._phase = "upload"
         header = pb.UploadHeader(
-            task_id=task.task_id, block_index=task.block_index, base_version=task.base_version, blob_sha256=sha,
-            blob_size=len(blob), samples=result.samples, tokens=result.tokens, loss_before=result.loss_before,
-            loss_after=result.loss_after, peak_memory_bytes=result.peak_memory_bytes, train_seconds=result.seconds,
-            download_seconds=download_seconds, device=_device_kind(self.device))
+            task_id=task.task_id, base_version=task.base_version, samples=result.samples, tokens=result.tokens,
+            loss_before=result.loss_before, loss_after=result.loss_after, peak_memory_bytes=result.peak_memory_bytes,
+            train_seconds=result.seconds, download_seconds=download_seconds, device=_device_kind(self.device),
+            **announced)
+        # Each blob as a delta against the version the visit started from, which the coordinator
+        # holds (an older coordinator that announced no byte grouping gets the plain blobs).
+        outgoing = [(sha, blob, words, started if self.upload_codec == pb.CODEC_BYTEGROUP
+                     and len(blob) == self.cache.size(started) else None) for sha, blob, words, started in uploads]
         try:
-            # A delta against the block the visit started from, which the coordinator holds (an
-            # older coordinator that announced no byte grouping gets the plain block).
-            delta = ((started_from, self.cache.read(started_from))
-                     if self.upload_codec == pb.CODEC_BYTEGROUP and len(blob) == self.cache.size(started_from) else None)
-            reply, bytes_up = self._call("upload", lambda: upload_block(
-                self.stub, self.metadata, header, blob, DEFAULT_CHUNK_BYTES, self.upload_codec, word_size(spec), delta))
+            reply, bytes_up = self._call("upload", lambda: upload_blobs(
+                self.stub, self.metadata, header, outgoing, self.cache, DEFAULT_CHUNK_BYTES, self.upload_codec))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err
             raise
         self.metrics.transfer_bytes.labels(direction="up").inc(bytes_up)
         self.metrics.visits.labels(outcome="completed").inc()
-        log.info("round %d: block %s -> version %d; loss %.4f -> %.4f; %.1f MB down, %.2f MB up, %.1fs",
-                 task.round, spec.name, reply.new_version, result.loss_before, result.loss_after, bytes_down / 1e6,
-                 bytes_up / 1e6, time.perf_counter() - started)
+        log.info("round %d: %s -> version %d; loss %.4f -> %.4f; %.1f MB down, %.2f MB up, %.1fs",
+                 task.round, task.block_name, reply.new_version, result.loss_before, result.loss_after,
+                 bytes_down / 1e6, bytes_up / 1e6, time.perf_counter() - started)
         return reply
 
     def _load_manifest(self, manifest: pb.Manifest) -> None:

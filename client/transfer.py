@@ -33,6 +33,8 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
     manifest = first.manifest
     sizes = {b.sha256: b.size for b in manifest.blocks}
     sizes.update({b.approx.sha256: b.approx.size for b in manifest.blocks if b.approx.sha256})
+    if manifest.HasField("adapter"):
+        sizes[manifest.adapter.sha256] = manifest.adapter.size
     pending = list(manifest.sending)
     if any(sha not in sizes for sha in pending):
         raise CodecError("coordinator offered a blob that is not in the manifest")
@@ -81,7 +83,8 @@ def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.
             mapped.close()
     if pending:
         raise CodecError(f"download ended with {len(pending)} blobs missing")
-    missing = [b.name for b in manifest.blocks if not all(cache.has(sha) for sha in needed_blobs(b))]
+    entries = [*manifest.blocks, *([manifest.adapter] if manifest.HasField("adapter") else [])]
+    missing = [b.name for b in entries if not all(cache.has(sha) for sha in needed_blobs(b))]
     if missing:
         raise CodecError(f"blocks missing after download: {missing[:5]}")
     return manifest, wire
@@ -99,16 +102,23 @@ def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:
     writer.commit()
 
 
-def upload_block(stub, metadata, header: pb.UploadHeader, blob: bytes, chunk_bytes: int, codec: int,
-                 word_size: int, delta: tuple[str, bytes] | None = None) -> tuple[pb.UploadResponse, int]:
-    """Send the trained block, as a delta against the block the visit started from when given;
-    returns (the coordinator's answer, bytes on the wire)."""
-    messages = [pb.UploadMessage(header=header)]
-    messages += [pb.UploadMessage(chunk=c) for c in encode_chunks(header.blob_sha256, blob, chunk_bytes=chunk_bytes,
-                                                                  codec=codec, word_size=word_size, delta=delta)]
-    wire = sum(m.ByteSize() for m in messages)
+def upload_blobs(stub, metadata, header: pb.UploadHeader, blobs: list[tuple[str, bytes, int, str | None]],
+                 cache: BlobStore, chunk_bytes: int, codec: int) -> tuple[pb.UploadResponse, int]:
+    """Send the header, then each blob's chunks: (sha256, bytes, word size, the blob it is a delta
+    against or None). Encoded as it streams, so a whole model's upload is never held encoded in
+    memory; returns (the coordinator's answer, bytes on the wire)."""
+    wire = [0]
 
     def stream() -> Iterator[pb.UploadMessage]:
-        yield from messages
+        first = pb.UploadMessage(header=header)
+        wire[0] += first.ByteSize()
+        yield first
+        for sha, blob, words, base in blobs:
+            delta = (base, cache.read(base)) if base else None
+            for chunk in encode_chunks(sha, blob, chunk_bytes=chunk_bytes, codec=codec, word_size=words, delta=delta):
+                message = pb.UploadMessage(chunk=chunk)
+                wire[0] += message.ByteSize()
+                yield message
 
-    return stub.UploadBlock(stream(), metadata=metadata), wire
+    reply = stub.UploadBlock(stream(), metadata=metadata)
+    return reply, wire[0]

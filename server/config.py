@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedcybgd.common.context import DEFAULT_GROUP_SIZE, METHODS as CONTEXT_METHODS
 from fedcybgd.server.scheduler import ScheduleConfig
+from fedcybgd.server.strategies import BLOCK_CYCLE, STRATEGIES, LoraConfig
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class CoordinatorConfig:
     address: str = "127.0.0.1:50051"
     layers_per_block: int = 1
     dtype: str = "auto"                   # "auto" (as stored), "float32", "bfloat16", "float16"
+    strategy: str = "cybgd"               # cybgd | cybgd-parallel | fedavg-full | fedlora (server/strategies.py)
     max_concurrent_visits: int = 1        # 1: sequential, as in the paper; K > 1: parallel mode
+    clients_per_round: int = 2            # fedavg-full / fedlora: distinct clients per round
     heartbeat_interval_s: int = 5
     task_timeout_s: float = 300.0         # no heartbeat and no transfer progress for this long: reassign
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -76,12 +79,24 @@ class CoordinatorConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.layers_per_block < 1:
             raise ValueError("layers_per_block must be >= 1")
         if self.max_concurrent_visits < 1:
             raise ValueError("max_concurrent_visits must be >= 1")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.strategy == "cybgd-parallel" and self.max_concurrent_visits < 2:
+            raise ValueError("strategy cybgd-parallel needs max_concurrent_visits >= 2 (K concurrent visits)")
+        if self.strategy not in BLOCK_CYCLE and self.max_concurrent_visits != 1:
+            raise ValueError(f"max_concurrent_visits applies to the block cycle, not to {self.strategy}")
+        if self.strategy not in BLOCK_CYCLE and self.context.method != "none":
+            raise ValueError("context compression applies to the block cycle's frozen blocks, not to "
+                             f"{self.strategy}")
+        if not 1 <= self.clients_per_round <= 1024:
+            raise ValueError("clients_per_round must be in [1, 1024]")
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES or self.chunk_bytes % 8:
             raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
         if not self.insecure and not (self.tls_cert and self.tls_key):

@@ -41,7 +41,13 @@ from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.scheduler import CycleSchedule
-from fedcybgd.server.state import ClientRow, CoordinatorState, SqliteState, StaleTaskError, TaskRow, VisitRow
+from fedcybgd.server.state import (
+    ClientRow, ContributionRow, CoordinatorState, SqliteState, StaleTaskError, TaskRow, VisitRow,
+)
+from fedcybgd.server.strategies import (
+    ADAPTER_NAME, ALL_BLOCKS, TASK_KINDS, FedAvgRounds, adapter_entry, adapter_spec, average_adapter, average_blocks,
+    merge_adapter,
+)
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger("fedcybgd.coordinator")
@@ -82,17 +88,27 @@ class Coordinator:
         self._approximations = BlobStore(self.state_dir / "context-blobs")
         self._approximation_index: dict[tuple, tuple[str, int]] = {}
         self._approximation_lock = threading.Lock()
+        self.kind = TASK_KINDS.get(config.strategy, pb.TASK_BLOCK)  # what one task trains
         self.run = self._open_run()
-        self.schedule = CycleSchedule(len(self.run.specs), config.schedule)
+        self.schedule = (CycleSchedule(len(self.run.specs), config.schedule) if self.kind == pb.TASK_BLOCK
+                         else FedAvgRounds(len(self.run.specs), config.schedule, config.clients_per_round))
         self.metrics = metrics or CoordinatorMetrics()
         self._model_bytes = sum(s.nbytes for s in self.run.specs)
         self.metrics.set_model_bytes(self._model_bytes)
         self._cond = threading.Condition()
         self._done_rounds = {v.round for v in self.state.visits()}
         # Every blob each block has had, oldest first: candidates for version deltas.
+        # The adapter (fedlora) counts as block number len(specs) here.
         self._history: dict[int, list[str]] = {i: [sha] for i, sha in enumerate(self.state.manifest(0))}
+        self._history[len(self.run.specs)] = [a for a in [self._adapter_of(0)] if a]
         for visit in self.state.visits():
-            self._history[visit.block_index].append(visit.blob_sha256)
+            if visit.block_index != ALL_BLOCKS:
+                self._history[visit.block_index].append(visit.blob_sha256)
+            elif self.kind == pb.TASK_LORA:
+                self._history[len(self.run.specs)].append(visit.blob_sha256)
+            else:
+                for i, sha in enumerate(self.state.manifest(visit.new_version)):
+                    self._history[i].append(sha)
         self.clients_told_done: set[str] = set()
         self._model_info: pb.ModelInfo | None = None
         self._started_unix = time.time()
@@ -107,16 +123,24 @@ class Coordinator:
         self.metrics.set_progress(len(self._done_rounds), self.schedule)
         if config.eval.data:
             self._start_evaluator()
+        if self.kind != pb.TASK_BLOCK:  # rounds whose every upload arrived before a crash
+            with self._cond:
+                for round_ in range(self.schedule.total_rounds):
+                    if round_ not in self._done_rounds:
+                        self._merge_round_if_complete(round_)
 
     # -- run set-up ----------------------------------------------------------------------------
     def _run_fingerprint(self) -> str:
         """The settings a run cannot change midway without invalidating what was trained."""
         cfg = self.config
-        return json.dumps({
+        settings = {
             "layers_per_block": cfg.layers_per_block, "dtype": cfg.dtype,
             "max_concurrent_visits": cfg.max_concurrent_visits,
             "schedule": to_dict(cfg.schedule), "training": to_dict(cfg.training),
-        }, sort_keys=True)
+        }
+        if cfg.strategy != "cybgd":  # (runs from before strategies existed keep their fingerprint)
+            settings.update(strategy=cfg.strategy, clients_per_round=cfg.clients_per_round, lora=to_dict(cfg.lora))
+        return json.dumps(settings, sort_keys=True)
 
     def _open_run(self) -> RunInfo:
         stored = self.state.get_meta("run_config")
@@ -127,9 +151,11 @@ class Coordinator:
             specs, manifest, dtype = self.store.import_model(self.config.model, self.config.layers_per_block, self.config.dtype)
             model_id = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
             self.state.add_version(0, manifest, None, replace=True)  # a crash mid-import may have left one
+            meta = {"blocks": specs_to_json(specs), "dtype": dtype, "model_id": model_id}
+            if self.kind == pb.TASK_LORA:
+                meta["adapter:0"] = self._initial_adapter(specs, manifest, dtype)
             # Written last: its presence marks a completely initialised run.
-            self.state.set_meta({"blocks": specs_to_json(specs), "dtype": dtype, "model_id": model_id,
-                                 "run_config": self._run_fingerprint()})
+            self.state.set_meta({**meta, "run_config": self._run_fingerprint()})
             log.info("run initialised: %d blocks, dtype %s, model %s", len(specs), dtype, model_id[:12])
         elif stored != self._run_fingerprint():
             raise ValueError(
@@ -137,6 +163,25 @@ class Coordinator:
                 f"  current: {self._run_fingerprint()}\nuse a fresh --state-dir or the same settings")
         return RunInfo(specs=specs_from_json(self.state.get_meta("blocks")), dtype=self.state.get_meta("dtype"),
                        model_id=self.state.get_meta("model_id"))
+
+    def _initial_adapter(self, specs: list[BlockSpec], manifest: list[str], dtype: str) -> str:
+        """fedlora's version-0 adapter (B = 0: the model is unchanged), made once for every client."""
+        from fedcybgd.client.trainer import initial_lora_adapter
+
+        lora = self.config.lora
+        model = self.store.build_model(specs, manifest, dtype)
+        adapter = initial_lora_adapter(model, rank=lora.rank, alpha=lora.alpha,
+                                       target_modules=list(lora.target_modules) or None, init_seed=self.config.schedule.seed)
+        return self.store.blobs.put(serialize_block(adapter))
+
+    def _adapter_of(self, version: int) -> str | None:
+        return self.state.get_meta(f"adapter:{version}")
+
+    def _scope_name(self, block_index: int) -> str:
+        """What a task or round trained, for logs and status."""
+        if block_index != ALL_BLOCKS:
+            return self.run.specs[block_index].name
+        return ADAPTER_NAME if self.kind == pb.TASK_LORA else "all blocks"
 
     # -- clients -------------------------------------------------------------------------------
     def register(self, req: pb.RegisterRequest, peer_name: str | None = None) -> pb.RegisterResponse:
@@ -198,7 +243,9 @@ class Coordinator:
                 model_id=self.run.model_id, config_json=self.store.config_json(), tokenizer_files=files,
                 tokenizer_codec=pb.CODEC_ZSTD, upload_codecs=UPLOAD_CODECS, dtype=self.run.dtype,
                 num_blocks=len(self.run.specs),
-                layers_per_block=self.config.layers_per_block)
+                layers_per_block=self.config.layers_per_block, strategy=self.config.strategy,
+                lora=pb.LoraSpec(rank=self.config.lora.rank, alpha=self.config.lora.alpha,
+                                 target_modules=list(self.config.lora.target_modules)))
         return self._model_info
 
     def heartbeat(self, client: ClientRow, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
@@ -237,15 +284,15 @@ class Coordinator:
                     self.clients_told_done.add(client.id)
                     latest, _ = self.state.latest_version()
                     return pb.GetTaskResponse(done=pb.Done(final_version=latest))
-                round_ = self._next_round()
-                if round_ is not None:
-                    return pb.GetTaskResponse(task=self._task_message(self._issue(client, round_)))
+                opening = self._next_round() if self.kind == pb.TASK_BLOCK else self._next_slot(client)
+                if opening is not None:
+                    return pb.GetTaskResponse(task=self._task_message(self._issue(client, *opening)))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return pb.GetTaskResponse(wait=pb.Wait(retry_after_ms=500, reason="all open blocks are being trained"))
                 self._cond.wait(timeout=min(remaining, 1.0))
 
-    def _next_round(self) -> int | None:
+    def _next_round(self) -> tuple[int, int, int] | None:
         """The earliest round that may start now (caller holds the lock).
 
         Sequential mode: only when nothing is in flight, so each visit starts from the model with
@@ -265,28 +312,48 @@ class Coordinator:
                 continue
             block = self.schedule.block_of(round_)
             if block not in blocked:
-                return round_
+                return round_, block, 0
             blocked.add(block)
         return None
 
-    def _issue(self, client: ClientRow, round_: int) -> TaskRow:
+    def _next_slot(self, client: ClientRow) -> tuple[int, int, int] | None:
+        """FedAvg family: a free slot of the earliest unmerged round, for a client that has no part
+        in it yet (a round's C tasks go to C distinct clients, all from the same version)."""
+        round_ = next((r for r in range(self.schedule.total_rounds) if r not in self._done_rounds), None)
+        if round_ is None:
+            return None
+        taken = [(t.slot, t.client_id) for t in self.state.tasks_with_status("issued") if t.round == round_]
+        taken += [(c.slot, c.client_id) for c in self.state.contributions(round_)]
+        if client.id in {c for _, c in taken}:
+            return None
+        free = [slot for slot in range(self.config.clients_per_round) if slot not in {s for s, _ in taken}]
+        return (round_, ALL_BLOCKS, free[0]) if free else None
+
+    def _issue(self, client: ClientRow, round_: int, block_index: int, slot: int) -> TaskRow:
         latest, _ = self.state.latest_version()
         now = time.time()
-        task = TaskRow(id=f"t-{round_}-{secrets.token_hex(6)}", round=round_, block_index=self.schedule.block_of(round_),
-                       client_id=client.id, base_version=latest, status="issued", issued_unix=now, last_progress_unix=now)
+        task = TaskRow(id=f"t-{round_}-{slot}-{secrets.token_hex(6)}" if block_index == ALL_BLOCKS
+                       else f"t-{round_}-{secrets.token_hex(6)}", round=round_, block_index=block_index,
+                       client_id=client.id, base_version=latest, status="issued", issued_unix=now, last_progress_unix=now,
+                       slot=slot)
         self.state.issue_task(task)
-        log.info("round %d: block %s to %s (%s), base version %d", round_, self.run.specs[task.block_index].name,
-                 client.name, client.id, latest)
+        log.info("round %d: %s to %s (%s), base version %d", round_, self._scope_name(block_index), client.name,
+                 client.id, latest)
         return task
 
     def _task_message(self, task: TaskRow) -> pb.Task:
         tr = self.config.training
         hyper = pb.Hyper(lr=self.schedule.lr_of(task.round), local_steps=tr.local_steps, batch_size=tr.batch_size,
-                         seq_len=tr.seq_len, seed=self.schedule.seed_of(task.round), weight_decay=tr.weight_decay,
+                         seq_len=tr.seq_len, seed=self._seed_of(task), weight_decay=tr.weight_decay,
                          max_grad_norm=tr.max_grad_norm)
         return pb.Task(task_id=task.id, cycle=self.schedule.cycle_of(task.round), round=task.round,
-                       block_index=task.block_index, block_name=self.run.specs[task.block_index].name,
-                       base_version=task.base_version, hyper=hyper)
+                       block_index=max(task.block_index, 0), block_name=self._scope_name(task.block_index),
+                       base_version=task.base_version, hyper=hyper, kind=self.kind)
+
+    def _seed_of(self, task: TaskRow) -> int:
+        if self.kind == pb.TASK_BLOCK:
+            return self.schedule.seed_of(task.round)
+        return self.schedule.seed_of(task.round, task.slot)
 
     def _expire_stalled_tasks(self) -> None:
         """Reassign tasks whose client shows no sign of life: no heartbeat and no transfer progress
@@ -317,7 +384,7 @@ class Coordinator:
         return task
 
     def manifest_message(self, version: int, sending: list[str],
-                         approx: dict[int, pb.ContextApprox] | None = None) -> pb.Manifest:
+                         approx: dict[int, pb.ContextApprox] | None = None, adapter: str | None = None) -> pb.Manifest:
         manifest = self.state.manifest(version)
         approx = approx or {}
         blocks = [
@@ -326,7 +393,8 @@ class Coordinator:
                           approx=approx.get(spec.index))
             for spec, sha in zip(self.run.specs, manifest, strict=True)
         ]
-        return pb.Manifest(version=version, blocks=blocks, sending=sending)
+        return pb.Manifest(version=version, blocks=blocks, sending=sending,
+                           adapter=adapter_entry(self.store.blobs, adapter, len(blocks)) if adapter else None)
 
     def download(self, client: ClientRow, req: pb.DownloadRequest) -> Iterator[pb.DownloadMessage]:
         """The task's base model: manifest first, then every blob the client lacks, chunk by chunk,
@@ -340,22 +408,26 @@ class Coordinator:
         have = set(req.have)
         resume = {r.sha256: r.offset for r in req.resume}
         manifest = self.state.manifest(task.base_version)
-        approx = self._context_plan(task, manifest, have, set(req.accept_context))
+        approx = self._context_plan(task, manifest, have, set(req.accept_context)) if self.kind == pb.TASK_BLOCK else {}
         if approx:
             self.metrics.context_blocks.labels(method=self.config.context.method).inc(len(approx))
-        exact = [sha for i, sha in enumerate(manifest) if i not in approx]
+        adapter = self._adapter_of(task.base_version) if self.kind == pb.TASK_LORA else None
+        exact = [sha for i, sha in enumerate(manifest) if i not in approx] + ([adapter] if adapter else [])
         encoded = [a.sha256 for a in approx.values() if a.sha256]
         sending = [sha for sha in dict.fromkeys(exact + encoded) if sha not in have]
         codec = next((c for c in (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD) if c in req.accept_codecs), pb.CODEC_NONE)
         words = {sha: word_size(spec) for spec, sha in zip(self.run.specs, manifest, strict=True)}
         blocks = {sha: i for i, sha in enumerate(manifest)}
-        trainable = manifest[task.block_index]
-        first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending, approx))
+        trainable = {pb.TASK_BLOCK: {manifest[task.block_index]}, pb.TASK_FULL: set(manifest),
+                     pb.TASK_LORA: {adapter}}[self.kind]
+        if adapter:
+            words[adapter], blocks[adapter] = 4, len(manifest)  # fp32 adapter weights
+        first = pb.DownloadMessage(manifest=self.manifest_message(task.base_version, sending, approx, adapter))
         total = first.ByteSize()
         self._count(task.id, "down", "context", first.ByteSize(), 0)
         yield first
         for sha in sending:
-            kind = "block" if sha == trainable else "context"
+            kind = ("full" if self.kind == pb.TASK_FULL else "block") if sha in trainable else "context"
             raw_bytes = wire_bytes = 0
             is_block = sha in blocks and self.store.blobs.has(sha)
             store = self.store.blobs if is_block else self._approximations
@@ -445,43 +517,103 @@ class Coordinator:
         except RpcError as err:
             self.metrics.rejections.labels(reason="task").inc()
             raise err
-        spec = self.run.specs[task.block_index]
-        self._check_header(task, spec, header)
-        writer = self.store.blobs.writer(header.blob_sha256, header.blob_size)
-        # Uploads may be deltas against the block the visit started from, and nothing else.
-        started_from = self.state.manifest(task.base_version)[task.block_index]
-        bases: dict[str, object] = {}
+        expected = self._expected_uploads(task, header)
+        wire, raw = self._receive(first, messages, expected)
+        self._count(task.id, "up", "full" if self.kind == pb.TASK_FULL else "block", wire, raw)
+        if self.kind == pb.TASK_BLOCK:
+            return self._commit(client, task, header, wire)
+        return self._contribute(client, task, header, [sha for sha, _, _, _ in expected], wire)
 
-        def delta_source(sha: str):
-            if sha != started_from:
-                raise KeyError(sha)
-            if sha not in bases:
-                bases[sha] = self.store.blobs.open_mmap(sha)
-            return bases[sha]
+    def _expected_uploads(self, task: TaskRow, header: pb.UploadHeader) -> list[tuple[str, int, BlockSpec, str]]:
+        """The blobs an upload must carry, as (sha256, size, spec, the only blob a delta may refer
+        to): one block, every block, or the adapter, by the run's strategy."""
+        code = grpc.StatusCode
+        self._check_header(task, header)
+        started = self.state.manifest(task.base_version)
+        if self.kind == pb.TASK_BLOCK:
+            if header.block_index != task.block_index:
+                raise RpcError(code.PERMISSION_DENIED, f"task {task.id} trains block {task.block_index}, not {header.block_index}")
+            announced = [(task.block_index, header.blob_sha256, header.blob_size)]
+        elif self.kind == pb.TASK_FULL:
+            announced = [(b.block_index, b.sha256, b.size) for b in header.blobs]
+            if [i for i, _, _ in announced] != list(range(len(self.run.specs))):
+                raise RpcError(code.INVALID_ARGUMENT, f"a {self.config.strategy} upload carries every block, in order")
+        else:
+            announced = [(len(self.run.specs), header.blob_sha256, header.blob_size)]
+        adapter = self._adapter_of(task.base_version)
+        expected = []
+        for index, sha, size in announced:
+            if index < len(self.run.specs):
+                spec, base = self.run.specs[index], started[index]
+            else:
+                spec, base = adapter_spec(adapter_entry(self.store.blobs, adapter, index)), adapter
+            if not _SHA256.match(sha):
+                raise RpcError(code.INVALID_ARGUMENT, "blob_sha256 must be 64 lowercase hex digits")
+            limit = max_blob_size(spec)
+            if not 0 < size <= limit:
+                raise RpcError(code.INVALID_ARGUMENT, f"blob_size {size} outside (0, {limit}] for block {spec.name}")
+            expected.append((sha, size, spec, base))
+        return expected
 
+    def _receive(self, first: pb.UploadMessage, messages: Iterator[pb.UploadMessage],
+                 expected: list[tuple[str, int, BlockSpec, str]]) -> tuple[int, int]:
+        """Reassemble the announced blobs from the chunks that follow, in order, each checked per
+        chunk (CRC), as a whole (SHA-256) and against its block spec before it is stored. Deltas
+        may refer only to the version the visit started from. Returns (wire bytes, raw bytes)."""
+        pending = list(expected)
+        mapped: dict[str, object] = {}
+        wire, raw = first.ByteSize(), 0
+
+        def open_next() -> tuple[object, BlobAssembler]:
+            sha, size, _, allowed = pending[0]
+
+            def delta_source(base: str):
+                if base != allowed:
+                    raise KeyError(base)
+                if base not in mapped:
+                    mapped[base] = self.store.blobs.open_mmap(base)
+                return mapped[base]
+            sink = self.store.blobs.writer(sha, size)
+            return sink, BlobAssembler(sha, size, sink, delta_source=delta_source)
+
+        def store_current() -> None:
+            assembler.verify()
+            spec = pending.pop(0)[2]
+            writer.commit(validate=lambda path: validate_block_file(path, spec))
+
+        writer = None
         try:
-            assembler = BlobAssembler(header.blob_sha256, header.blob_size, writer, delta_source=delta_source)
-            wire = first.ByteSize()
+            writer, assembler = open_next()
             for message in messages:
                 if not message.HasField("chunk"):
                     raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
                 wire += message.ByteSize()
+                if assembler.complete:
+                    store_current()
+                    writer = None
+                    if not pending:
+                        raise CodecError("more chunks than the announced blobs")
+                    writer, assembler = open_next()
                 assembler.add(message.chunk)
-            assembler.verify()
-            writer.commit(validate=lambda path: validate_block_file(path, spec))
+                raw += message.chunk.raw_size
+            store_current()
+            writer = None
+            if pending:
+                raise CodecError(f"upload ended with {len(pending)} announced blobs missing")
         except CodecError as err:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             self.metrics.rejections.labels(reason="data").inc()
             self.metrics.visits.labels(outcome="failed").inc()
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"upload rejected: {err}") from err
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         finally:
-            for mapped in bases.values():
-                mapped.close()
-        self._count(task.id, "up", "block", wire, header.blob_size)
-        return self._commit(client, task, header, wire)
+            for m in mapped.values():
+                m.close()
+        return wire, raw
 
     def _count(self, task_id: str, direction: str, kind: str, wire: int, raw: int) -> None:
         self.metrics.count_transfer(direction, kind, wire, raw)
@@ -493,24 +625,23 @@ class Coordinator:
         horizon = time.time() - 3 * self.config.heartbeat_interval_s
         return sum(1 for c in self.state.clients() if c.last_seen_unix >= horizon)
 
-    def _check_header(self, task: TaskRow, spec: BlockSpec, header: pb.UploadHeader) -> None:
+    def _check_header(self, task: TaskRow, header: pb.UploadHeader) -> None:
         code = grpc.StatusCode
-        if header.block_index != task.block_index:
-            raise RpcError(code.PERMISSION_DENIED, f"task {task.id} trains block {task.block_index}, not {header.block_index}")
         if header.base_version != task.base_version:
             raise RpcError(code.FAILED_PRECONDITION, f"task {task.id} started from version {task.base_version}, "
                                                      f"not {header.base_version}")
-        if not _SHA256.match(header.blob_sha256):
-            raise RpcError(code.INVALID_ARGUMENT, "blob_sha256 must be 64 lowercase hex digits")
         if not all(math.isfinite(x) and x >= 0 for x in (header.loss_before, header.loss_after, header.train_seconds,
                                                         header.download_seconds)):
             raise RpcError(code.INVALID_ARGUMENT, "losses and seconds in the header must be finite and >= 0")
-        limit = max_blob_size(spec)
-        if not 0 < header.blob_size <= limit:
-            raise RpcError(code.INVALID_ARGUMENT, f"blob_size {header.blob_size} outside (0, {limit}] for block {spec.name}")
 
     def _repeated_upload(self, task: TaskRow, header: pb.UploadHeader) -> pb.UploadResponse:
         """A retry of an upload that was committed but whose answer was lost: same answer again."""
+        if self.kind != pb.TASK_BLOCK:
+            contribution = self.state.contribution_of_task(task.id)
+            if contribution is None or contribution.blobs[-1] != (header.blobs[-1].sha256 if header.blobs
+                                                                  else header.blob_sha256):
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task.id} was already completed with other blobs")
+            return pb.UploadResponse(new_version=task.base_version, blob_sha256=contribution.blobs[-1], bytes_received=0)
         visit = self.state.visit_of_task(task.id)
         if visit is None or visit.blob_sha256 != header.blob_sha256:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task.id} was already completed with another block")
@@ -526,15 +657,7 @@ class Coordinator:
             new_manifest = list(manifest)
             new_manifest[task.block_index] = header.blob_sha256
             now = time.time()
-            bytes_down = self.state.task(task.id).bytes_down
-            record = {
-                "lr": self.schedule.lr_of(task.round), "seed": self.schedule.seed_of(task.round),
-                "bytes_down": bytes_down, "bytes_up": wire_bytes, "loss_before": header.loss_before,
-                "loss_after": header.loss_after, "peak_memory_bytes": _int64(header.peak_memory_bytes),
-                "train_seconds": header.train_seconds, "download_seconds": header.download_seconds,
-                "visit_seconds": now - task.issued_unix, "samples": _int64(header.samples), "tokens": _int64(header.tokens),
-                "device": _printable(header.device),
-            }
+            record = self._visit_record(task, header, wire_bytes, now)
             visit = VisitRow(round=task.round, task_id=task.id, client_id=task.client_id, block_index=task.block_index,
                              base_version=task.base_version, new_version=latest + 1, blob_sha256=header.blob_sha256,
                              committed_unix=now, record=record)
@@ -551,10 +674,94 @@ class Coordinator:
         self.metrics.set_progress(self.rounds_done, self.schedule)
         log.info("round %d committed: block %s -> version %d (loss %.4f -> %.4f)", task.round,
                  self.run.specs[task.block_index].name, visit.new_version, header.loss_before, header.loss_after)
-        if self._eval_thread is not None and (
-                self.all_rounds_done or (self.config.eval.every_cycle and self.rounds_done % self.schedule.num_blocks == 0)):
-            self._eval_queue.put(visit.new_version)
+        self._maybe_evaluate(visit.new_version)
         return pb.UploadResponse(new_version=visit.new_version, blob_sha256=visit.blob_sha256, bytes_received=wire_bytes)
+
+    def _visit_record(self, task: TaskRow, header: pb.UploadHeader, wire_bytes: int, now: float) -> dict:
+        return {
+            "lr": self.schedule.lr_of(task.round), "seed": self._seed_of(task),
+            "bytes_down": self.state.task(task.id).bytes_down, "bytes_up": wire_bytes, "loss_before": header.loss_before,
+            "loss_after": header.loss_after, "peak_memory_bytes": _int64(header.peak_memory_bytes),
+            "train_seconds": header.train_seconds, "download_seconds": header.download_seconds,
+            "visit_seconds": now - task.issued_unix, "samples": _int64(header.samples), "tokens": _int64(header.tokens),
+            "device": _printable(header.device),
+        }
+
+    def _contribute(self, client: ClientRow, task: TaskRow, header: pb.UploadHeader, blobs: list[str],
+                    wire_bytes: int) -> pb.UploadResponse:
+        """FedAvg family: store one client's upload; the round's last one triggers the average."""
+        now = time.time()
+        record = {**self._visit_record(task, header, wire_bytes, now), "client_name": client.name}
+        with self._cond:
+            try:
+                self.state.add_contribution(ContributionRow(task_id=task.id, round=task.round, slot=task.slot,
+                                                            client_id=client.id, blobs=blobs, committed_unix=now,
+                                                            record=record))
+            except StaleTaskError as err:
+                self.metrics.rejections.labels(reason="stale").inc()
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"upload rejected: {err} (reassigned)") from err
+            self.state.note_progress(task.id, bytes_up=wire_bytes)
+            self.metrics.observe_round(record, self._task_bytes.pop(task.id, {}), client.name)
+            log.info("round %d: contribution %d/%d from %s (loss %.4f -> %.4f)", task.round,
+                     len(self.state.contributions(task.round)), self.config.clients_per_round, client.name,
+                     header.loss_before, header.loss_after)
+            version = self._merge_round_if_complete(task.round)
+            self._cond.notify_all()
+        return pb.UploadResponse(new_version=version or task.base_version, blob_sha256=blobs[-1], bytes_received=wire_bytes)
+
+    def _merge_round_if_complete(self, round_: int) -> int | None:
+        """Average a FedAvg-family round once all its uploads are in (caller holds the lock);
+        returns the new version. Weights are the samples each client trained on, bounded by what
+        the task asked for (a client cannot buy itself a larger say)."""
+        contributions = self.state.contributions(round_)
+        if len(contributions) < self.config.clients_per_round or round_ in self._done_rounds:
+            return None
+        tr = self.config.training
+        weights = [min(max(int(c.record["samples"]), 1), tr.local_steps * tr.batch_size) for c in contributions]
+        latest, manifest = self.state.latest_version()
+        adapter = None
+        if self.kind == pb.TASK_FULL:
+            manifest = average_blocks(self.store.blobs, self.run.specs, list(zip(weights, (c.blobs for c in contributions))))
+        else:
+            adapter = average_adapter(self.store.blobs, list(zip(weights, (c.blobs[0] for c in contributions))))
+            self.state.set_meta({f"adapter:{latest + 1}": adapter})  # before the version that names it
+        records = [c.record for c in contributions]
+        now = time.time()
+        first_issued = min(self.state.task(c.task_id).issued_unix for c in contributions)
+        record = {
+            "lr": self.schedule.lr_of(round_), "seed": 0, "clients": [r["client_name"] for r in records],
+            **{k: sum(r[k] for r in records) for k in ("bytes_down", "bytes_up", "train_seconds", "download_seconds",
+                                                       "samples", "tokens")},
+            **{k: sum(r[k] for r in records) / len(records) for k in ("loss_before", "loss_after")},
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records), "visit_seconds": now - first_issued,
+            "device": records[0]["device"],
+        }
+        last = contributions[-1]
+        visit = VisitRow(round=round_, task_id=last.task_id, client_id=last.client_id, block_index=ALL_BLOCKS,
+                         base_version=self.state.task(last.task_id).base_version, new_version=latest + 1,
+                         blob_sha256=adapter or "", committed_unix=now, record=record)
+        self.state.commit_merge(visit, manifest)
+        self._done_rounds.add(round_)
+        if adapter:
+            self._history[len(self.run.specs)].append(adapter)
+        else:
+            for i, sha in enumerate(manifest):
+                self._history[i].append(sha)
+        self.metrics.set_progress(self.rounds_done, self.schedule)
+        log.info("round %d merged: average of %d clients -> version %d (loss %.4f -> %.4f)", round_, len(records),
+                 latest + 1, record["loss_before"], record["loss_after"])
+        self._maybe_evaluate(latest + 1)
+        return latest + 1
+
+    def _maybe_evaluate(self, version: int) -> None:
+        """Queue an evaluation after each cycle's worth of training (and at the end of the run)."""
+        if self._eval_thread is None:
+            return
+        per_round = 1 if self.kind == pb.TASK_BLOCK else self.config.clients_per_round
+        done, before = self.rounds_done * per_round, (self.rounds_done - 1) * per_round
+        blocks = len(self.run.specs)
+        if self.all_rounds_done or (self.config.eval.every_cycle and done // blocks > before // blocks):
+            self._eval_queue.put(version)
 
     # -- evaluation ----------------------------------------------------------------------------
     def _start_evaluator(self) -> None:
@@ -583,6 +790,9 @@ class Coordinator:
     def evaluate(self, version: int) -> float:
         """Held-out loss of one model version, on the coordinator's evaluation data."""
         model = self.store.build_model(self.run.specs, self.state.manifest(version), self.run.dtype)
+        adapter = self._adapter_of(version)
+        if adapter:
+            merge_adapter(model, safetensors.torch.load_file(str(self.store.blobs.path(adapter))), self.config.lora)
         return evaluate_loss(model, self._eval_sequences, self.config.eval.batch_size)
 
     @property
@@ -606,7 +816,7 @@ class Coordinator:
         in_flight = self.state.tasks_with_status("issued")
         blocks = []
         for spec, sha in zip(self.run.specs, manifest, strict=True):
-            mine = [v for v in visits if v.block_index == spec.index]
+            mine = [v for v in visits if v.block_index == spec.index or (v.block_index == ALL_BLOCKS and not v.blob_sha256)]
             blocks.append(pb.BlockStatus(index=spec.index, name=spec.name, sha256=sha, size=self.store.blobs.size(sha),
                                          last_version=max((v.new_version for v in mine), default=0), times_trained=len(mine)))
         clients = [
@@ -626,7 +836,7 @@ class Coordinator:
                                  phase=self._progress.get(t.id, ("issued", 0))[0],
                                  step=self._progress.get(t.id, ("", 0))[1], steps=self.config.training.local_steps)
                    for t in in_flight],
-            visits=[_visit_message(v, self.schedule.cycle_of(v.round), self.run.specs[v.block_index].name,
+            visits=[_visit_message(v, self.schedule.cycle_of(v.round), self._scope_name(v.block_index),
                                    names.get(v.client_id, "")) for v in shown],
             evals=[pb.EvalPoint(version=v, rounds_done=r, loss=loss) for v, r, loss in self.state.evals()],
             total_bytes_down=sum(v.record["bytes_down"] for v in visits),
@@ -656,8 +866,8 @@ def _token_hash(token: str) -> str:
 def _visit_message(v: VisitRow, cycle: int, block_name: str, client_name: str) -> pb.VisitRecord:
     r = v.record
     return pb.VisitRecord(
-        round=v.round, cycle=cycle, block_index=v.block_index, block_name=block_name, client_id=v.client_id,
-        client_name=client_name, task_id=v.task_id, base_version=v.base_version, new_version=v.new_version,
+        round=v.round, cycle=cycle, block_index=max(v.block_index, 0), block_name=block_name, client_id=v.client_id,
+        client_name=", ".join(r["clients"]) if "clients" in r else client_name, task_id=v.task_id, base_version=v.base_version, new_version=v.new_version,
         lr=r["lr"], seed=r["seed"], bytes_down=r["bytes_down"], bytes_up=r["bytes_up"], loss_before=r["loss_before"],
         loss_after=r["loss_after"], peak_memory_bytes=r["peak_memory_bytes"], train_seconds=r["train_seconds"],
         visit_seconds=r["visit_seconds"], samples=r["samples"])

@@ -84,7 +84,7 @@ class CoordinatorMetrics:
     def set_progress(self, rounds_done: int, schedule) -> None:
         self.round.set(rounds_done)
         self.total_rounds.set(schedule.total_rounds)
-        self.cycle.set(min(rounds_done // schedule.num_blocks, schedule.config.cycles - 1))
+        self.cycle.set(min(schedule.cycle_of(rounds_done), schedule.config.cycles - 1))
 
     def set_model_bytes(self, model_bytes: int) -> None:
         self._round_fedavg_bytes = 2 * model_bytes

@@ -7,6 +7,7 @@ the whole model in memory except to evaluate or export it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import shutil
 import tempfile
 from pathlib import Path
@@ -75,11 +76,15 @@ class ModelStore:
             load_blob_file(model, spec, self.blobs.path(sha))
         return model
 
-    def export(self, specs: list[BlockSpec], manifest: list[str], dtype: str, out_dir: str | Path) -> Path:
-        """Write a model version as a Hugging Face directory loadable by from_pretrained."""
+    def export(self, specs: list[BlockSpec], manifest: list[str], dtype: str, out_dir: str | Path,
+               merge: Callable[[PreTrainedModel], None] | None = None) -> Path:
+        """Write a model version as a Hugging Face directory loadable by from_pretrained
+        (`merge` folds anything else into the weights first, e.g. a LoRA adapter)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model = self.build_model(specs, manifest, dtype)
+        if merge is not None:
+            merge(model)
         model.save_pretrained(str(out))
         self.tokenizer().save_pretrained(str(out))
         return out

@@ -31,12 +31,16 @@ CREATE TABLE IF NOT EXISTS tasks (
     client_id TEXT NOT NULL, base_version INTEGER NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('issued', 'done', 'expired')),
     issued_unix REAL NOT NULL, finished_unix REAL, last_progress_unix REAL NOT NULL,
-    bytes_down INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0);
+    bytes_down INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
+    slot INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status);
 CREATE TABLE IF NOT EXISTS visits (
     round INTEGER PRIMARY KEY, task_id TEXT NOT NULL UNIQUE, client_id TEXT NOT NULL,
     block_index INTEGER NOT NULL, base_version INTEGER NOT NULL, new_version INTEGER NOT NULL UNIQUE,
     blob_sha256 TEXT NOT NULL, record TEXT NOT NULL, committed_unix REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS contributions (
+    task_id TEXT PRIMARY KEY, round INTEGER NOT NULL, slot INTEGER NOT NULL, client_id TEXT NOT NULL,
+    blobs TEXT NOT NULL, record TEXT NOT NULL, committed_unix REAL NOT NULL, UNIQUE (round, slot));
 CREATE TABLE IF NOT EXISTS evals (
     version INTEGER PRIMARY KEY, rounds_done INTEGER NOT NULL, loss REAL NOT NULL, created_unix REAL NOT NULL);
 """
@@ -68,6 +72,20 @@ class TaskRow:
     finished_unix: float | None = None
     bytes_down: int = 0
     bytes_up: int = 0
+    slot: int = 0  # FedAvg-family strategies: which of the round's C tasks (block_index unused)
+
+
+@dataclass(frozen=True)
+class ContributionRow:
+    """One client's upload to a FedAvg-family round, waiting for (or part of) the round's average."""
+
+    task_id: str
+    round: int
+    slot: int
+    client_id: str
+    blobs: list[str]          # fedavg-full: one blob per block, in block order; fedlora: [adapter]
+    committed_unix: float
+    record: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,10 @@ class CoordinatorState(Protocol):
     def note_progress(self, task_id: str, *, bytes_down: int = 0, bytes_up: int = 0) -> None: ...
     def expire_task(self, task_id: str) -> bool: ...
     def commit_visit(self, visit: VisitRow, manifest: list[str]) -> None: ...
+    def add_contribution(self, contribution: ContributionRow) -> None: ...
+    def contributions(self, round_: int) -> list[ContributionRow]: ...
+    def contribution_of_task(self, task_id: str) -> ContributionRow | None: ...
+    def commit_merge(self, visit: VisitRow, manifest: list[str]) -> None: ...
     def visits(self) -> list[VisitRow]: ...
     def visit_of_task(self, task_id: str) -> VisitRow | None: ...
     def add_eval(self, version: int, rounds_done: int, loss: float) -> None: ...
@@ -117,6 +139,9 @@ class SqliteState:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(tasks)")}
+        if "slot" not in columns:  # a state directory from before the FedAvg-family strategies
+            self._db.execute("ALTER TABLE tasks ADD COLUMN slot INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -214,9 +239,9 @@ class SqliteState:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO tasks (id, round, block_index, client_id, base_version, status, issued_unix,"
-                " last_progress_unix) VALUES (?, ?, ?, ?, ?, 'issued', ?, ?)",
+                " last_progress_unix, slot) VALUES (?, ?, ?, ?, ?, 'issued', ?, ?, ?)",
                 (task.id, task.round, task.block_index, task.client_id, task.base_version,
-                 task.issued_unix, task.last_progress_unix),
+                 task.issued_unix, task.last_progress_unix, task.slot),
             )
 
     @staticmethod
@@ -250,22 +275,62 @@ class SqliteState:
     def commit_visit(self, visit: VisitRow, manifest: list[str]) -> None:
         """Accept an upload: the new version, the visit record and the task's end, atomically."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE tasks SET status = 'done', finished_unix = ? WHERE id = ? AND status = 'issued'",
-                (visit.committed_unix, visit.task_id),
-            )
-            if cur.rowcount != 1:
-                raise StaleTaskError(f"task {visit.task_id} is no longer issued")
+            self._end_task(db, visit.task_id, visit.committed_unix)
+            self._insert_version_and_visit(db, visit, manifest)
+
+    @staticmethod
+    def _end_task(db: sqlite3.Connection, task_id: str, now: float) -> None:
+        """Mark an issued task done, inside the caller's transaction; a task expired (or done)
+        meanwhile makes the whole transaction fail."""
+        cur = db.execute("UPDATE tasks SET status = 'done', finished_unix = ? WHERE id = ? AND status = 'issued'",
+                         (now, task_id))
+        if cur.rowcount != 1:
+            raise StaleTaskError(f"task {task_id} is no longer issued")
+
+    def commit_merge(self, visit: VisitRow, manifest: list[str]) -> None:
+        """A FedAvg-family round's average: the new version and the round's record, atomically
+        (its tasks ended when their contributions were stored)."""
+        with self._tx() as db:
+            self._insert_version_and_visit(db, visit, manifest)
+
+    @staticmethod
+    def _insert_version_and_visit(db: sqlite3.Connection, visit: VisitRow, manifest: list[str]) -> None:
+        db.execute(
+            "INSERT INTO versions (version, manifest, round, created_unix) VALUES (?, ?, ?, ?)",
+            (visit.new_version, json.dumps(manifest), visit.round, visit.committed_unix),
+        )
+        db.execute(
+            "INSERT INTO visits (round, task_id, client_id, block_index, base_version, new_version,"
+            " blob_sha256, record, committed_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (visit.round, visit.task_id, visit.client_id, visit.block_index, visit.base_version,
+             visit.new_version, visit.blob_sha256, json.dumps(visit.record), visit.committed_unix),
+        )
+
+    # -- contributions (FedAvg-family rounds) ----------------------------------------------------
+    def add_contribution(self, contribution: ContributionRow) -> None:
+        """Accept one client's upload to a round: stored with its task's end, atomically."""
+        c = contribution
+        with self._tx() as db:
+            self._end_task(db, c.task_id, c.committed_unix)
             db.execute(
-                "INSERT INTO versions (version, manifest, round, created_unix) VALUES (?, ?, ?, ?)",
-                (visit.new_version, json.dumps(manifest), visit.round, visit.committed_unix),
+                "INSERT INTO contributions (task_id, round, slot, client_id, blobs, record, committed_unix)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (c.task_id, c.round, c.slot, c.client_id, json.dumps(c.blobs), json.dumps(c.record), c.committed_unix),
             )
-            db.execute(
-                "INSERT INTO visits (round, task_id, client_id, block_index, base_version, new_version,"
-                " blob_sha256, record, committed_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (visit.round, visit.task_id, visit.client_id, visit.block_index, visit.base_version,
-                 visit.new_version, visit.blob_sha256, json.dumps(visit.record), visit.committed_unix),
-            )
+
+    @staticmethod
+    def _contribution(row: sqlite3.Row) -> ContributionRow:
+        return ContributionRow(task_id=row["task_id"], round=row["round"], slot=row["slot"], client_id=row["client_id"],
+                               blobs=json.loads(row["blobs"]), committed_unix=row["committed_unix"],
+                               record=json.loads(row["record"]))
+
+    def contributions(self, round_: int) -> list[ContributionRow]:
+        return [self._contribution(r) for r in
+                self._query("SELECT * FROM contributions WHERE round = ? ORDER BY slot", (round_,))]
+
+    def contribution_of_task(self, task_id: str) -> ContributionRow | None:
+        rows = self._query("SELECT * FROM contributions WHERE task_id = ?", (task_id,))
+        return self._contribution(rows[0]) if rows else None
 
     @staticmethod
     def _visit(row: sqlite3.Row) -> VisitRow:

@@ -21,6 +21,12 @@ class ContextCodec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTEXT_INT8: _ClassVar[ContextCodec]
     CONTEXT_INT4: _ClassVar[ContextCodec]
     CONTEXT_PRUNE: _ClassVar[ContextCodec]
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_BLOCK: _ClassVar[TaskKind]
+    TASK_FULL: _ClassVar[TaskKind]
+    TASK_LORA: _ClassVar[TaskKind]
 CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
 CODEC_ZSTD: Codec
@@ -30,6 +36,9 @@ CONTEXT_DROP: ContextCodec
 CONTEXT_INT8: ContextCodec
 CONTEXT_INT4: ContextCodec
 CONTEXT_PRUNE: ContextCodec
+TASK_BLOCK: TaskKind
+TASK_FULL: TaskKind
+TASK_LORA: TaskKind
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "device_kind", "memory_bytes", "held_blobs", "software_version", "join_token")
@@ -62,7 +71,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs")
+    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs", "strategy", "lora")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +87,8 @@ class ModelInfo(_message.Message):
     LAYERS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_CODEC_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_CODECS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
@@ -86,7 +97,19 @@ class ModelInfo(_message.Message):
     layers_per_block: int
     tokenizer_codec: Codec
     upload_codecs: _containers.RepeatedScalarFieldContainer[Codec]
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ...) -> None: ...
+    strategy: str
+    lora: LoraSpec
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., strategy: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ...) -> None: ...
+
+class LoraSpec(_message.Message):
+    __slots__ = ("rank", "alpha", "target_modules")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    alpha: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("task_id", "phase", "step", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes")
@@ -143,7 +166,7 @@ class Done(_message.Message):
     def __init__(self, final_version: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "cycle", "round", "block_index", "block_name", "base_version", "hyper")
+    __slots__ = ("task_id", "cycle", "round", "block_index", "block_name", "base_version", "hyper", "kind")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CYCLE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +174,7 @@ class Task(_message.Message):
     BLOCK_NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     HYPER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     cycle: int
     round: int
@@ -158,7 +182,8 @@ class Task(_message.Message):
     block_name: str
     base_version: int
     hyper: Hyper
-    def __init__(self, task_id: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., block_name: _Optional[str] = ..., base_version: _Optional[int] = ..., hyper: _Optional[_Union[Hyper, _Mapping]] = ...) -> None: ...
+    kind: TaskKind
+    def __init__(self, task_id: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., block_name: _Optional[str] = ..., base_version: _Optional[int] = ..., hyper: _Optional[_Union[Hyper, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ...) -> None: ...
 
 class Hyper(_message.Message):
     __slots__ = ("lr", "local_steps", "batch_size", "seq_len", "seed", "weight_decay", "max_grad_norm")
@@ -209,14 +234,16 @@ class DownloadMessage(_message.Message):
     def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("version", "blocks", "sending")
+    __slots__ = ("version", "blocks", "sending", "adapter")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SENDING_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     version: int
     blocks: _containers.RepeatedCompositeFieldContainer[BlockEntry]
     sending: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockEntry, _Mapping]]] = ..., sending: _Optional[_Iterable[str]] = ...) -> None: ...
+    adapter: BlockEntry
+    def __init__(self, version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockEntry, _Mapping]]] = ..., sending: _Optional[_Iterable[str]] = ..., adapter: _Optional[_Union[BlockEntry, _Mapping]] = ...) -> None: ...
 
 class BlockEntry(_message.Message):
     __slots__ = ("index", "name", "sha256", "size", "tensors", "approx")
@@ -285,7 +312,7 @@ class UploadMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("task_id", "block_index", "base_version", "blob_sha256", "blob_size", "samples", "tokens", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "download_seconds", "device")
+    __slots__ = ("task_id", "block_index", "base_version", "blob_sha256", "blob_size", "samples", "tokens", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "download_seconds", "device", "blobs")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +326,7 @@ class UploadHeader(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     block_index: int
     base_version: int
@@ -312,7 +340,18 @@ class UploadHeader(_message.Message):
     train_seconds: float
     download_seconds: float
     device: str
-    def __init__(self, task_id: _Optional[str] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ..., blob_size: _Optional[int] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    blobs: _containers.RepeatedCompositeFieldContainer[UploadedBlob]
+    def __init__(self, task_id: _Optional[str] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ..., blob_size: _Optional[int] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ..., device: _Optional[str] = ..., blobs: _Optional[_Iterable[_Union[UploadedBlob, _Mapping]]] = ...) -> None: ...
+
+class UploadedBlob(_message.Message):
+    __slots__ = ("block_index", "sha256", "size")
+    BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    block_index: int
+    sha256: str
+    size: int
+    def __init__(self, block_index: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class UploadResponse(_message.Message):
     __slots__ = ("new_version", "blob_sha256", "bytes_received")
