@@ -46,6 +46,9 @@ class DemoOptions:
     seed: int = 0
     dtype: str = "auto"        # weights on the wire and in training (bf16 trains through fp32 masters)
     clients_hold_base: bool = True  # partner sites already hold the public base weights
+    strategy: str = "cybgd"    # see fedcybgd.server.strategies
+    max_concurrent_visits: int = 1
+    clients_per_round: int = 2
     context: str = "none"      # lossy download of frozen blocks (see fedcybgd.common.context)
     context_ratio: float | None = None
     eval_sequences: int = 64
@@ -161,6 +164,8 @@ def run_demo(o: DemoOptions) -> dict:
          "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
          "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
          "--metrics-port", str(o.metrics_port), "--dtype", o.dtype, "--context-compression", o.context,
+         "--strategy", o.strategy, "--max-concurrent-visits", str(o.max_concurrent_visits),
+         "--clients-per-round", str(o.clients_per_round),
          *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
          "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
          "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],
@@ -191,8 +196,10 @@ def run_demo(o: DemoOptions) -> dict:
                 proc.terminate()
                 proc.wait(timeout=30)
     export_dir = export_version(state_dir, out / "export")
-    summary = build_summary(status, export_dir, time.monotonic() - started)
+    summary = build_summary(status, export_dir, time.monotonic() - started,
+                            o.clients_per_round if o.strategy in ("fedavg-full", "fedlora") else 1)
     summary["context"] = {"method": o.context, "ratio": o.context_ratio}
+    summary["strategy"] = o.strategy
     prompt = o.prompt or ("Shall I compare thee" if o.model == "tiny" else "KING.\nWhat news, my lord? ")
     summary["generation"] = {"prompt": prompt, "before": generate(model_dir, prompt), "after": generate(export_dir, prompt)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -218,7 +225,7 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
 def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[subprocess.Popen], log_path: Path,
             timeout_s: float) -> pb.GetStatusResponse:
     """Print each visit as it is merged; return the final status once the run is finished."""
-    shown, last_progress = 0, ""
+    shown, last_progress = 0, {}
     deadline = time.monotonic() + timeout_s
     with operator.channel() as channel:
         stub = pb_grpc.CoordinatorStub(channel)
@@ -233,9 +240,9 @@ def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[su
             for t in status.tasks:
                 progress = f"step {t.step}/{t.steps}" if t.phase == "train" else t.phase
                 line = f"  round {t.round + 1:>3}/{status.total_rounds}  {names.get(t.client_id, ''):<8} {progress}"
-                if line != last_progress:
+                if last_progress.get(t.task_id) != line:
                     print(line + " ...", flush=True)
-                    last_progress = line
+                    last_progress[t.task_id] = line
             if status.run_state == "done":
                 return status
             if coordinator.poll() is not None:
@@ -246,13 +253,15 @@ def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[su
     raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
 
 
-def build_summary(status: pb.GetStatusResponse, export_dir: Path, seconds: float) -> dict:
+def build_summary(status: pb.GetStatusResponse, export_dir: Path, seconds: float, tasks_per_visit: int = 1) -> dict:
+    """`tasks_per_visit`: clients per round for the FedAvg-family strategies (a 'visit' record is
+    then a whole round), so the FedAvg-full equivalent counts every client's exchange."""
     evals = sorted(status.evals, key=lambda e: e.version)
     visits = [{
         "round": v.round, "client": v.client_name, "client_id": v.client_id, "block": v.block_name,
         "block_index": v.block_index, "bytes_down": v.bytes_down, "bytes_up": v.bytes_up, "loss_before": v.loss_before,
         "loss_after": v.loss_after, "peak_memory_bytes": v.peak_memory_bytes, "seconds": v.visit_seconds,
-        "train_seconds": v.train_seconds, "lr": v.lr, "base_version": v.base_version, "new_version": v.new_version,
+        "train_seconds": v.train_seconds, "samples": v.samples, "lr": v.lr, "base_version": v.base_version, "new_version": v.new_version,
     } for v in status.visits]
     return {
         "visits": visits,
@@ -264,7 +273,7 @@ def build_summary(status: pb.GetStatusResponse, export_dir: Path, seconds: float
         "evals": [{"version": e.version, "rounds_done": e.rounds_done, "loss": e.loss} for e in evals],
         "total_bytes_down": status.total_bytes_down,
         "total_bytes_up": status.total_bytes_up,
-        "fedavg_full_equivalent_bytes": 2 * status.model_bytes * len(visits),
+        "fedavg_full_equivalent_bytes": 2 * status.model_bytes * len(visits) * tasks_per_visit,
         "wall_seconds": seconds,
         "export_dir": str(export_dir),
     }

@@ -269,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 for GGUF sources) | float32 | bfloat16")
     p.add_argument("--clients-download-base", dest="clients_hold_base", action="store_false",
                    help="clients start with an empty cache instead of holding the base weights")
+    p.add_argument("--strategy", default="cybgd", help="cybgd | cybgd-parallel | fedavg-full | fedlora")
+    p.add_argument("--max-concurrent-visits", dest="max_concurrent_visits", type=int, default=1,
+                   help="cybgd-parallel: K visits at once")
+    p.add_argument("--clients-per-round", dest="clients_per_round", type=int, default=2,
+                   help="fedavg-full / fedlora: clients per round")
     p.add_argument("--context-compression", dest="context", default="none",
                    help="lossy download of frozen blocks: none | int8 | int4 | prune | drop")
     p.add_argument("--context-ratio", dest="context_ratio", type=float, default=None,

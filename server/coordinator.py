@@ -831,7 +831,7 @@ class Coordinator:
             cycle=min(self.schedule.cycle_of(self.rounds_done), self.config.schedule.cycles - 1) if self.schedule.total_rounds else 0,
             round=self.rounds_done, total_rounds=self.schedule.total_rounds, num_blocks=len(self.run.specs), version=latest,
             blocks=blocks, clients=clients,
-            tasks=[pb.TaskStatus(task_id=t.id, client_id=t.client_id, round=t.round, block_index=t.block_index,
+            tasks=[pb.TaskStatus(task_id=t.id, client_id=t.client_id, round=t.round, block_index=max(t.block_index, 0),
                                  base_version=t.base_version, issued_unix=t.issued_unix,
                                  phase=self._progress.get(t.id, ("issued", 0))[0],
                                  step=self._progress.get(t.id, ("", 0))[1], steps=self.config.training.local_steps)

@@ -170,6 +170,8 @@ def test_a_round_goes_to_distinct_clients_and_an_incomplete_upload_is_refused(fe
     first = _register(stub, "a")
     task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=first).task
     assert task.kind == pb.TASK_FULL
+    status = running.coordinator.status(pb.GetStatusRequest())  # operators see the round's tasks in flight
+    assert [t.task_id for t in status.tasks] == [task.task_id]
     again = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=first)
     assert again.task.task_id == task.task_id, "a retried GetTask gets the same task, not a second slot"
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
