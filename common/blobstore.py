@@ -65,6 +65,13 @@ class BlobWriter:
 
         Nothing becomes visible under the blob's name unless every check passed.
         """
+        digest = self.check(validate)
+        self.publish()
+        return digest
+
+    def check(self, validate: Callable[[Path], None] | None = None) -> str:
+        """Every check of `commit` without publishing: several blobs that stand or fall together
+        are all checked before any is published. Aborts (and raises) on failure."""
         digest = self._hasher.hexdigest()
         if digest != self.expected_sha256:
             self.abort()
@@ -78,8 +85,11 @@ class BlobWriter:
             except BaseException:
                 self.abort()
                 raise
-        self._store._publish(self._tmp_path, digest)
         return digest
+
+    def publish(self) -> None:
+        """Make a checked blob visible under its name (atomic rename)."""
+        self._store._publish(self._tmp_path, self.expected_sha256)
 
     def abort(self, keep_partial: bool = False) -> None:
         """Drop the write; a resumable one may keep its verified prefix for the next attempt."""

@@ -576,11 +576,13 @@ class Coordinator:
             sink = self.store.blobs.writer(sha, size)
             return sink, BlobAssembler(sha, size, sink, delta_source=delta_source)
 
-        def store_current() -> None:
+        def check_current() -> None:  # checked now, published once every blob has passed
             assembler.verify()
             spec = pending.pop(0)[2]
-            writer.commit(validate=lambda path: validate_block_file(path, spec))
+            writer.check(validate=lambda path: validate_block_file(path, spec))
+            checked.append(writer)
 
+        checked: list = []
         writer = None
         try:
             writer, assembler = open_next()
@@ -589,26 +591,30 @@ class Coordinator:
                     raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
                 wire += message.ByteSize()
                 if assembler.complete:
-                    store_current()
+                    if len(pending) == 1:
+                        raise CodecError("chunks beyond the announced blobs")
+                    check_current()
                     writer = None
-                    if not pending:
-                        raise CodecError("more chunks than the announced blobs")
                     writer, assembler = open_next()
                 assembler.add(message.chunk)
                 raw += message.chunk.raw_size
-            store_current()
+            check_current()
             writer = None
             if pending:
                 raise CodecError(f"upload ended with {len(pending)} announced blobs missing")
+            for done in checked:
+                done.publish()
         except CodecError as err:
-            if writer is not None:
-                writer.abort()
+            for w in [writer, *checked]:
+                if w is not None:
+                    w.abort()
             self.metrics.rejections.labels(reason="data").inc()
             self.metrics.visits.labels(outcome="failed").inc()
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"upload rejected: {err}") from err
         except BaseException:
-            if writer is not None:
-                writer.abort()
+            for w in [writer, *checked]:
+                if w is not None:
+                    w.abort()
             raise
         finally:
             for m in mapped.values():

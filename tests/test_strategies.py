@@ -176,7 +176,7 @@ def test_a_round_goes_to_distinct_clients_and_an_incomplete_upload_is_refused(fe
     assert again.task.task_id == task.task_id, "a retried GetTask gets the same task, not a second slot"
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     specs = partition_model(model, 1)
-    blobs = [serialize_block(block_tensors(model, spec)) for spec in specs]
+    blobs = [serialize_block({k: v * 1.001 for k, v in block_tensors(model, spec).items()}) for spec in specs]
 
     def upload(announced, sent):
         header = pb.UploadHeader(task_id=task.task_id, base_version=task.base_version, samples=6, loss_before=1,
@@ -185,12 +185,17 @@ def test_a_round_goes_to_distinct_clients_and_an_incomplete_upload_is_refused(fe
         chunks = [pb.UploadMessage(chunk=c) for _, b in sent for c in encode_chunks(sha256_hex(b), b)]
         return stub.UploadBlock(iter([pb.UploadMessage(header=header), *chunks]), metadata=first)
 
+    nan = serialize_block({k: torch.full_like(v, float("nan")) for k, v in block_tensors(model, specs[-1]).items()})
+    stored = set(running.coordinator.store.blobs)
     for announced, sent in [(list(enumerate(blobs))[1:], list(enumerate(blobs))[1:]),  # a block missing
-                            (list(enumerate(blobs)), list(enumerate(blobs))[:-1])]:   # chunks of one missing
+                            (list(enumerate(blobs)), list(enumerate(blobs))[:-1]),    # chunks of one missing
+                            (list(enumerate(blobs[:-1])) + [(len(blobs) - 1, nan)],   # the last block invalid
+                             list(enumerate(blobs[:-1])) + [(len(blobs) - 1, nan)])]:
         with pytest.raises(grpc.RpcError) as refused:
             upload(announced, sent)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert running.coordinator.state.contributions(0) == []
+    assert set(running.coordinator.store.blobs) == stored, "a refused upload leaves no blob behind"
     reply = upload(list(enumerate(blobs)), list(enumerate(blobs)))
     assert reply.new_version == 0, "the round waits for its second client"
     assert len(running.coordinator.state.contributions(0)) == 1
