@@ -223,3 +223,49 @@ def test_fedavg_rounds_match_the_training_tokens_of_a_cycle():
     seeds = {rounds.seed_of(r, s) for r in range(rounds.total_rounds) for s in range(3)}
     assert len(seeds) == 3 * rounds.total_rounds
     assert rounds.lr_of(0) > rounds.lr_of(rounds.total_rounds - 1)
+
+
+def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, tmp_path):
+    """The last upload of a round was stored but the coordinator died before averaging: the
+    restarted coordinator averages it (same result as without the crash)."""
+    from fedcybgd.server.state import ContributionRow
+
+    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
+                               address="127.0.0.1:0", strategy="fedavg-full", clients_per_round=2,
+                               schedule=SCHEDULE, training=TRAINING)
+    running = start(config)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    specs = partition_model(model, 1)
+    uploads = []
+    try:
+        coordinator = running.coordinator
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        stub = pb_grpc.CoordinatorStub(channel)
+        for name, scale in (("a", 1.01), ("b", 0.99)):
+            md = _register(stub, name)
+            task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
+            blobs = [coordinator.store.blobs.put(serialize_block({k: v * scale for k, v in block_tensors(model, s).items()}))
+                     for s in specs]
+            row = coordinator.state.task(task.task_id)
+            # Stored as the upload path stores it, without the merge that would follow.
+            coordinator.state.add_contribution(ContributionRow(
+                task_id=row.id, round=row.round, slot=row.slot, client_id=row.client_id, blobs=blobs,
+                committed_unix=0.0, record={"samples": 6, "bytes_down": 0, "bytes_up": 0, "train_seconds": 1.0,
+                                            "download_seconds": 0.0, "tokens": 0, "loss_before": 1.0, "loss_after": 0.5,
+                                            "peak_memory_bytes": 0, "client_name": name, "device": "cpu"}))
+            uploads.append(blobs)
+        channel.close()
+        assert coordinator.state.latest_version()[0] == 0
+    finally:
+        running.stop(grace=0)
+    restarted = start(config)
+    try:
+        latest, manifest = restarted.coordinator.state.latest_version()
+        assert latest == 1 and restarted.coordinator.rounds_done == 1
+        for spec, sha in zip(specs, manifest, strict=True):
+            merged = safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(sha)))
+            parts = [safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(u[spec.index]))) for u in uploads]
+            for name, value in merged.items():
+                assert torch.equal(value, parts[0][name].float() * 0.5 + parts[1][name].float() * 0.5), name
+    finally:
+        restarted.stop(grace=0)
