@@ -477,13 +477,16 @@ class Coordinator:
             return {i: pb.ContextApprox(codec=codec, reference_sha256=ref) for i, ref in chosen}
         plan = {}
         for i, sha, ref in frozen:
-            encoded_sha, size = self._approximation(i, sha, ref)
-            plan[i] = pb.ContextApprox(codec=codec, sha256=encoded_sha, size=size, reference_sha256=ref or "",
-                                       group_size=cfg.group_size)
+            approximation = self._approximation(i, sha, ref)
+            if approximation is not None:
+                plan[i] = pb.ContextApprox(codec=codec, sha256=approximation[0], size=approximation[1],
+                                           reference_sha256=ref or "", group_size=cfg.group_size)
         return plan
 
-    def _approximation(self, block: int, sha: str, reference: str | None) -> tuple[str, int]:
-        """The encoded approximation of blob `sha` relative to `reference`, made once and kept."""
+    def _approximation(self, block: int, sha: str, reference: str | None) -> tuple[str, int] | None:
+        """The encoded approximation of blob `sha` relative to `reference`, made once and kept;
+        None when it would not be smaller on the wire than the exact block (as a lossless delta
+        against the same reference): a lossy option never costs more bytes than the exact one."""
         cfg = self.config.context
         key = (cfg.method, cfg.effective_ratio, cfg.group_size, sha, reference)
         with self._approximation_lock:
@@ -492,8 +495,14 @@ class Coordinator:
                 ref = safetensors.torch.load_file(str(self.store.blobs.path(reference))) if reference else None
                 blob = serialize_block(context.encode(cfg.method, tensors, ref, ratio=cfg.effective_ratio,
                                                       group_size=cfg.group_size))
-                self._approximation_index[key] = (self._approximations.put(blob), len(blob))
-                log.debug("block %d: %s approximation of %s, %d bytes", block, cfg.method, sha[:12], len(blob))
+                with self.store.blobs.open_mmap(sha) as exact, \
+                        (self.store.blobs.open_mmap(reference) if reference else contextlib.nullcontext()) as older:
+                    lossless = _wire_size(sha, exact, word_size(self.run.specs[block]), (reference, older) if reference else None)
+                lossy = _wire_size("", blob, 1, None)
+                worth_it = lossy < lossless
+                self._approximation_index[key] = (self._approximations.put(blob), len(blob)) if worth_it else None
+                log.debug("block %d: %s approximation of %s: %d bytes on the wire vs %d exact%s", block, cfg.method,
+                          sha[:12], lossy, lossless, "" if worth_it else ": sent exactly")
             return self._approximation_index[key]
 
     def _delta_base(self, block: int, sha: str, have: set[str]) -> str | None:
@@ -854,6 +863,11 @@ class Coordinator:
         if self._eval_thread is not None:
             self._eval_queue.put(None)
             self._eval_thread.join(timeout=60)
+
+
+def _wire_size(sha: str, data, words: int, delta) -> int:
+    """Encoded size of a blob with the default download codec (byte grouping)."""
+    return sum(len(c.data) for c in encode_chunks(sha, data, codec=pb.CODEC_BYTEGROUP, word_size=words, delta=delta))
 
 
 def _int64(value: int) -> int:

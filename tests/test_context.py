@@ -246,3 +246,15 @@ def test_a_run_with_lossy_context_completes_and_learns(tiny_model_dir, tmp_path,
         assert sent > 0, "no frozen block was approximated: the option was not exercised"
     finally:
         running.stop(grace=0)
+
+
+def test_an_approximation_larger_than_the_exact_block_is_not_used(tiny_model_dir, tmp_path):
+    """Pruning nothing (ratio 0) sends every value with its position: more bytes than the exact
+    block. The coordinator notices and sends the exact block: lossy never costs more."""
+    with _after_one_cycle(tiny_model_dir, tmp_path, "prune", ratio=0.0) as (coordinator, stub, md, specs, task):
+        base = coordinator.state.manifest(0)
+        request = pb.DownloadRequest(task_id=task.task_id, have=list(base), accept_codecs=[pb.CODEC_BYTEGROUP],
+                                     accept_context=[pb.CONTEXT_PRUNE])
+        manifest = next(iter(stub.DownloadModel(request, metadata=md))).manifest
+        assert not any(b.HasField("approx") for b in manifest.blocks)
+        assert set(manifest.sending) == set(coordinator.state.manifest(task.base_version))
