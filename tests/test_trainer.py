@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcybgd.client.trainer import VisitHyper, VisitResult, evaluate_loss, train_block
-from fedcybgd.common.blocks import EMBED_HEAD, block_params, partition_model
-from fedcybgd.common.data import Document, pack_sequences, tokenize_documents
+from fedcybgd.client.trainer import (
+    VisitHyper,
+    VisitResult,
+    evaluate_loss,
+    initial_lora_adapter,
+    train_block,
+    train_full,
+    train_lora,
+)
+from fedcybgd.common.blocks import EMBED_HEAD, block_params, load_block, partition_model
+from fedcybgd.common.data import Document, pack_sequences, tokenize_documents, visit_batches
+from fedcybgd.common.layers import decoder_stack
 from fedcybgd.common.eval import evaluate_loss as common_evaluate_loss
 from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
 
@@ -336,3 +345,280 @@ def test_block_params_of_tied_spec_are_unique():
     model = make_tiny_model("llama")
     params = block_params(model, spec_named(model, EMBED_HEAD))
     assert len({id(p) for p in params}) == len(params)
+
+
+# ------------------------------------------------------------------------------- block visit options
+
+
+OPTIONS = [dict(checkpoint_above=True), dict(cache_block_inputs=True),
+           dict(checkpoint_above=True, cache_block_inputs=True)]
+
+
+def visit(model, spec, seqs, h, **options):
+    losses = []
+    res = train_block(model, spec, seqs, h, on_step=lambda i, loss: losses.append(loss), **options)
+    return res, losses
+
+
+def assert_close_visits(a, b, atol):
+    (ra, la), (rb, lb) = a, b
+    assert ra.tensors.keys() == rb.tensors.keys()
+    for k in ra.tensors:
+        assert ra.tensors[k].dtype == rb.tensors[k].dtype
+        assert torch.allclose(ra.tensors[k].float(), rb.tensors[k].float(), atol=atol, rtol=0), k
+    assert la == pytest.approx(lb, abs=atol)
+    assert (ra.loss_before, ra.loss_after) == pytest.approx((rb.loss_before, rb.loss_after), abs=atol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_options_match_the_plain_visit(sequences, arch, dtype):
+    # 10 rows, 8 steps of 4: three local epochs, so the cache has rows to replay.
+    seqs, h = sequences[:10], hyper(steps=8, lr=3e-3)
+    for block in (1, 3, -1):  # a middle layer, the top layer, embed_head
+        plain_model = make_tiny_model(arch, dtype=dtype)
+        plain = visit(plain_model, partition_model(plain_model)[block], seqs, h)
+        for options in OPTIONS:
+            model = make_tiny_model(arch, dtype=dtype)
+            spec = partition_model(model)[block]
+            before = snapshot(model)
+            got = visit(model, spec, seqs, h, **options)
+            assert_close_visits(got, plain, atol=1e-5 if dtype == torch.float32 else 1e-2)
+            after = snapshot(model)
+            assert all(torch.equal(before[n], after[n]) for n in after if n not in spec.names), (arch, options)
+            assert_clean(model)
+
+
+def count_calls(modules):
+    counts = [0] * len(modules)
+
+    def hook(i):
+        def fn(module, args, output):
+            counts[i] += 1
+        return fn
+
+    return counts, [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+
+
+def test_cache_skips_the_layers_below_on_recurring_rows(sequences):
+    seqs, h = sequences[:8], hyper(steps=8)  # 2 steps per epoch: 4 epochs
+    calls = {}
+    for options in (dict(), dict(cache_block_inputs=True)):
+        model = make_tiny_model("llama")
+        layers = model.model.layers
+        counts, handles = count_calls([model.model.embed_tokens, *layers])
+        try:
+            train_block(model, spec_named(model, "layers.2"), seqs, h, **options)
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls[bool(options)] = counts
+    evals = 2 * h.eval_batches  # loss before and after: plain forward passes
+    assert calls[False] == [h.steps + evals] * 5
+    # epoch 1 (2 steps) runs the whole model and keeps the block's inputs; epochs 2-4 start at layer 2
+    assert calls[True] == [2 + evals] * 3 + [h.steps + evals] * 2
+
+
+def test_cache_changes_nothing_when_no_row_recurs(sequences):
+    seqs, h = sequences[:40], hyper(steps=5)  # 20 rows used once each
+    model = make_tiny_model("llama")
+    counts, handles = count_calls([model.model.embed_tokens])
+    try:
+        res = train_block(model, spec_named(model, "layers.3"), seqs, h, cache_block_inputs=True)
+    finally:
+        handles[0].remove()
+    assert counts == [h.steps + 2 * h.eval_batches]
+    plain_model = make_tiny_model("llama")
+    plain = train_block(plain_model, spec_named(plain_model, "layers.3"), seqs, h)
+    assert all(torch.equal(res.tensors[k], plain.tensors[k]) for k in res.tensors)
+
+
+class CountingModule(torch.nn.Module):
+    def __init__(self, inner, counts, index):
+        super().__init__()
+        self.inner, self.counts, self.index = inner, counts, index
+
+    def forward(self, x):
+        self.counts[self.index] += 1
+        return self.inner(x)
+
+
+def saved_per_layer(model, train):
+    """Elements autograd saves for backward inside each decoder layer while ``train()`` runs, and how many
+    times each layer's MLP activation runs (module hooks are not run when checkpointing recomputes a layer,
+    its modules' forward is)."""
+    layers = model.model.layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.mlp.act_fn = CountingModule(layer.mlp.act_fn, calls, i)
+    saved = [0] * len(layers)
+    current: list[int] = []
+
+    def enter(i):
+        def fn(module, args):
+            current.append(i)
+        return fn
+
+    def leave(module, args, output):
+        current.pop()
+
+    def pack(t):
+        if current:
+            saved[current[-1]] += t.numel()
+        return t
+
+    handles = [h for i, layer in enumerate(layers)
+               for h in (layer.register_forward_pre_hook(enter(i)), layer.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            train()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return saved, calls
+
+
+def test_checkpointing_recomputes_the_layers_above_and_keeps_only_their_inputs(sequences):
+    h = hyper(steps=3)
+    runs = {}
+    for ckpt in (False, True):
+        model = make_tiny_model("llama")
+        spec = spec_named(model, "layers.1")
+        runs[ckpt] = saved_per_layer(model, lambda: train_block(model, spec, sequences, h, checkpoint_above=ckpt))
+        assert_clean(model)
+        assert all("forward" not in vars(layer) for layer in model.model.layers)  # the wrapping is undone
+    (plain_saved, plain_calls), (ckpt_saved, ckpt_calls) = runs[False], runs[True]
+    evals = 2 * h.eval_batches
+    assert plain_calls == [h.steps + evals] * 4
+    assert ckpt_calls == [h.steps + evals] * 2 + [2 * h.steps + evals] * 2  # layers 2, 3 run again in backward
+    assert plain_saved[0] == ckpt_saved[0] == 0
+    assert plain_saved[1] == ckpt_saved[1] > 0  # the block itself is not checkpointed
+    hidden = h.batch_size * SEQ_LEN * 64
+    for i in (2, 3):
+        # a checkpoint keeps its inputs (hidden states, rotary cos/sin, position ids) instead of activations
+        assert ckpt_saved[i] <= h.steps * (hidden + 2 * SEQ_LEN * 16 + SEQ_LEN) < plain_saved[i] / 4
+
+
+def test_decoder_stack_is_known_only_where_replay_is_exact():
+    for arch in ("llama", "qwen2", "mistral", "gpt2", "gpt_neox"):
+        model = make_tiny_model(arch)
+        stack = decoder_stack(model)
+        assert stack is not None and len(stack.layers) == 4, arch
+    model = make_tiny_model("llama")
+    model.config.model_type = "gemma2"  # e.g. logit soft-capping between head and loss: not in the table
+    assert decoder_stack(model) is None
+
+
+# ---------------------------------------------------------------------------------------- full visit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_full_trains_every_parameter_and_splits_into_blocks(sequences, dtype):
+    model = make_tiny_model("llama", dtype=dtype)
+    before = snapshot(model)
+    res = train_full(model, sequences, hyper(steps=5, lr=3e-3))
+    assert res.loss_after < res.loss_before
+    after = snapshot(model)
+    assert all(not torch.equal(before[n], after[n]) for n in after), "a parameter was not trained"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, and listed once
+    for lpb in (1, 2):
+        specs = partition_model(model, lpb)
+        assert set(res.tensors) == {n for s in specs for n in s.names}
+        fresh = make_tiny_model("llama", dtype=dtype)
+        for spec in specs:
+            load_block(fresh, spec, {n: res.tensors[n] for n in spec.names})
+        assert all(torch.equal(p, after[n]) for n, p in fresh.named_parameters())
+    for t in res.tensors.values():
+        assert t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+    assert res.samples == 5 * 4 and res.tokens == 5 * 4 * SEQ_LEN
+    assert_clean(model)
+
+
+def test_train_full_is_deterministic_and_follows_lr_at(sequences):
+    runs = []
+    for lr_at in (None, None, lambda step: 1e-2 * (step + 1)):
+        model = make_tiny_model("llama")
+        runs.append(train_full(model, sequences, hyper(steps=3), lr_at=lr_at))
+    same = [all(torch.equal(runs[0].tensors[k], r.tensors[k]) for k in r.tensors) for r in runs[1:]]
+    assert same == [True, False]
+    # lr_at(step) == hyper.lr for every step is the constant-lr visit, bit for bit
+    model = make_tiny_model("llama")
+    const = train_full(model, sequences, hyper(steps=3), lr_at=lambda step: 1e-2)
+    assert all(torch.equal(runs[0].tensors[k], const.tensors[k]) for k in const.tensors)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def modules_and_state(model):
+    return ({n: type(m) for n, m in model.named_modules()} | {"config": model.config.to_dict(), "attrs": set(vars(model))},
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_trains_an_adapter_and_leaves_the_model_as_it_was(sequences, dtype):
+    model = make_tiny_model("llama", dtype=dtype)
+    types, state = modules_and_state(model)
+    res = train_lora(model, sequences, hyper(steps=6, lr=1e-2), rank=4, alpha=8)
+    assert res.loss_after < res.loss_before
+    types_after, state_after = modules_and_state(model)
+    assert types_after == types
+    assert state_after.keys() == state.keys() and all(torch.equal(state[k], state_after[k]) for k in state)
+    assert not hasattr(model, "peft_config") and model.lm_head.weight is model.model.embed_tokens.weight
+    assert_clean(model)
+    # names: the adapted module's name in the model + lora_A/lora_B, nothing of peft's wrapping
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    expected = {f"model.layers.{i}.{part}.{proj}.{ab}.weight"
+                for i in range(4) for proj in projections for ab in ("lora_A", "lora_B")
+                for part in (("self_attn",) if proj in projections[:4] else ("mlp",))}
+    assert set(res.tensors) == expected
+    for name, t in res.tensors.items():
+        assert t.dtype == torch.float32 and t.device.type == "cpu"
+        assert t.shape[0 if ".lora_A." in name else 1] == 4  # rank 4
+    assert any(torch.count_nonzero(t) for n, t in res.tensors.items() if ".lora_B." in n)  # B left zero
+
+
+def test_lora_adapter_round_trip_and_determinism(sequences):
+    model = make_tiny_model("llama")
+    start = initial_lora_adapter(model, rank=4)
+    assert all(torch.count_nonzero(t) == 0 for n, t in start.items() if ".lora_B." in n)
+    h = hyper(steps=4, lr=1e-2)
+    first = train_lora(model, sequences, h, rank=4)
+    again = train_lora(model, sequences, h, rank=4, adapter=start)  # the same start, given explicitly
+    assert all(torch.equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
+    eval_rows = torch.cat(visit_batches(len(sequences), h.batch_size, h.eval_batches, h.seed))
+    base_loss = evaluate_loss(model, sequences[eval_rows], h.batch_size)
+    assert first.loss_before == pytest.approx(base_loss, rel=1e-6)  # B = 0: the adapter starts as a no-op
+    # continuing from the trained adapter starts where the last visit ended (same batches: same seed)
+    second = train_lora(model, sequences, h, rank=4, adapter=first.tensors)
+    assert second.loss_before == pytest.approx(first.loss_after, rel=1e-5)
+    assert second.loss_after < first.loss_after
+    other_seed = train_lora(model, sequences, h, rank=4, init_seed=1)
+    assert not all(torch.equal(first.tensors[k], other_seed.tensors[k]) for k in first.tensors)
+
+
+def test_lora_target_modules_and_adapter_validation(sequences):
+    model = make_tiny_model("llama")
+    res = train_lora(model, sequences, hyper(steps=1), rank=2, target_modules=["q_proj", "v_proj"])
+    assert {n.split(".")[-3] for n in res.tensors} == {"q_proj", "v_proj"}
+    bad = dict(res.tensors)
+    bad.pop(next(iter(bad)))
+    with pytest.raises(ValueError, match="adapter names"):
+        train_lora(model, sequences, hyper(steps=1), rank=2, target_modules=["q_proj", "v_proj"], adapter=bad)
+    wrong_rank = {k: torch.zeros(t.shape[0] + 1, *t.shape[1:]) for k, t in res.tensors.items()}
+    with pytest.raises(ValueError, match="shape"):
+        train_lora(model, sequences, hyper(steps=1), rank=2, target_modules=["q_proj", "v_proj"], adapter=wrong_rank)
+    with pytest.raises(ValueError):  # peft: target modules not found
+        train_lora(model, sequences, hyper(steps=1), target_modules=["no_such_proj"])
+    assert "peft_config" not in vars(model)
+    assert_clean(model)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "qwen2"])
+def test_lora_other_architectures(sequences, arch):
+    model = make_tiny_model(arch)
+    _, state = modules_and_state(model)
+    res = train_lora(model, sequences, hyper(steps=5, lr=1e-2))
+    assert res.loss_after < res.loss_before
+    assert res.tensors and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in res.tensors)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,141 @@
+"""Running a causal LM from one decoder layer upward: the model-specific knowledge the client's
+memory/compute options need, in one place.
+
+A block visit trains layers ``i..j`` with everything else frozen, so the hidden states entering
+layer ``i`` are a fixed function of a row's tokens for the whole visit. When a row recurs (local
+epochs) they can be kept instead of recomputed: ``LayerInputCapture`` records them (and the
+per-layer keyword arguments the model hands its layers: rotary position embeddings, attention
+mask, position ids) during an ordinary forward pass, and ``forward_from_layer`` replays layers
+``i..`` + final norm + head + loss on them. The replay calls the model's own layer modules with
+the arguments the model itself passed, so it only needs to know where the decoder layers, the
+final norm and the head are, and that nothing else happens between them: that is the table below.
+
+``checkpoint_layers`` wraps chosen decoder layers in activation checkpointing (their activations
+are recomputed during backward instead of kept), for any architecture.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fedcybgd.common.blocks import find_decoder_layers
+
+__all__ = ["DecoderStack", "decoder_stack", "LayerInputCapture", "forward_from_layer", "checkpoint_layers"]
+
+
+@dataclass(frozen=True)
+class DecoderStack:
+    """Where the parts of a decoder-only LM are: hidden = layers(...); logits = head(final_norm(hidden))."""
+
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    head: nn.Module
+
+
+# model_type -> (decoder layers, final norm) as attribute paths from the *ForCausalLM model; the
+# head is the model's output embeddings. Only architectures whose forward is exactly "embed (+
+# positions), layers, final norm, head, loss" belong here (no logit soft-capping, no scaling
+# between the parts).
+_STACKS: dict[str, tuple[str, str]] = {
+    **{t: ("model.layers", "model.norm") for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gpt2": ("transformer.h", "transformer.ln_f"),
+    "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
+}
+
+
+def decoder_stack(model: nn.Module) -> DecoderStack | None:
+    """The model's decoder stack, or None when replaying from a layer is not known to be exact for it."""
+    paths = _STACKS.get(getattr(getattr(model, "config", None), "model_type", None))
+    get_head = getattr(model, "get_output_embeddings", None)
+    if paths is None or get_head is None or get_head() is None:
+        return None
+    try:
+        layers, norm = (model.get_submodule(p) for p in paths)
+    except AttributeError:
+        return None
+    if find_decoder_layers(model)[0] != paths[0]:  # the partition's decoder layers must be these
+        return None
+    return DecoderStack(layers, norm, get_head())
+
+
+@dataclass
+class _LayerCall:
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict
+
+
+@dataclass
+class LayerInputCapture:
+    """Records, during the model's own forward passes, the hidden states entering layer ``start``
+    (``hidden``, detached) and every layer's other arguments from ``start`` up (``calls``; the
+    latest forward pass wins). Use as a context manager around ``model(...)``."""
+
+    stack: DecoderStack
+    start: int
+    hidden: torch.Tensor | None = None
+    calls: list[_LayerCall] = field(default_factory=list)
+
+    def __enter__(self) -> LayerInputCapture:
+        self._handles = [
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i, layer in enumerate(self.stack.layers[self.start:])
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, offset: int):
+        def pre(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+            rest = args[1:] if args and args[0] is hidden else args
+            if offset == 0:
+                self.hidden = hidden.detach()
+                self.calls = []
+            self.calls.append(_LayerCall(tuple(rest), kwargs))
+
+        return pre
+
+
+def forward_from_layer(model: nn.Module, stack: DecoderStack, start: int, hidden: torch.Tensor,
+                       calls: Sequence[_LayerCall], labels: torch.Tensor) -> torch.Tensor:
+    """Mean causal-LM loss of the model on ``labels`` when layer ``start`` receives ``hidden``:
+    layers ``start..`` (called with the arguments ``calls`` recorded from a batch of the same
+    shape), final norm, head and the model's own loss function."""
+    if len(calls) != len(stack.layers) - start:
+        raise ValueError(f"need the arguments of {len(stack.layers) - start} layers, got {len(calls)}")
+    for layer, call in zip(stack.layers[start:], calls):
+        out = layer(hidden, *call.args, **call.kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    logits = stack.head(stack.final_norm(hidden))
+    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+
+
+@contextlib.contextmanager
+def checkpoint_layers(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the context, each of ``layers`` keeps only its inputs for backward and recomputes its
+    activations when the gradient passes through it (non-reentrant activation checkpointing).
+    Works in eval mode too (unlike Hugging Face's own switch, which needs ``model.train()``)."""
+    wrapped = []
+    try:
+        for layer in layers:
+            forward = layer.forward
+
+            def run(*args, _forward=forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _forward(*args, **kwargs)
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = run  # an instance attribute shadows the class's forward
+            wrapped.append(layer)
+        yield
+    finally:
+        for layer in wrapped:
+            del layer.forward
