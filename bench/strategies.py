@@ -9,7 +9,7 @@ compute seconds (sum of every visit's training time; one torch thread everywhere
 compare) and client peak memory (RSS on CPU, per visit). Writes results.json, table.md and
 three PNG plots.
 
-    .venv/bin/python bench/strategies.py --out bench-out/strategies     # ~40 min on 2 cores
+    .venv/bin/python bench/strategies.py --out bench-out/strategies     # ~30 min on an idle 2-core machine
     .venv/bin/python bench/strategies.py --model tiny --out /tmp/strat  # a minute, smoke test
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ def run_federated(label: str, extra: list[str], args: argparse.Namespace) -> dic
         del extra[i:i + 2]
     if not (args.reuse and summary_path.is_file()):
         cmd = [sys.executable, "-m", "fedcybgd.cli.main", "demo", "--model", args.model, "--clients", str(args.clients),
-               "--cycles", "1", "--threads", "1", "--lr", str(lr), "--out", str(out), *extra]
+               "--cycles", "1", "--threads", "1", "--lr", str(lr), "--local-steps", str(args.local_steps),
+               "--out", str(out), *extra]
         print(f"[{label}] {' '.join(cmd[3:])}", flush=True)
         with open(out.parent / f"{out.name}.log", "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -68,7 +69,7 @@ def run_centralized(label: str, args: argparse.Namespace) -> dict:
     if not (args.reuse and result_path.is_file()):
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--centralized", label, "--model", args.model, "--clients", str(args.clients),
-               "--lr", str(args.lr), "--out", str(out)]
+               "--lr", str(args.lr), "--local-steps", str(args.local_steps), "--out", str(out)]
         print(f"[{label}] in one process", flush=True)
         with open(out.parent / f"{out.name}.log", "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -92,7 +93,7 @@ def centralized_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     real = args.model != "tiny"
-    defaults = {k: v[real] for k, v in DEMO_DEFAULTS.items()}
+    defaults = {**{k: v[real] for k, v in DEMO_DEFAULTS.items()}, "local_steps": args.local_steps}
     out = Path(args.out)
     options = DemoOptions(out=str(out), model=args.model, clients=args.clients, **defaults)
     model_dir, client_data, eval_data = prepare_inputs(options, out)
@@ -172,6 +173,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the demo's)")
+    parser.add_argument("--local-steps", type=int, default=20,
+                        help="steps per visit (per task); every strategy trains the same tokens")
     parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs found under --out")
     parser.add_argument("--centralized", help=argparse.SUPPRESS)
