@@ -8,11 +8,17 @@ chunks mean a receiver can verify, resume and bound each one separately.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import functools
 import hashlib
+import itertools
+import os
+import threading
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import numpy as np
 import safetensors.torch
@@ -38,8 +44,7 @@ GRPC_CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-
-
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -70,6 +75,7 @@ def encode_chunks(
     start: int = 0,
     word_size: int = 1,
     delta: tuple[str, bytes | memoryview] | None = None,
+    workers: int = 1,
 ) -> Iterator[pb.Chunk]:
     """Cut `data` into chunks from raw offset `start` and encode each one.
 
@@ -79,49 +85,101 @@ def encode_chunks(
     no receiver time is spent on bytes that cannot compress. With `delta` = (sha256, bytes of an
     older version of the same block, as long as `data`) each chunk carries the XOR against it:
     weights a visit changed keep their sign and exponent, so the XOR is mostly zero bits.
+
+    `workers` > 1 encodes up to that many chunks at once, a few ahead of the consumer, in the
+    process's codec threads (zstd, numpy and CRC release the GIL): the same chunks, byte for
+    byte, in the same order. Closing the generator early waits for the chunks in progress, so
+    no view of `data` is left behind (the caller may then close a memory map).
     """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % 8:
         raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
     view = memoryview(data)
     if delta is not None and len(delta[1]) != len(view):
         raise ValueError("a delta base must have the blob's length")
-    compressor = zstandard.ZstdCompressor(level=level) if codec == pb.CODEC_ZSTD else None
-    for offset in range(start, len(view), chunk_bytes):
-        raw = view[offset : offset + chunk_bytes]
-        crc = zlib.crc32(raw)
-        if delta is not None:
-            raw = memoryview(_xor(raw, memoryview(delta[1])[offset : offset + len(raw)]))
-        payload, used = raw.tobytes(), pb.CODEC_NONE
-        if compressor is not None:
-            packed = compressor.compress(raw)
-            if len(packed) < len(raw):
+    base = memoryview(delta[1]) if delta is not None else None
+    encode = functools.partial(_encode_chunk, blob_sha256, view, chunk_bytes, codec, level, word_size,
+                               delta[0] if delta is not None else "", base)
+    offsets = range(start, len(view), chunk_bytes)
+    if workers <= 1:
+        yield from map(encode, offsets)
+    else:
+        yield from _in_order(encode, offsets, workers)
+
+
+def _encode_chunk(blob_sha256: str, view: memoryview, chunk_bytes: int, codec: int, level: int, word_size: int,
+                  base_sha256: str, base: memoryview | None, offset: int) -> pb.Chunk:
+    raw = view[offset : offset + chunk_bytes]
+    size, crc = len(raw), zlib.crc32(raw)
+    with bytegroup.workspace() as ws:
+        if base is not None:
+            xored = ws.array(7, size, np.uint8)
+            np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base[offset : offset + size], dtype=np.uint8),
+                           out=xored)
+            raw = memoryview(xored)
+        payload, used = None, pb.CODEC_NONE
+        if codec == pb.CODEC_ZSTD:
+            packed = ws.zstd(level).compress(raw)
+            if len(packed) < size:
                 payload, used = packed, pb.CODEC_ZSTD
         elif codec == pb.CODEC_BYTEGROUP:
             packed = bytegroup.encode(raw, word_size if offset % word_size == 0 else 1)
-            if len(packed) < len(raw):
+            if len(packed) < size:
                 payload, used = packed, pb.CODEC_BYTEGROUP
-        yield pb.Chunk(
-            blob_sha256=blob_sha256,
-            offset=offset,
-            raw_size=len(raw),
-            codec=used,
-            data=payload,
-            crc32=crc,
-            delta_base=delta[0] if delta is not None else "",
-        )
+        return pb.Chunk(blob_sha256=blob_sha256, offset=offset, raw_size=size, codec=used,
+                        data=raw.tobytes() if payload is None else payload, crc32=crc, delta_base=base_sha256)
 
 
-def _xor(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
-    return np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)).tobytes()
+#: Codec work in flight per worker beyond the one being consumed: enough to keep the threads busy
+#: while the consumer does its part (network, hashing, disk).
+_LOOKAHEAD = 2
+_pool_lock = threading.Lock()
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _codec_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's codec threads, one per CPU it may use: however many streams ask for
+    workers, codec work never runs on more threads than that (a forked child gets its own)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="codec"))
+        return _pool[1]
+
+
+def _in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """map(fn, items) with up to `workers` calls running at once in the codec threads; results
+    in order. Whatever way the consumer stops, nothing started is left running."""
+    pool, pending, items = _codec_pool(), collections.deque(), iter(items)
+    try:
+        pending.extend(pool.submit(fn, item) for item in itertools.islice(items, _LOOKAHEAD * workers))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(fn, item) for item in itertools.islice(items, 1))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+        concurrent.futures.wait(pending)
 
 
 def decode_chunk(chunk: pb.Chunk, delta: bytes | memoryview | None = None) -> bytes:
     """Decode and verify one chunk; decompression is bounded by the declared raw size. A delta
     chunk needs the bytes of its base blob (`delta`)."""
+    base = memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size] if delta is not None else None
+    raw = _decode(chunk, base)
+    return raw if isinstance(raw, bytes) else bytes(raw)
+
+
+def _decode(chunk: pb.Chunk, base: bytes | memoryview | None, out: np.ndarray | None = None) -> bytes | memoryview:
+    """`decode_chunk` with the base's bytes at this chunk's offset; byte-grouped and delta chunks
+    are decoded into `out` (a uint8 array of at least raw_size bytes) when given."""
     if not 0 < chunk.raw_size <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk raw_size {chunk.raw_size} outside (0, {MAX_CHUNK_BYTES}]")
     if len(chunk.data) > MAX_CHUNK_BYTES:
         raise CodecError(f"chunk payload of {len(chunk.data)} bytes exceeds {MAX_CHUNK_BYTES}")
+    size = chunk.raw_size
+    out = out[:size] if out is not None else None
     if chunk.codec == pb.CODEC_NONE:
         raw = chunk.data
     elif chunk.codec == pb.CODEC_ZSTD:
@@ -131,25 +189,31 @@ def decode_chunk(chunk: pb.Chunk, delta: bytes | memoryview | None = None) -> by
             declared = zstandard.frame_content_size(chunk.data)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd chunk at offset {chunk.offset} has no valid frame header: {exc}") from exc
-        if declared not in (-1, chunk.raw_size):
-            raise CodecError(f"zstd chunk at offset {chunk.offset} declares {declared} bytes, not {chunk.raw_size}")
+        if declared not in (-1, size):
+            raise CodecError(f"zstd chunk at offset {chunk.offset} declares {declared} bytes, not {size}")
         try:
-            raw = zstandard.ZstdDecompressor().decompress(chunk.data, max_output_size=chunk.raw_size)
+            with bytegroup.workspace() as ws:
+                if out is None:
+                    raw = ws.decompressor.decompress(chunk.data, max_output_size=size)
+                else:
+                    raw = ws.decompress_into(chunk.data, out)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd chunk at offset {chunk.offset} does not decode: {exc}") from exc
     elif chunk.codec == pb.CODEC_BYTEGROUP:
-        raw = bytegroup.decode(chunk.data, chunk.raw_size)
+        raw = bytegroup.decode_into(chunk.data, size, out)
     else:
         raise CodecError(f"unsupported codec {chunk.codec}")
-    if len(raw) != chunk.raw_size:
-        raise CodecError(f"chunk at offset {chunk.offset}: {len(raw)} bytes, declared {chunk.raw_size}")
+    if len(raw) != size:
+        raise CodecError(f"chunk at offset {chunk.offset}: {len(raw)} bytes, declared {size}")
     if chunk.delta_base:
-        if delta is None or len(delta) < chunk.offset + chunk.raw_size:
+        if base is None or len(base) < size:
             raise CodecError(f"delta chunk against {chunk.delta_base[:12]}, a blob the receiver cannot use")
-        raw = _xor(raw, memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size])
+        xored = raw if isinstance(raw, np.ndarray) else out
+        raw = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8, count=size),
+                             out=xored)
     if zlib.crc32(raw) != chunk.crc32:
         raise CodecError(f"chunk at offset {chunk.offset}: CRC-32 mismatch")
-    return raw
+    return raw if isinstance(raw, bytes) else memoryview(raw)
 
 
 def compress_small(data: bytes, level: int = 19) -> bytes:
@@ -174,7 +238,14 @@ class BlobAssembler:
 
     The sink (a `BlobWriter`) hashes what it is given and checks the SHA-256 on commit; the
     assembler checks order, bounds and each chunk's CRC. `received` starts above zero when a
-    broken transfer resumes.
+    broken transfer resumes, and counts the bytes of the chunks accepted so far.
+
+    With `workers` > 1, `add` checks a chunk and hands it to the process's codec threads, up to
+    that many at once (a few more queued), and returns; decoded chunks reach the sink in order
+    during later calls, and `verify` waits for the rest. A chunk that does not decode then raises
+    its CodecError from a later `add` or from `verify`; the sink never sees it or anything after
+    it. Only bytes the sink was given are verified (a resumed transfer starts from the sink's
+    size, not from `received`).
     """
 
     sha256: str
@@ -183,8 +254,15 @@ class BlobAssembler:
     received: int = 0
     #: Bytes of a blob the receiver holds, by SHA-256, for delta chunks (KeyError: not usable).
     delta_source: Callable[[str], bytes | memoryview] | None = None
+    #: Chunks decoded at once in the codec threads; 1: each within its `add`, in the caller's thread.
+    workers: int = 1
+    _pending: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
+    _spare: list = field(default_factory=list, init=False, repr=False)
+    _failed: CodecError | None = field(default=None, init=False, repr=False)
 
     def add(self, chunk: pb.Chunk) -> None:
+        if self._failed is not None:
+            raise CodecError(f"blob {self.sha256[:12]}: an earlier chunk did not decode") from self._failed
         if chunk.blob_sha256 != self.sha256:
             raise CodecError(f"chunk for blob {chunk.blob_sha256[:12]} while receiving {self.sha256[:12]}")
         if chunk.offset != self.received:
@@ -199,18 +277,55 @@ class BlobAssembler:
                 delta = self.delta_source(chunk.delta_base) if self.delta_source else None
             except (KeyError, ValueError, OSError):
                 delta = None
-        raw = decode_chunk(chunk, delta)
-        self.sink.write(raw)
-        self.received += len(raw)
+        base = memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size] if delta is not None else None
+        out = self._spare.pop() if self._spare else np.empty(min(self.size, MAX_CHUNK_BYTES), dtype=np.uint8)
+        if self.workers <= 1:
+            raw = _decode(chunk, base, out)
+            self.sink.write(raw)
+            self._spare.append(out)
+            self.received += chunk.raw_size
+            return
+        # A copy of the base: no view of the caller's (memory-mapped) blob outlives this call.
+        base = bytes(base) if base is not None else None
+        self._pending.append((_codec_pool().submit(_decode, chunk, base, out), out))
+        self.received += chunk.raw_size
+        self._drain(_LOOKAHEAD * self.workers)
+
+    def _drain(self, keep: int) -> None:
+        """Hand decoded chunks to the sink, in order, until at most `keep` are in progress."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][0].done()):
+            future, out = self._pending.popleft()
+            try:
+                raw = future.result()
+            except CodecError as exc:
+                self.close()
+                self._failed = exc
+                raise
+            self.sink.write(raw)
+            self._spare.append(out)
+
+    def close(self) -> None:
+        """Drop the chunks still being decoded (after a failure), waiting for those in progress."""
+        futures = [future for future, _ in self._pending]
+        self._pending.clear()
+        for future in futures:
+            future.cancel()
+        concurrent.futures.wait(futures)
 
     @property
     def complete(self) -> bool:
         return self.received == self.size
 
     def verify(self) -> None:
+        """Wait for the chunks still being decoded and write them; raise unless all arrived."""
+        if self._failed is not None:
+            raise CodecError(f"blob {self.sha256[:12]}: a chunk did not decode") from self._failed
+        self._drain(0)
         if not self.complete:
             raise CodecError(f"blob {self.sha256[:12]}: {self.received} of {self.size} bytes received")
 
 
 class BlobSink(Protocol):
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: bytes, /) -> int:
+        """Take `data` (any bytes-like object); it may not be kept after the call returns: the
+        assembler reuses its buffers."""
