@@ -1,6 +1,7 @@
 """Streaming the model down and a trained block up, chunk by chunk, verified at every step."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -114,11 +115,12 @@ def upload_blobs(stub, metadata, header: pb.UploadHeader, blobs: list[tuple[str,
         wire[0] += first.ByteSize()
         yield first
         for sha, blob, words, base in blobs:
-            delta = (base, cache.read(base)) if base else None
-            for chunk in encode_chunks(sha, blob, chunk_bytes=chunk_bytes, codec=codec, word_size=words, delta=delta):
-                message = pb.UploadMessage(chunk=chunk)
-                wire[0] += message.ByteSize()
-                yield message
+            with cache.open_mmap(base) if base else contextlib.nullcontext() as older:
+                delta = (base, older) if base else None
+                for chunk in encode_chunks(sha, blob, chunk_bytes=chunk_bytes, codec=codec, word_size=words, delta=delta):
+                    message = pb.UploadMessage(chunk=chunk)
+                    wire[0] += message.ByteSize()
+                    yield message
 
     reply = stub.UploadBlock(stream(), metadata=metadata)
     return reply, wire[0]
