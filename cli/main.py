@@ -67,6 +67,8 @@ CLIENT_FLAGS = [
     ("--base-model", "base_model", str, "local Hugging Face directory with the base weights (saves the download)"),
     ("--threads", "threads", int, "torch CPU threads (0: default)"),
     ("--max-visits", "max_visits", int, "stop after this many visits (0: until done)"),
+    ("--checkpoint-above", "checkpoint_above", bool, "block visits: recompute activations above the block (less memory)"),
+    ("--cache-block-inputs", "cache_block_inputs", bool, "block visits: keep the block's inputs when rows recur"),
     ("--metrics-port", "metrics_port", int, "Prometheus endpoint port (0: off)"),
     ("--metrics-address", "metrics_address", str, "Prometheus endpoint address (default 127.0.0.1)"),
     ("--insecure", "insecure", bool, "plaintext: tests and trusted networks only"),

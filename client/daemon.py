@@ -216,7 +216,9 @@ class ClientDaemon:
         else:  # FedCyBGD: one block
             spec = self.specs[task.block_index]
             self.loaded.pop(task.block_index, None)
-            result = train_block(self.model, spec, sequences, hyper, on_step=on_step)
+            result = train_block(self.model, spec, sequences, hyper, on_step=on_step,
+                                 checkpoint_above=self.config.checkpoint_above,
+                                 cache_block_inputs=self.config.cache_block_inputs)
             blob = serialize_block(result.tensors)
             uploads = [(self.cache.put(blob), blob, word_size(spec), manifest.blocks[task.block_index].sha256)]
             self.loaded[task.block_index] = uploads[0][0]
