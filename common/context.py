@@ -85,8 +85,8 @@ def decode(method: str, encoded: dict[str, torch.Tensor], specs: tuple[TensorSpe
             out[spec.name] = value.clone()
             continue
         ref = _reference(reference, spec.name, torch.empty(shape, dtype=dtype, device="meta"))
-        flat = ref.to(dtype).flatten().clone()  # a copy: the reference stays as it is
         if method == "prune":
+            flat = ref.to(dtype).flatten().clone()  # a copy: the reference stays as it is
             expected |= {f"{spec.name}.gaps", f"{spec.name}.values"}
             gaps, values = _get(encoded, f"{spec.name}.gaps"), _get(encoded, f"{spec.name}.values")
             if gaps.dtype != torch.int32 or gaps.dim() != 1 or values.shape != gaps.shape or values.dtype != dtype:

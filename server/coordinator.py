@@ -88,6 +88,7 @@ class Coordinator:
         self._approximations = BlobStore(self.state_dir / "context-blobs")
         self._approximation_index: dict[tuple, tuple[str, int]] = {}
         self._approximation_lock = threading.Lock()
+        self._adapter_entries: dict[str, pb.BlockEntry] = {}
         self.kind = TASK_KINDS.get(config.strategy, pb.TASK_BLOCK)  # what one task trains
         self.run = self._open_run()
         self.schedule = (CycleSchedule(len(self.run.specs), config.schedule) if self.kind == pb.TASK_BLOCK
@@ -173,6 +174,12 @@ class Coordinator:
         adapter = initial_lora_adapter(model, rank=lora.rank, alpha=lora.alpha,
                                        target_modules=list(lora.target_modules) or None, init_seed=self.config.schedule.seed)
         return self.store.blobs.put(serialize_block(adapter))
+
+    def _adapter_entry(self, sha: str) -> pb.BlockEntry:
+        """An adapter blob's manifest entry, read from its header once (adapters never change)."""
+        if sha not in self._adapter_entries:
+            self._adapter_entries[sha] = adapter_entry(self.store.blobs, sha, len(self.run.specs))
+        return self._adapter_entries[sha]
 
     def _adapter_of(self, version: int) -> str | None:
         return self.state.get_meta(f"adapter:{version}")
@@ -394,7 +401,7 @@ class Coordinator:
             for spec, sha in zip(self.run.specs, manifest, strict=True)
         ]
         return pb.Manifest(version=version, blocks=blocks, sending=sending,
-                           adapter=adapter_entry(self.store.blobs, adapter, len(blocks)) if adapter else None)
+                           adapter=self._adapter_entry(adapter) if adapter else None)
 
     def download(self, client: ClientRow, req: pb.DownloadRequest) -> Iterator[pb.DownloadMessage]:
         """The task's base model: manifest first, then every blob the client lacks, chunk by chunk,
@@ -549,13 +556,13 @@ class Coordinator:
                 raise RpcError(code.INVALID_ARGUMENT, f"a {self.config.strategy} upload carries every block, in order")
         else:
             announced = [(len(self.run.specs), header.blob_sha256, header.blob_size)]
-        adapter = self._adapter_of(task.base_version)
+        adapter = self._adapter_of(task.base_version) if self.kind == pb.TASK_LORA else None
         expected = []
         for index, sha, size in announced:
             if index < len(self.run.specs):
                 spec, base = self.run.specs[index], started[index]
             else:
-                spec, base = adapter_spec(adapter_entry(self.store.blobs, adapter, index)), adapter
+                spec, base = adapter_spec(self._adapter_entry(adapter)), adapter
             if not _SHA256.match(sha):
                 raise RpcError(code.INVALID_ARGUMENT, "blob_sha256 must be 64 lowercase hex digits")
             limit = max_blob_size(spec)
@@ -742,7 +749,8 @@ class Coordinator:
             self.state.set_meta({f"adapter:{latest + 1}": adapter})  # before the version that names it
         records = [c.record for c in contributions]
         now = time.time()
-        first_issued = min(self.state.task(c.task_id).issued_unix for c in contributions)
+        tasks = [self.state.task(c.task_id) for c in contributions]
+        first_issued = min(t.issued_unix for t in tasks)
         record = {
             "lr": self.schedule.lr_of(round_), "seed": 0, "clients": [r["client_name"] for r in records],
             **{k: sum(r[k] for r in records) for k in ("bytes_down", "bytes_up", "train_seconds", "download_seconds",
@@ -753,7 +761,7 @@ class Coordinator:
         }
         last = contributions[-1]
         visit = VisitRow(round=round_, task_id=last.task_id, client_id=last.client_id, block_index=ALL_BLOCKS,
-                         base_version=self.state.task(last.task_id).base_version, new_version=latest + 1,
+                         base_version=tasks[-1].base_version, new_version=latest + 1,
                          blob_sha256=adapter or "", committed_unix=now, record=record)
         self.state.commit_merge(visit, manifest)
         self._done_rounds.add(round_)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import BlockSpec, st_dtype_to_torch
+from fedcybgd.common.blocks import BlockSpec, TensorSpec, st_dtype_to_torch
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -84,21 +84,26 @@ class FedAvgRounds:
         return min(round_ * self.clients_per_round // self.num_blocks, self.config.cycles - 1)
 
 
+def _weighted_mean(blobs: BlobStore, weighted: Sequence[tuple[float, str]]) -> dict[str, torch.Tensor]:
+    """Sample-weighted fp32 mean of same-shaped blobs, read one at a time into one accumulator."""
+    total = sum(w for w, _ in weighted)
+    acc: dict[str, torch.Tensor] = {}
+    for weight, sha in weighted:
+        for name, value in safetensors.torch.load_file(str(blobs.path(sha))).items():
+            if name in acc:
+                acc[name].add_(value.float(), alpha=weight / total)
+            else:
+                acc[name] = value.float().mul_(weight / total)
+    return acc
+
+
 def average_blocks(blobs: BlobStore, specs: Sequence[BlockSpec], uploads: Sequence[tuple[float, list[str]]]) -> list[str]:
     """The weighted average of several full-model uploads, block by block: (weight, manifest)
-    pairs in, the averaged manifest out. Uploads are read memory-mapped; one block's fp32
-    accumulator is the only copy in memory. Rounded to the blocks' dtype once, at the end."""
-    total = sum(w for w, _ in uploads)
+    pairs in, the averaged manifest out. Only one block's fp32 accumulator and one client's copy
+    of that block are in memory at a time. Rounded to the blocks' dtype once, at the end."""
     manifest = []
     for spec in specs:
-        acc: dict[str, torch.Tensor] = {}
-        for weight, shas in uploads:
-            tensors = safetensors.torch.load_file(str(blobs.path(shas[spec.index])))
-            for name, value in tensors.items():
-                if name in acc:
-                    acc[name].add_(value.float(), alpha=weight / total)
-                else:
-                    acc[name] = value.float().mul_(weight / total)
+        acc = _weighted_mean(blobs, [(weight, shas[spec.index]) for weight, shas in uploads])
         out = {t.name: acc[t.name].to(st_dtype_to_torch(t.dtype)) for t in spec.tensors}
         manifest.append(blobs.put(serialize_block(out)))
     return manifest
@@ -106,15 +111,7 @@ def average_blocks(blobs: BlobStore, specs: Sequence[BlockSpec], uploads: Sequen
 
 def average_adapter(blobs: BlobStore, uploads: Sequence[tuple[float, str]]) -> str:
     """FedIT: the weighted mean of the clients' A and B matrices (fp32)."""
-    total = sum(w for w, _ in uploads)
-    acc: dict[str, torch.Tensor] = {}
-    for weight, sha in uploads:
-        for name, value in safetensors.torch.load_file(str(blobs.path(sha))).items():
-            if name in acc:
-                acc[name].add_(value.float(), alpha=weight / total)
-            else:
-                acc[name] = value.float().mul_(weight / total)
-    return blobs.put(serialize_block(acc))
+    return blobs.put(serialize_block(_weighted_mean(blobs, uploads)))
 
 
 def merge_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], lora: LoraConfig) -> None:
@@ -142,7 +139,5 @@ def adapter_entry(blobs: BlobStore, sha: str, index: int) -> pb.BlockEntry:
 
 def adapter_spec(entry: pb.BlockEntry) -> BlockSpec:
     """A block spec for the adapter, so uploads of it are checked like any block's."""
-    from fedcybgd.common.blocks import TensorSpec
-
     return BlockSpec(index=entry.index, name=entry.name,
                      tensors=tuple(TensorSpec(t.name, tuple(t.shape), t.dtype) for t in entry.tensors))

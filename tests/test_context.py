@@ -3,6 +3,7 @@ client holds, or not sent at all (layer dropping); the trainable block always ex
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 
 import grpc
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import start_client, wait_clients, wait_for, write_data
 from fedcybgd.common import context
-from fedcybgd.common.blocks import TensorSpec, block_tensors, partition_model
+from fedcybgd.common.blocks import TensorSpec, block_tensors, partition_model, torch_dtype_to_st
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks, serialize_block, sha256_hex
 from fedcybgd.server.app import start
 from fedcybgd.server.config import ContextConfig, CoordinatorConfig, TrainingConfig
@@ -30,8 +31,7 @@ def _pair(shape=(96, 130), dtype=torch.bfloat16, changed=0.8, seed=0):
     ref = {"w": (torch.randn(shape, generator=g) * 0.02).to(dtype), "norm": torch.ones(shape[0], dtype=dtype)}
     step = torch.randn(shape, generator=g) * 2e-3 * (torch.rand(shape, generator=g) < changed)
     new = {"w": (ref["w"].float() + step).to(dtype), "norm": (ref["norm"].float() * 1.01).to(dtype)}
-    specs = [TensorSpec("w", shape, {torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]),
-             TensorSpec("norm", (shape[0],), {torch.bfloat16: "BF16", torch.float32: "F32"}[dtype])]
+    specs = [TensorSpec("w", shape, torch_dtype_to_st(dtype)), TensorSpec("norm", (shape[0],), torch_dtype_to_st(dtype))]
     return ref, new, specs
 
 
@@ -175,17 +175,12 @@ def test_frozen_blocks_arrive_approximated_and_the_trainable_block_exactly(tiny_
         assert list(manifest.sending) == [latest[task.block_index], *[b.approx.sha256 for b in frozen]]
         # The trainable block arrives bit-exactly (as a delta against the base the client holds).
         chunks = [m.chunk for m in messages[1:] if m.chunk.blob_sha256 == latest[task.block_index]]
-        sink = bytearray()
-
-        class Sink:
-            def write(self, b):
-                sink.extend(b)
-                return len(b)
-        asm = BlobAssembler(trainable.sha256, trainable.size, Sink(),
+        sink = io.BytesIO()
+        asm = BlobAssembler(trainable.sha256, trainable.size, sink,
                             delta_source=lambda sha: coordinator.store.blobs.read(sha))
         for c in chunks:
             asm.add(c)
-        assert bytes(sink) == coordinator.store.blobs.read(trainable.sha256)
+        assert sink.getvalue() == coordinator.store.blobs.read(trainable.sha256)
         # Each frozen block decodes, within its method's error, to the current version.
         for entry in frozen:
             encoded = safetensors.torch.load(coordinator._approximations.read(entry.approx.sha256))
