@@ -6,6 +6,7 @@ sample counts, memory, seconds) are sent.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -105,7 +106,7 @@ class ClientDaemon:
                     if err.code() != grpc.StatusCode.UNAUTHENTICATED:
                         raise
         request = pb.RegisterRequest(name=self.config.name, device_kind=_device_kind(self.device),
-                                     memory_bytes=_memory_bytes(self.device), held_blobs=list(self.cache),
+                                     memory_bytes=_memory_bytes(self.device), software_version=_version(),
                                      join_token=self.config.join_token or "")
         reply = self._call("register", lambda: self.stub.Register(request))
         self.client_id = reply.client_id
@@ -317,6 +318,13 @@ class ClientDaemon:
                     self._withdrawn = True
             except (grpc.RpcError, ValueError):
                 pass  # the main loop sees and retries real outages (ValueError: channel closed)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fedcybgd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _device_kind(device: torch.device) -> str:

@@ -213,7 +213,7 @@ class Coordinator:
         self.state.add_client(client, _token_hash(token))
         self.metrics.clients_registered.inc()
         log.info("registered client %s (%s, %s)", client.id, name, client.device_kind)
-        return pb.RegisterResponse(client_id=client.id, token=token, heartbeat_interval_s=self.config.heartbeat_interval_s)
+        return pb.RegisterResponse(client_id=client.id, token=token)
 
     def authenticate(self, metadata: dict[str, str], peer_name: str | None = None) -> ClientRow:
         """The client a call comes from, by its bearer token; with mutual TLS the token must also
@@ -663,11 +663,11 @@ class Coordinator:
             if contribution is None or contribution.blobs[-1] != (header.blobs[-1].sha256 if header.blobs
                                                                   else header.blob_sha256):
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task.id} was already completed with other blobs")
-            return pb.UploadResponse(new_version=task.base_version, blob_sha256=contribution.blobs[-1], bytes_received=0)
+            return pb.UploadResponse(new_version=task.base_version, blob_sha256=contribution.blobs[-1])
         visit = self.state.visit_of_task(task.id)
         if visit is None or visit.blob_sha256 != header.blob_sha256:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"task {task.id} was already completed with another block")
-        return pb.UploadResponse(new_version=visit.new_version, blob_sha256=visit.blob_sha256, bytes_received=0)
+        return pb.UploadResponse(new_version=visit.new_version, blob_sha256=visit.blob_sha256)
 
     def _commit(self, client: ClientRow, task: TaskRow, header: pb.UploadHeader, wire_bytes: int) -> pb.UploadResponse:
         with self._cond:
@@ -697,7 +697,7 @@ class Coordinator:
         log.info("round %d committed: block %s -> version %d (loss %.4f -> %.4f)", task.round,
                  self.run.specs[task.block_index].name, visit.new_version, header.loss_before, header.loss_after)
         self._maybe_evaluate(visit.new_version)
-        return pb.UploadResponse(new_version=visit.new_version, blob_sha256=visit.blob_sha256, bytes_received=wire_bytes)
+        return pb.UploadResponse(new_version=visit.new_version, blob_sha256=visit.blob_sha256)
 
     def _visit_record(self, task: TaskRow, header: pb.UploadHeader, wire_bytes: int, now: float) -> dict:
         return {
@@ -729,7 +729,7 @@ class Coordinator:
                      header.loss_before, header.loss_after)
             version = self._merge_round_if_complete(task.round)
             self._cond.notify_all()
-        return pb.UploadResponse(new_version=version or task.base_version, blob_sha256=blobs[-1], bytes_received=wire_bytes)
+        return pb.UploadResponse(new_version=version or task.base_version, blob_sha256=blobs[-1])
 
     def _merge_round_if_complete(self, round_: int) -> int | None:
         """Average a FedAvg-family round once all its uploads are in (caller holds the lock);

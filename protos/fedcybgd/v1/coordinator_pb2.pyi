@@ -24,6 +24,7 @@ class ContextCodec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 
 class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_BLOCK: _ClassVar[TaskKind]
     TASK_FULL: _ClassVar[TaskKind]
     TASK_LORA: _ClassVar[TaskKind]
@@ -36,35 +37,32 @@ CONTEXT_DROP: ContextCodec
 CONTEXT_INT8: ContextCodec
 CONTEXT_INT4: ContextCodec
 CONTEXT_PRUNE: ContextCodec
+TASK_KIND_UNSPECIFIED: TaskKind
 TASK_BLOCK: TaskKind
 TASK_FULL: TaskKind
 TASK_LORA: TaskKind
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "device_kind", "memory_bytes", "held_blobs", "software_version", "join_token")
+    __slots__ = ("name", "device_kind", "memory_bytes", "software_version", "join_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
-    HELD_BLOBS_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_kind: str
     memory_bytes: int
-    held_blobs: _containers.RepeatedScalarFieldContainer[str]
     software_version: str
     join_token: str
-    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., held_blobs: _Optional[_Iterable[str]] = ..., software_version: _Optional[str] = ..., join_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., join_token: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("client_id", "token", "heartbeat_interval_s")
+    __slots__ = ("client_id", "token")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
-    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     token: str
-    heartbeat_interval_s: int
-    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., heartbeat_interval_s: _Optional[int] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -354,14 +352,12 @@ class UploadedBlob(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class UploadResponse(_message.Message):
-    __slots__ = ("new_version", "blob_sha256", "bytes_received")
+    __slots__ = ("new_version", "blob_sha256")
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
-    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     new_version: int
     blob_sha256: str
-    bytes_received: int
-    def __init__(self, new_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, new_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ("max_visits",)
@@ -434,7 +430,7 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix", "phase", "step", "steps")
+    __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix", "phase", "step", "steps", "block_name", "whole_model")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -444,6 +440,8 @@ class TaskStatus(_message.Message):
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_NAME_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_MODEL_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     client_id: str
     round: int
@@ -453,10 +451,12 @@ class TaskStatus(_message.Message):
     phase: str
     step: int
     steps: int
-    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., issued_unix: _Optional[float] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    block_name: str
+    whole_model: bool
+    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., issued_unix: _Optional[float] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., block_name: _Optional[str] = ..., whole_model: _Optional[bool] = ...) -> None: ...
 
 class VisitRecord(_message.Message):
-    __slots__ = ("round", "cycle", "block_index", "block_name", "client_id", "client_name", "task_id", "base_version", "new_version", "lr", "seed", "bytes_down", "bytes_up", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "visit_seconds", "samples")
+    __slots__ = ("round", "cycle", "block_index", "block_name", "client_id", "client_name", "task_id", "base_version", "new_version", "lr", "seed", "bytes_down", "bytes_up", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "visit_seconds", "samples", "whole_model")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CYCLE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -476,6 +476,7 @@ class VisitRecord(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VISIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_MODEL_FIELD_NUMBER: _ClassVar[int]
     round: int
     cycle: int
     block_index: int
@@ -495,7 +496,8 @@ class VisitRecord(_message.Message):
     train_seconds: float
     visit_seconds: float
     samples: int
-    def __init__(self, round: _Optional[int] = ..., cycle: _Optional[int] = ..., block_index: _Optional[int] = ..., block_name: _Optional[str] = ..., client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., task_id: _Optional[str] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., visit_seconds: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    whole_model: bool
+    def __init__(self, round: _Optional[int] = ..., cycle: _Optional[int] = ..., block_index: _Optional[int] = ..., block_name: _Optional[str] = ..., client_id: _Optional[str] = ..., client_name: _Optional[str] = ..., task_id: _Optional[str] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., visit_seconds: _Optional[float] = ..., samples: _Optional[int] = ..., whole_model: _Optional[bool] = ...) -> None: ...
 
 class EvalPoint(_message.Message):
     __slots__ = ("version", "rounds_done", "loss")
