@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedcybgd.common.context import DEFAULT_GROUP_SIZE, METHODS as CONTEXT_METHODS
 from fedcybgd.server.scheduler import ScheduleConfig
-from fedcybgd.server.strategies import BLOCK_CYCLE, STRATEGIES, LoraConfig
+from fedcybgd.server.strategies import STRATEGIES
+from fedcybgd.training.lora import LoraConfig
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class CoordinatorConfig:
     address: str = "127.0.0.1:50051"
     layers_per_block: int = 1
     dtype: str = "auto"                   # "auto" (as stored), "float32", "bfloat16", "float16"
-    strategy: str = "cybgd"               # cybgd | cybgd-parallel | fedavg-full | fedlora (server/strategies.py)
+    strategy: str = "cybgd"               # cybgd | cybgd-parallel | fedavg-full | fedlora (server/strategies/)
     max_concurrent_visits: int = 1        # 1: sequential, as in the paper; K > 1: parallel mode
     clients_per_round: int = 2            # fedavg-full / fedlora: distinct clients per round
     heartbeat_interval_s: int = 5
@@ -87,14 +88,8 @@ class CoordinatorConfig:
         if self.max_concurrent_visits < 1:
             raise ValueError("max_concurrent_visits must be >= 1")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
-        if self.strategy == "cybgd-parallel" and self.max_concurrent_visits < 2:
-            raise ValueError("strategy cybgd-parallel needs max_concurrent_visits >= 2 (K concurrent visits)")
-        if self.strategy not in BLOCK_CYCLE and self.max_concurrent_visits != 1:
-            raise ValueError(f"max_concurrent_visits applies to the block cycle, not to {self.strategy}")
-        if self.strategy not in BLOCK_CYCLE and self.context.method != "none":
-            raise ValueError("context compression applies to the block cycle's frozen blocks, not to "
-                             f"{self.strategy}")
+            raise ValueError(f"strategy must be one of {tuple(STRATEGIES)}, not {self.strategy!r}")
+        STRATEGIES[self.strategy].check_config(self)
         if not 1 <= self.clients_per_round <= 1024:
             raise ValueError("clients_per_round must be in [1, 1024]")
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES or self.chunk_bytes % 8:

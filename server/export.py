@@ -1,15 +1,19 @@
-"""Export a model version from a coordinator's state directory (the coordinator may be running)."""
+"""Export a model version from a coordinator's state directory (the coordinator may be running).
+
+A version is its blocks plus, for fedlora, an adapter (state metadata ``adapter:<version>``),
+merged into the exported weights with the LoRA settings stored with the run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import safetensors.torch
+from torch import nn
 
 from fedcybgd.common.modeling import specs_from_json
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.state import SqliteState
-from fedcybgd.server.strategies import LoraConfig, merge_adapter
+from fedcybgd.server.strategies.fedlora import lora_from_meta
+from fedcybgd.training.lora import merge_adapter
 
 
 def export_version(state_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:
@@ -18,20 +22,20 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
         raise FileNotFoundError(f"no coordinator state in {state_dir}")
     state = SqliteState(state_path)
     try:
-        blocks = state.get_meta("blocks")
-        if blocks is None:
+        blocks, dtype, latest = state.get_meta("blocks"), state.get_meta("dtype"), state.latest_version()
+        if blocks is None or dtype is None or latest is None:
             raise ValueError(f"the run in {state_dir} was never initialised")
-        latest, _ = state.latest_version()
-        version = latest if version is None else version
+        version = latest[0] if version is None else version
         manifest = state.manifest(version)
         store = ModelStore(state_dir)
-        adapter = state.get_meta(f"adapter:{version}")  # fedlora: merged into the exported weights
+        adapter, lora = state.get_meta(f"adapter:{version}"), state.get_meta("lora")
         merge = None
-        if adapter:
-            lora = json.loads(state.get_meta("run_config"))["lora"]
-            lora = LoraConfig(**{**lora, "target_modules": tuple(lora["target_modules"])})
+        if adapter and lora:
             tensors = safetensors.torch.load_file(str(store.blobs.path(adapter)))
-            merge = lambda model: merge_adapter(model, tensors, lora)  # noqa: E731
-        return store.export(specs_from_json(blocks), manifest, state.get_meta("dtype"), out_dir, merge=merge)
+            settings = lora_from_meta(lora)
+
+            def merge(model: nn.Module) -> None:
+                merge_adapter(model, tensors, settings)
+        return store.export(specs_from_json(blocks), manifest, dtype, out_dir, merge=merge)
     finally:
         state.close()

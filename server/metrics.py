@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from fedcybgd.server.records import VisitStats
+from fedcybgd.server.scheduler import Schedule
+
 DIRECTIONS = ("down", "up")
 #: block: the trainable block; context: the frozen rest of the model (and the manifest);
 #: full: whole-model exchanges (FedAvg-style strategies).
@@ -81,7 +84,7 @@ class CoordinatorMetrics:
         self.transfer_bytes.labels(direction=direction, kind=kind).inc(wire)
         self.transfer_raw_bytes.labels(direction=direction, kind=kind).inc(raw)
 
-    def set_progress(self, rounds_done: int, schedule) -> None:
+    def set_progress(self, rounds_done: int, schedule: Schedule) -> None:
         self.round.set(rounds_done)
         self.total_rounds.set(schedule.total_rounds)
         self.cycle.set(min(schedule.cycle_of(rounds_done), schedule.config.cycles - 1))
@@ -91,7 +94,7 @@ class CoordinatorMetrics:
         self.model_bytes.set(model_bytes)
         self.round_fedavg_equivalent_bytes.set(2 * model_bytes)
 
-    def observe_round(self, record: dict, round_bytes: dict[tuple[str, str], tuple[int, int]], client_name: str) -> None:
+    def observe_round(self, record: VisitStats, round_bytes: dict[tuple[str, str], tuple[int, int]], client_name: str) -> None:
         """A visit was committed: per-round gauges, outcome, losses, memory."""
         for direction in DIRECTIONS:
             for kind in KINDS:
@@ -99,11 +102,11 @@ class CoordinatorMetrics:
                 self.round_bytes.labels(direction=direction, kind=kind).set(wire)
                 self.round_raw_bytes.labels(direction=direction, kind=kind).set(raw)
         self.visits.labels(outcome="completed").inc()
-        self.visit_seconds.observe(record["visit_seconds"])
-        self.train_loss.labels(when="before").set(record["loss_before"])
-        self.train_loss.labels(when="after").set(record["loss_after"])
+        self.visit_seconds.observe(record.visit_seconds)
+        self.train_loss.labels(when="before").set(record.loss_before)
+        self.train_loss.labels(when="after").set(record.loss_after)
         self.fedavg_equivalent_bytes.inc(self._round_fedavg_bytes)
-        self.client_visit_peak.labels(client=client_name).set(record["peak_memory_bytes"])
+        self.client_visit_peak.labels(client=client_name).set(record.peak_memory_bytes)
 
     def observe_client_memory(self, client: str, gpu_allocated: int, gpu_reserved: int, host_rss: int) -> None:
         self.client_gpu_peak.labels(client=client, kind="allocated").set(gpu_allocated)

@@ -10,6 +10,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 ORDERS = ("ascending", "descending", "random")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -36,6 +37,16 @@ class ScheduleConfig:
             raise ValueError("lr must be > 0, warmup_visits >= 0, 0 <= min_lr_ratio <= 1")
 
 
+class Schedule(Protocol):
+    """A strategy's schedule: its rounds, and the learning rate and cycle of each."""
+
+    config: ScheduleConfig
+    total_rounds: int
+
+    def lr_of(self, round_: int) -> float: ...
+    def cycle_of(self, round_: int) -> int: ...
+
+
 class CycleSchedule:
     def __init__(self, num_blocks: int, config: ScheduleConfig) -> None:
         if num_blocks < 1:
@@ -58,12 +69,12 @@ class CycleSchedule:
         return blocks
 
     def block_of(self, round_: int) -> int:
-        self._check(round_)
+        self.check(round_)
         return self.block_order(self.cycle_of(round_))[round_ % self.num_blocks]
 
     def lr_of(self, round_: int) -> float:
         """Global schedule over all visits of the run, so it does not restart at each client."""
-        self._check(round_)
+        self.check(round_)
         cfg = self.config
         if round_ < cfg.warmup_visits:
             return cfg.lr * (round_ + 1) / cfg.warmup_visits
@@ -78,10 +89,10 @@ class CycleSchedule:
 
     def seed_of(self, round_: int) -> int:
         """Seed of the visit's data order: distinct per visit, stable across restarts."""
-        self._check(round_)
+        self.check(round_)
         digest = hashlib.sha256(f"fedcybgd-visit:{self.config.seed}:{round_}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
-    def _check(self, round_: int) -> None:
+    def check(self, round_: int) -> None:
         if not 0 <= round_ < self.total_rounds:
             raise IndexError(f"round {round_} outside the run's {self.total_rounds} rounds")

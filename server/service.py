@@ -1,4 +1,6 @@
-"""The gRPC face of the coordinator: authentication and status codes, no logic of its own."""
+"""The gRPC face of the coordinator: each RPC authenticates its caller, is logged, and is
+delegated to one `Coordinator` method; a `Refusal` becomes the gRPC status of the same name.
+No logic of its own."""
 from __future__ import annotations
 
 import functools
@@ -7,7 +9,8 @@ import logging
 import grpc
 
 from fedcybgd.common.transport import peer_common_name
-from fedcybgd.server.coordinator import Coordinator, RpcError
+from fedcybgd.server.coordinator import Coordinator
+from fedcybgd.server.errors import Refusal
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -15,8 +18,9 @@ log = logging.getLogger("fedcybgd.service")
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException):
-    if isinstance(exc, RpcError):
-        context.abort(exc.code, exc.message)
+    if isinstance(exc, Refusal):
+        log.debug("refused: %s %s", exc.status.name, exc.message)
+        context.abort(grpc.StatusCode[exc.status.name], exc.message)
     if isinstance(exc, grpc.RpcError):  # the peer's stream broke (cancelled, deadline, too large)
         log.info("call ended by the peer: %s", exc)
         context.abort(grpc.StatusCode.CANCELLED, "the request stream ended abnormally")
@@ -27,6 +31,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException):
 def _unary(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
+        log.debug("%s", method.__name__)
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
@@ -37,6 +42,7 @@ def _unary(method):
 def _streaming(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
+        log.debug("%s", method.__name__)
         try:
             yield from method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status code

@@ -12,9 +12,11 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from fedcybgd.server.records import VisitStats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,7 +87,7 @@ class ContributionRow:
     client_id: str
     blobs: list[str]          # fedavg-full: one blob per block, in block order; fedlora: [adapter]
     committed_unix: float
-    record: dict = field(default_factory=dict)
+    record: VisitStats
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class VisitRow:
     new_version: int
     blob_sha256: str
     committed_unix: float
-    record: dict = field(default_factory=dict)  # losses, memory, timings, bytes, lr, seed
+    record: VisitStats        # losses, memory, timings, bytes, lr, seed
 
 
 class CoordinatorState(Protocol):
@@ -139,9 +141,6 @@ class SqliteState:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(tasks)")}
-        if "slot" not in columns:  # a state directory from before the FedAvg-family strategies
-            self._db.execute("ALTER TABLE tasks ADD COLUMN slot INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -303,7 +302,7 @@ class SqliteState:
             "INSERT INTO visits (round, task_id, client_id, block_index, base_version, new_version,"
             " blob_sha256, record, committed_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (visit.round, visit.task_id, visit.client_id, visit.block_index, visit.base_version,
-             visit.new_version, visit.blob_sha256, json.dumps(visit.record), visit.committed_unix),
+             visit.new_version, visit.blob_sha256, visit.record.to_json(), visit.committed_unix),
         )
 
     # -- contributions (FedAvg-family rounds) ----------------------------------------------------
@@ -315,14 +314,14 @@ class SqliteState:
             db.execute(
                 "INSERT INTO contributions (task_id, round, slot, client_id, blobs, record, committed_unix)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (c.task_id, c.round, c.slot, c.client_id, json.dumps(c.blobs), json.dumps(c.record), c.committed_unix),
+                (c.task_id, c.round, c.slot, c.client_id, json.dumps(c.blobs), c.record.to_json(), c.committed_unix),
             )
 
     @staticmethod
     def _contribution(row: sqlite3.Row) -> ContributionRow:
         return ContributionRow(task_id=row["task_id"], round=row["round"], slot=row["slot"], client_id=row["client_id"],
                                blobs=json.loads(row["blobs"]), committed_unix=row["committed_unix"],
-                               record=json.loads(row["record"]))
+                               record=VisitStats.from_json(row["record"]))
 
     def contributions(self, round_: int) -> list[ContributionRow]:
         return [self._contribution(r) for r in
@@ -335,7 +334,7 @@ class SqliteState:
     @staticmethod
     def _visit(row: sqlite3.Row) -> VisitRow:
         values = {k: row[k] for k in VisitRow.__dataclass_fields__ if k != "record"}
-        return VisitRow(**values, record=json.loads(row["record"]))
+        return VisitRow(**values, record=VisitStats.from_json(row["record"]))
 
     def visits(self) -> list[VisitRow]:
         return [self._visit(r) for r in self._query("SELECT * FROM visits ORDER BY round")]

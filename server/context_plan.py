@@ -1,0 +1,124 @@
+"""Lossy context: which frozen blocks of a download travel as approximations, and the
+approximations themselves (encoded once, kept on disk, content-addressed).
+
+Only blocks the client lacks exactly, never a trainable blob, and only with a codec the client
+announced. An approximation is relative to the newest exact version of the block the client
+holds, and is used only when it is smaller on the wire than that block's lossless delta.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+
+from fedcybgd.common import context
+from fedcybgd.common.blobstore import BlobStore
+from fedcybgd.common.codec import encode_chunks, serialize_block
+from fedcybgd.common.modeling import word_size
+from fedcybgd.server.config import ContextConfig
+from fedcybgd.server.history import BlockHistory
+from fedcybgd.server.run import RunInfo
+from fedcybgd.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger("fedcybgd.coordinator")
+
+CONTEXT_CODECS = {"drop": pb.CONTEXT_DROP, "int8": pb.CONTEXT_INT8, "int4": pb.CONTEXT_INT4, "prune": pb.CONTEXT_PRUNE}
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """How one frozen block reaches the client instead of its exact blob: `sha256` is the encoded
+    approximation ("" when nothing is sent: layer dropping), relative to `reference`."""
+
+    codec: int
+    sha256: str
+    size: int
+    reference: str
+    group_size: int = 0
+
+
+class ContextPlanner:
+    def __init__(self, config: ContextConfig, blobs: BlobStore, run: RunInfo, history: BlockHistory,
+                 directory: Path) -> None:
+        self._config = config
+        self._blobs = blobs
+        self._run = run
+        self._history = history
+        self.store = BlobStore(directory)   # the encoded approximations
+        self._made: dict[tuple, tuple[str, int] | None] = {}
+        self._key_locks: dict[tuple, threading.Lock] = {}
+        self._index_lock = threading.Lock()
+
+    @property
+    def codec(self) -> int | None:
+        return CONTEXT_CODECS.get(self._config.method)
+
+    def plan(self, manifest: list[str], trainable: set[str], have: set[str], accepted: set[int],
+             seed: int) -> dict[int, Approximation]:
+        """Block index -> approximation, for the frozen blocks of this download."""
+        codec, cfg = self.codec, self._config
+        if codec is None or codec not in accepted:
+            return {}
+        frozen = [(i, sha, self._history.delta_base(i, sha, have)) for i, sha in enumerate(manifest)
+                  if sha not in trainable and sha not in have]
+        if cfg.method == "drop":
+            # Layer dropping as the authors' code does it: a seeded share of the changed frozen
+            # blocks is not sent; the client keeps the version it holds.
+            candidates = [(i, ref) for i, _, ref in frozen if ref]
+            chosen = random.Random(f"fedcybgd-drop:{seed}").sample(
+                candidates, math.floor(cfg.effective_ratio * len(candidates) + 0.5))
+            return {i: Approximation(codec=codec, sha256="", size=0, reference=ref) for i, ref in chosen}
+        plan = {}
+        for i, sha, ref in frozen:
+            made = self._approximation(i, sha, ref)
+            if made is not None:
+                plan[i] = Approximation(codec=codec, sha256=made[0], size=made[1], reference=ref or "",
+                                        group_size=cfg.group_size)
+        return plan
+
+    def _approximation(self, block: int, sha: str, reference: str | None) -> tuple[str, int] | None:
+        """The encoded approximation of blob `sha` relative to `reference`, made once and kept;
+        None when it would not be smaller on the wire than the exact block. Different blocks are
+        encoded concurrently; the same one only once."""
+        cfg = self._config
+        key = (cfg.method, cfg.effective_ratio, cfg.group_size, sha, reference)
+        with self._index_lock:
+            if key in self._made:
+                return self._made[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._index_lock:
+                if key in self._made:
+                    return self._made[key]
+            made = self._encode(block, sha, reference)
+            with self._index_lock:
+                self._made[key] = made
+                self._key_locks.pop(key, None)
+            return made
+
+    def _encode(self, block: int, sha: str, reference: str | None) -> tuple[str, int] | None:
+        cfg = self._config
+        tensors = safetensors.torch.load_file(str(self._blobs.path(sha)))
+        ref = safetensors.torch.load_file(str(self._blobs.path(reference))) if reference else None
+        blob = serialize_block(context.encode(cfg.method, tensors, ref, ratio=cfg.effective_ratio,
+                                              group_size=cfg.group_size))
+        with self._blobs.open_mmap(sha) as exact, \
+                (self._blobs.open_mmap(reference) if reference else contextlib.nullcontext()) as older:
+            delta = (reference, older) if reference else None
+            lossless = wire_size(sha, exact, word_size(self._run.specs[block]), delta)
+        lossy = wire_size("", blob, 1, None)
+        worth_it = lossy < lossless
+        log.debug("block %d: %s approximation of %s: %d bytes on the wire vs %d exact%s", block, cfg.method,
+                  sha[:12], lossy, lossless, "" if worth_it else ": sent exactly")
+        return (self.store.put(blob), len(blob)) if worth_it else None
+
+
+def wire_size(sha: str, data, words: int, delta) -> int:
+    """Encoded size of a blob with the default download codec (byte grouping)."""
+    return sum(len(c.data) for c in encode_chunks(sha, data, codec=pb.CODEC_BYTEGROUP, word_size=words, delta=delta))

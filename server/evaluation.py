@@ -1,0 +1,75 @@
+"""Held-out evaluation on the coordinator, in a thread of its own: the base model at start, a
+version after each cycle's worth of training (when configured), and the final version."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import torch
+
+from fedcybgd.common.data import load_packed
+from fedcybgd.common.eval import evaluate_loss, spread_sample
+from fedcybgd.server.config import EvalConfig
+from fedcybgd.server.history import CompletedRounds
+from fedcybgd.server.metrics import CoordinatorMetrics
+from fedcybgd.server.model_store import ModelStore
+from fedcybgd.server.run import RunInfo
+from fedcybgd.server.state import CoordinatorState
+from fedcybgd.server.strategies import Strategy
+
+log = logging.getLogger("fedcybgd.coordinator")
+
+
+class Evaluator:
+    def __init__(self, config: EvalConfig, seq_len: int, state: CoordinatorState, store: ModelStore, run: RunInfo,
+                 strategy: Strategy, rounds: CompletedRounds, metrics: CoordinatorMetrics) -> None:
+        self._config = config
+        self._state = state
+        self._store = store
+        self._run = run
+        self._strategy = strategy
+        self._rounds = rounds
+        self._metrics = metrics
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        sequences = load_packed(config.data, store.tokenizer(), seq_len)
+        self._sequences: torch.Tensor = spread_sample(sequences, config.max_sequences)
+        self._thread = threading.Thread(target=self._loop, name="evaluator", daemon=True)
+
+    def start(self) -> None:
+        """Evaluate what a restarted run has not evaluated yet: the base, and the final version."""
+        evaluated = {v for v, _, _ in self._state.evals()}
+        latest, _ = self._state.latest_version()
+        self._thread.start()
+        for version in (0, latest) if self._rounds.all_done else (0,):
+            if version not in evaluated:
+                self._queue.put(version)
+
+    def version_committed(self, version: int) -> None:
+        """Queue an evaluation after each cycle's worth of training (and at the end of the run)."""
+        per_round = self._strategy.tasks_per_round
+        done, before = self._rounds.count * per_round, (self._rounds.count - 1) * per_round
+        blocks = len(self._run.specs)
+        if self._rounds.all_done or (self._config.every_cycle and done // blocks > before // blocks):
+            self._queue.put(version)
+
+    def evaluate(self, version: int) -> float:
+        """Held-out loss of one model version."""
+        model = self._store.build_model(self._run.specs, self._state.manifest(version), self._run.dtype)
+        self._strategy.finish_model(model, version)
+        return evaluate_loss(model, self._sequences, self._config.batch_size)
+
+    def _loop(self) -> None:
+        while (version := self._queue.get()) is not None:
+            try:
+                loss = self.evaluate(version)
+                rounds = sum(1 for v in self._state.visits() if v.new_version <= version)
+                self._state.add_eval(version, rounds, loss)
+                self._metrics.eval_loss.set(loss)
+                log.info("held-out loss of version %d (after %d rounds): %.4f", version, rounds, loss)
+            except Exception:
+                log.exception("evaluation of version %d failed", version)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)

@@ -1,0 +1,98 @@
+"""Protobuf <-> the coordinator's own records, in one place: requests are read into typed
+records here, and replies built from them here. The parts behind it never parse a request."""
+from __future__ import annotations
+
+from fedcybgd.common.blobstore import BlobStore
+from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.context_plan import Approximation
+from fedcybgd.server.downloads import DownloadRequest
+from fedcybgd.server.enrolment import Enrolment
+from fedcybgd.server.records import ALL_BLOCKS, ClaimedBlob, UploadClaim
+from fedcybgd.server.run import RunInfo
+from fedcybgd.server.state import TaskRow
+from fedcybgd.server.strategies import Strategy
+from fedcybgd.server.tasks import Beat, TaskOffer
+from fedcybgd.v1 import coordinator_pb2 as pb
+
+#: Chunk codecs the coordinator decodes in uploads, best first.
+UPLOAD_CODECS = (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE)
+
+
+# -- requests ----------------------------------------------------------------------------------
+def enrolment(req: pb.RegisterRequest) -> Enrolment:
+    return Enrolment(name=req.name, device_kind=req.device_kind, memory_bytes=req.memory_bytes,
+                     software_version=req.software_version, join_token=req.join_token)
+
+
+def beat(req: pb.HeartbeatRequest) -> Beat:
+    return Beat(task_id=req.task_id, phase=req.phase, step=req.step,
+                gpu_peak_allocated_bytes=req.gpu_peak_allocated_bytes,
+                gpu_peak_reserved_bytes=req.gpu_peak_reserved_bytes, host_rss_bytes=req.host_rss_bytes)
+
+
+def download_request(req: pb.DownloadRequest) -> DownloadRequest:
+    return DownloadRequest(task_id=req.task_id, have=frozenset(req.have),
+                           resume={r.sha256: r.offset for r in req.resume}, codecs=tuple(req.accept_codecs),
+                           context_codecs=frozenset(req.accept_context))
+
+
+def upload_claim(header: pb.UploadHeader) -> UploadClaim:
+    return UploadClaim(
+        task_id=header.task_id, base_version=header.base_version,
+        single=ClaimedBlob(header.block_index, header.blob_sha256, header.blob_size),
+        listed=tuple(ClaimedBlob(b.block_index, b.sha256, b.size) for b in header.blobs),
+        samples=header.samples, tokens=header.tokens, loss_before=header.loss_before,
+        loss_after=header.loss_after, peak_memory_bytes=header.peak_memory_bytes,
+        train_seconds=header.train_seconds, download_seconds=header.download_seconds, device=header.device)
+
+
+# -- replies -----------------------------------------------------------------------------------
+def task(row: TaskRow, strategy: Strategy, training: TrainingConfig) -> pb.Task:
+    """A task with its hyper-parameters: the scheduled learning rate and seed, the run's rest."""
+    hyper = pb.Hyper(lr=strategy.schedule.lr_of(row.round), local_steps=training.local_steps,
+                     batch_size=training.batch_size, seq_len=training.seq_len, seed=strategy.seed_of(row),
+                     weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm)
+    return pb.Task(task_id=row.id, cycle=strategy.schedule.cycle_of(row.round), round=row.round,
+                   block_index=max(row.block_index, 0), block_name=strategy.scope_name(row.block_index),
+                   base_version=row.base_version, hyper=hyper, kind=strategy.task_kind)
+
+
+def task_offer(offer: TaskOffer, strategy: Strategy, training: TrainingConfig) -> pb.GetTaskResponse:
+    if offer.task is not None:
+        return pb.GetTaskResponse(task=task(offer.task, strategy, training))
+    if offer.final_version is not None:
+        return pb.GetTaskResponse(done=pb.Done(final_version=offer.final_version))
+    return pb.GetTaskResponse(wait=pb.Wait(retry_after_ms=500, reason=offer.wait_reason))
+
+
+def block_entry(spec: BlockSpec, sha: str, size: int, approx: Approximation | None = None) -> pb.BlockEntry:
+    return pb.BlockEntry(
+        index=spec.index, name=spec.name, sha256=sha, size=size,
+        tensors=[pb.TensorEntry(name=t.name, shape=t.shape, dtype=t.dtype) for t in spec.tensors],
+        approx=None if approx is None else pb.ContextApprox(
+            codec=approx.codec, sha256=approx.sha256, size=approx.size, reference_sha256=approx.reference,
+            group_size=approx.group_size))
+
+
+def manifest(version: int, specs: list[BlockSpec], blocks: list[str], blobs: BlobStore, sending: list[str],
+             approximations: dict[int, Approximation], extra: str | None, extra_spec: BlockSpec | None) -> pb.Manifest:
+    entries = [block_entry(spec, sha, blobs.size(sha), approximations.get(spec.index))
+               for spec, sha in zip(specs, blocks, strict=True)]
+    adapter = block_entry(extra_spec, extra, blobs.size(extra)) if extra and extra_spec else None
+    return pb.Manifest(version=version, blocks=entries, sending=sending, adapter=adapter)
+
+
+def model_info(config: CoordinatorConfig, run: RunInfo, config_json: str,
+               tokenizer_files: dict[str, bytes]) -> pb.ModelInfo:
+    """Everything a client needs besides the weights (tokenizer files zstd-compressed)."""
+    lora = config.lora
+    return pb.ModelInfo(
+        model_id=run.model_id, config_json=config_json, tokenizer_files=tokenizer_files,
+        tokenizer_codec=pb.CODEC_ZSTD, upload_codecs=UPLOAD_CODECS, dtype=run.dtype, num_blocks=len(run.specs),
+        layers_per_block=config.layers_per_block, strategy=config.strategy,
+        lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules)))
+
+
+def whole_model(block_index: int) -> bool:
+    return block_index == ALL_BLOCKS

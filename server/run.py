@@ -1,0 +1,71 @@
+"""Opening a run: a new state directory imports the model as version 0; an existing one is
+checked against the settings it was started with (a run cannot change them midway)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.common.config import to_dict
+from fedcybgd.common.modeling import specs_from_json, specs_to_json
+from fedcybgd.server.model_store import ModelStore
+from fedcybgd.server.state import CoordinatorState
+
+if TYPE_CHECKING:
+    from fedcybgd.server.config import CoordinatorConfig
+    from fedcybgd.server.strategies.base import Strategy
+
+log = logging.getLogger("fedcybgd.coordinator")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run trains: its block partition, the dtype blocks are exchanged in, and the id of
+    its base model (the SHA-256 of the version-0 manifest)."""
+
+    specs: list[BlockSpec]
+    dtype: str
+    model_id: str
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def run_fingerprint(config: CoordinatorConfig, strategy: Strategy) -> str:
+    """The settings a run cannot change midway without invalidating what was trained."""
+    settings = {
+        "layers_per_block": config.layers_per_block, "dtype": config.dtype,
+        "max_concurrent_visits": config.max_concurrent_visits,
+        "schedule": to_dict(config.schedule), "training": to_dict(config.training),
+        **strategy.fingerprint(),
+    }
+    return json.dumps(settings, sort_keys=True)
+
+
+def open_run(config: CoordinatorConfig, state: CoordinatorState, store: ModelStore, strategy: Strategy) -> RunInfo:
+    fingerprint = run_fingerprint(config, strategy)
+    stored = state.get_meta("run_config")
+    if stored is None:
+        if not config.model:
+            raise ValueError("a new run needs a model directory (--model)")
+        log.info("importing model %s", config.model)
+        specs, manifest, dtype = store.import_model(config.model, config.layers_per_block, config.dtype)
+        model_id = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
+        state.add_version(0, manifest, None, replace=True)  # a crash mid-import may have left one
+        meta = {"blocks": specs_to_json(specs), "dtype": dtype, "model_id": model_id,
+                **strategy.initial_meta(store, specs, manifest, dtype)}
+        # Written last: its presence marks a completely initialised run.
+        state.set_meta({**meta, "run_config": fingerprint})
+        log.info("run initialised: %d blocks, dtype %s, model %s", len(specs), dtype, model_id[:12])
+    elif stored != fingerprint:
+        raise ValueError(
+            f"state directory {config.state_dir} belongs to a run with other settings:\n  stored:  {stored}\n"
+            f"  current: {fingerprint}\nuse a fresh --state-dir or the same settings")
+    blocks, dtype, model_id = state.get_meta("blocks"), state.get_meta("dtype"), state.get_meta("model_id")
+    if blocks is None or dtype is None or model_id is None:
+        raise ValueError(f"state directory {config.state_dir} holds an incomplete run")
+    return RunInfo(specs=specs_from_json(blocks), dtype=dtype, model_id=model_id)
