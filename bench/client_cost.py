@@ -72,7 +72,7 @@ def _data(tokenizer, rows: int, seq_len: int) -> torch.LongTensor:
 
 def worker(args: argparse.Namespace) -> dict:
     """Run one configuration in this process and return its figures."""
-    from fedcybgd.client.trainer import VisitHyper, train_block, train_full, train_lora
+    from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
     from fedcybgd.common.blocks import partition_model
 
     torch.set_num_threads(args.threads)

@@ -167,7 +167,7 @@ class Coordinator:
 
     def _initial_adapter(self, specs: list[BlockSpec], manifest: list[str], dtype: str) -> str:
         """fedlora's version-0 adapter (B = 0: the model is unchanged), made once for every client."""
-        from fedcybgd.client.trainer import initial_lora_adapter
+        from fedcybgd.training import initial_lora_adapter
 
         lora = self.config.lora
         model = self.store.build_model(specs, manifest, dtype)
