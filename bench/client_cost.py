@@ -111,13 +111,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 def _rss() -> int | None:
     """The process's resident set size now (Linux), or the CUDA memory allocated on a GPU run."""
+    from fedcybgd.common.procfs import status_field
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.memory_allocated())
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
+    return status_field("VmRSS")
 
 
 # ------------------------------------------------------------------------------------------ the driver
