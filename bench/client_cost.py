@@ -72,7 +72,7 @@ def _data(tokenizer, rows: int, seq_len: int) -> torch.LongTensor:
 
 def worker(args: argparse.Namespace) -> dict:
     """Run one configuration in this process and return its figures."""
-    from fedcybgd.client.trainer import VisitHyper, train_block, train_full, train_lora
+    from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
     from fedcybgd.common.blocks import partition_model
 
     torch.set_num_threads(args.threads)
@@ -111,13 +111,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 def _rss() -> int | None:
     """The process's resident set size now (Linux), or the CUDA memory allocated on a GPU run."""
+    from fedcybgd.common.procfs import status_field
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.memory_allocated())
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
+    return status_field("VmRSS")
 
 
 # ------------------------------------------------------------------------------------------ the driver

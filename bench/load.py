@@ -47,6 +47,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedcybgd.common import procfs
 from fedcybgd.common.codec import GRPC_CHANNEL_OPTIONS
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
@@ -55,7 +56,7 @@ MB = 1e6
 MiB = 1024 * 1024
 #: One TCP connection per simulated client: channels with the same target would otherwise share one.
 CHANNEL_OPTIONS = [*GRPC_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM", "Threads")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -83,29 +84,7 @@ def free_port() -> int:
 
 def read_status(pid: int) -> dict[str, int]:
     """Memory figures of a process in bytes (VmRSS, RssAnon, RssFile, RssShmem, VmHWM) and Threads."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-            elif key == "Threads":
-                out[key] = int(value)
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
-
-def machine_busy_seconds() -> float:
-    """CPU-seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
+    return {k: v for k, v in procfs.status(pid).items() if k in STATUS_FIELDS}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -165,20 +144,20 @@ class Phase:
 
     def __enter__(self) -> "Phase":
         self.sampler.sample_now()
-        self.t0, self.cpu0, self.own0 = time.monotonic(), cpu_seconds(self.pid), time.process_time()
-        self.busy0 = machine_busy_seconds()
+        self.t0, self.cpu0, self.own0 = time.monotonic(), procfs.cpu_seconds(self.pid), time.process_time()
+        self.busy0 = procfs.machine_busy_seconds()
         self.load0 = os.getloadavg()[0]
         return self
 
     def __exit__(self, *exc) -> None:
         self.sampler.sample_now()
         self.t1 = time.monotonic()
-        coordinator, bench = cpu_seconds(self.pid) - self.cpu0, time.process_time() - self.own0
+        coordinator, bench = procfs.cpu_seconds(self.pid) - self.cpu0, time.process_time() - self.own0
         self.result = {
             "t0": self.t0, "t1": self.t1, "seconds": self.t1 - self.t0,
             "coordinator_cpu_s": coordinator, "bench_cpu_s": bench,
             # busy CPU-seconds of everything else on the machine: other jobs disturbing the figures
-            "other_cpu_s": max(0.0, machine_busy_seconds() - self.busy0 - coordinator - bench),
+            "other_cpu_s": max(0.0, procfs.machine_busy_seconds() - self.busy0 - coordinator - bench),
             "loadavg_1min_start": self.load0, "loadavg_1min_end": os.getloadavg()[0],
             "memory": self.sampler.window(self.t0, self.t1),
         }

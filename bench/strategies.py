@@ -83,13 +83,13 @@ def centralized_main(args: argparse.Namespace) -> None:
 
     from fedcybgd.cli.demo import DemoOptions, prepare_inputs
     from fedcybgd.cli.main import DEMO_DEFAULTS
-    from fedcybgd.client.trainer import _peak_memory, _reset_peak_memory
     from fedcybgd.common.blocks import partition_model
     from fedcybgd.common.data import load_packed
     from fedcybgd.common.eval import evaluate_loss, spread_sample
     from fedcybgd.server.config import EvalConfig, TrainingConfig
     from fedcybgd.server.reference import run_block_cyclic, run_centralized_full
     from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
+    from fedcybgd.training import peak_memory, reset_peak_memory
 
     torch.set_num_threads(1)
     real = args.model != "tiny"
@@ -106,7 +106,7 @@ def centralized_main(args: argparse.Namespace) -> None:
     evaluation = EvalConfig()
     eval_sequences = spread_sample(load_packed(eval_data, tokenizer, training.seq_len), options.eval_sequences)
     before = evaluate_loss(model, eval_sequences, evaluation.batch_size)
-    _reset_peak_memory(torch.device("cpu"))
+    reset_peak_memory(torch.device("cpu"))
     started = time.perf_counter()
     if args.centralized == "centralized full FT":
         schedule = CycleSchedule(len(partition_model(model, options.layers_per_block)), schedule_config)
@@ -114,7 +114,7 @@ def centralized_main(args: argparse.Namespace) -> None:
     else:
         run_block_cyclic(model, pooled, options.layers_per_block, schedule_config, training)
     seconds = time.perf_counter() - started
-    peak = _peak_memory(torch.device("cpu"))
+    peak = peak_memory(torch.device("cpu"))
     after = evaluate_loss(model, eval_sequences, evaluation.batch_size)
     visits = len(partition_model(model, options.layers_per_block))
     result = {"strategy": args.centralized, "eval_loss_before": before, "eval_loss_after": after, "bytes": 0,

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.metrics import ClientMetrics, rss_bytes
-from fedcybgd.client.trainer import VisitHyper, train_block, train_full, train_lora
+from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
 from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_blobs
 from fedcybgd.common import context
 from fedcybgd.common.blobstore import BlobStore

@@ -5,20 +5,10 @@ which includes other processes) when the `pynvml` module is present.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-
-def rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+from fedcybgd.common.procfs import rss_bytes
 
 
 class ClientMetrics:

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedcybgd.client.trainer import VisitHyper, VisitResult, train_block, train_full
 from fedcybgd.common.blocks import BlockSpec, partition_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
+from fedcybgd.training import VisitHyper, VisitResult, train_block, train_full
 
 __all__ = ["run_reference", "run_block_cyclic", "run_centralized_full", "lr_of_step", "visit_hyper"]
 

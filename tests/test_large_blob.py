@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedcybgd.common.procfs import status_field
+
 #: bf16 rows x columns: 2 GiB + 32 MiB of tensor data.
 SHAPE = (33_280, 32_768)
 TENSOR_BYTES = SHAPE[0] * SHAPE[1] * 2
@@ -75,10 +77,10 @@ class AnonSampler:
 
     @staticmethod
     def now() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no RssAnon in /proc/self/status")
+        value = status_field("RssAnon")
+        if value is None:
+            raise RuntimeError("no RssAnon in /proc/self/status")
+        return value
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):

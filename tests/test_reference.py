@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcybgd.client.trainer import VisitHyper, train_full
 from fedcybgd.common.blocks import partition_model
 from fedcybgd.common.data import Document, pack_sequences, tokenize_documents
 from fedcybgd.common.eval import evaluate_loss
@@ -13,6 +12,7 @@ from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.reference import lr_of_step, run_block_cyclic, run_centralized_full, run_reference
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
+from fedcybgd.training import VisitHyper, train_full
 
 torch.set_num_threads(1)
 

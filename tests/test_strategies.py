@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import start_client, wait_clients, wait_for, write_data
-from fedcybgd.client.trainer import VisitHyper, initial_lora_adapter, train_full, train_lora
 from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.codec import encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.data import load_packed
@@ -21,6 +20,7 @@ from fedcybgd.server.config import ContextConfig, CoordinatorConfig, EvalConfig,
 from fedcybgd.server.export import export_version
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.strategies import FedAvgRounds, LoraConfig, merge_adapter
+from fedcybgd.training import VisitHyper, initial_lora_adapter, train_full, train_lora
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 

@@ -1,11 +1,15 @@
-"""One visit of block coordinate descent (client/trainer.py) and the shared loss evaluation."""
+"""One visit of block coordinate descent (training/) and the shared loss evaluation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedcybgd.client.trainer import (
+from fedcybgd.common.blocks import EMBED_HEAD, block_params, load_block, partition_model
+from fedcybgd.common.data import Document, pack_sequences, tokenize_documents, visit_batches
+from fedcybgd.common.eval import evaluate_loss as common_evaluate_loss
+from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
+from fedcybgd.training import (
     VisitHyper,
     VisitResult,
     evaluate_loss,
@@ -14,11 +18,7 @@ from fedcybgd.client.trainer import (
     train_full,
     train_lora,
 )
-from fedcybgd.common.blocks import EMBED_HEAD, block_params, load_block, partition_model
-from fedcybgd.common.data import Document, pack_sequences, tokenize_documents, visit_batches
-from fedcybgd.common.layers import decoder_stack
-from fedcybgd.common.eval import evaluate_loss as common_evaluate_loss
-from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
+from fedcybgd.training.layers import decoder_stack
 
 torch.set_num_threads(1)
 

@@ -1,5 +1,5 @@
-"""Running a causal LM from one decoder layer upward: the model-specific knowledge the client's
-memory/compute options need, in one place.
+"""The decoder layers of a causal LM: which of them a block holds, running the model from one of them upward, and
+checkpointing them. The model-specific knowledge the block visit's memory/compute options need, in one place.
 
 A block visit trains layers ``i..j`` with everything else frozen, so the hidden states entering
 layer ``i`` are a fixed function of a row's tokens for the whole visit. When a row recurs (local
@@ -16,16 +16,42 @@ are recomputed during backward instead of kept), for any architecture.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fedcybgd.common.blocks import find_decoder_layers
+from fedcybgd.common.blocks import BlockSpec, find_decoder_layers
 
-__all__ = ["DecoderStack", "decoder_stack", "LayerInputCapture", "forward_from_layer", "checkpoint_layers"]
+__all__ = ["DecoderStack", "decoder_stack", "LayerInputCapture", "forward_from_layer", "checkpoint_layers",
+           "LayerCall", "decoder_layers", "block_layers", "layers_above"]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers, as the block partition finds them."""
+    return model.get_submodule(find_decoder_layers(model)[0])
+
+
+def block_layers(model: nn.Module, spec: BlockSpec) -> range | None:
+    """The decoder layers block ``spec`` consists of, or None when it holds anything else (embed_head)."""
+    layers_name, _ = find_decoder_layers(model)
+    prefix = layers_name + "." if layers_name else ""
+    indices = set()
+    for name in spec.names:
+        head = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        if not head.isdigit():
+            return None
+        indices.add(int(head))
+    return range(min(indices), max(indices) + 1) if indices else None
+
+
+def layers_above(model: nn.Module, spec: BlockSpec) -> list[nn.Module]:
+    """The decoder layers the gradient of block ``spec`` passes through without training them."""
+    own = block_layers(model, spec)
+    first = 0 if own is None else own[-1] + 1  # embed_head: its embeddings lie below every decoder layer
+    return list(decoder_layers(model))[first:]
 
 
 @dataclass(frozen=True)
@@ -64,7 +90,9 @@ def decoder_stack(model: nn.Module) -> DecoderStack | None:
 
 
 @dataclass
-class _LayerCall:
+class LayerCall:
+    """The arguments one decoder layer received besides the hidden states, to call it again the same way."""
+
     args: tuple  # positional arguments after the hidden states
     kwargs: dict
 
@@ -78,7 +106,7 @@ class LayerInputCapture:
     stack: DecoderStack
     start: int
     hidden: torch.Tensor | None = None
-    calls: list[_LayerCall] = field(default_factory=list)
+    calls: list[LayerCall] = field(default_factory=list)
 
     def __enter__(self) -> LayerInputCapture:
         self._handles = [
@@ -87,25 +115,27 @@ class LayerInputCapture:
         ]
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
 
-    def _hook(self, offset: int):
-        def pre(module, args, kwargs):
+    def _hook(self, offset: int) -> Callable[[nn.Module, tuple, dict], None]:
+        """A forward pre-hook for layer ``start + offset``; the first layer's hook starts a new record."""
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             kwargs = dict(kwargs)
             hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
             rest = args[1:] if args and args[0] is hidden else args
             if offset == 0:
                 self.hidden = hidden.detach()
                 self.calls = []
-            self.calls.append(_LayerCall(tuple(rest), kwargs))
+            self.calls.append(LayerCall(tuple(rest), kwargs))
 
         return pre
 
 
 def forward_from_layer(model: nn.Module, stack: DecoderStack, start: int, hidden: torch.Tensor,
-                       calls: Sequence[_LayerCall], labels: torch.Tensor) -> torch.Tensor:
+                       calls: Sequence[LayerCall], labels: torch.Tensor) -> torch.Tensor:
     """Mean causal-LM loss of the model on ``labels`` when layer ``start`` receives ``hidden``:
     layers ``start..`` (called with the arguments ``calls`` recorded from a batch of the same
     shape), final norm, head and the model's own loss function."""

@@ -1,0 +1,101 @@
+"""One visit of Cycle Block Gradient Descent: train ONE block of the model on local data, all else frozen, through
+the shared loop (``training/loop.py``), with the block visit's two memory/compute options."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from fedcybgd.common.blocks import BlockSpec, block_params, block_tensors
+from fedcybgd.common.eval import causal_lm_loss, model_device
+from fedcybgd.training.hyper import VisitHyper, VisitResult
+from fedcybgd.training.layers import (
+    DecoderStack, LayerInputCapture, LayerCall, block_layers, checkpoint_layers, decoder_stack, forward_from_layer,
+    layers_above,
+)
+from fedcybgd.training.loop import OnStep, check_inputs, cpu_copies, fit, visit_rows
+
+__all__ = ["train_block"]
+
+
+def train_block(
+    model: nn.Module,
+    spec: BlockSpec,
+    sequences: torch.LongTensor,
+    hyper: VisitHyper,
+    *,
+    on_step: OnStep | None = None,
+    checkpoint_above: bool = False,
+    cache_block_inputs: bool = False,
+) -> VisitResult:
+    """Train the block ``spec`` of ``model`` (already on its device) on rows of ``sequences`` ``[n, seq_len]``.
+
+    Only the block's parameters change. ``on_step(step_index, loss)`` is called after every optimizer step.
+    Raises ``ValueError`` for inconsistent inputs and ``FloatingPointError`` when the training loss stops being
+    finite (a diverged block must not be uploaded).
+
+    Memory/compute options, off by default (the default path is the bit-exact anchor of the federated run); with
+    them the result matches the default within float tolerance:
+
+    * ``checkpoint_above``: the frozen decoder layers above the block (every decoder layer for ``embed_head``,
+      whose embeddings sit below them) keep only their inputs for backward and recompute their activations when
+      the gradient passes through them.
+    * ``cache_block_inputs``: the hidden states entering the block are kept for rows that recur later in the
+      visit (local epochs: ``steps * batch_size > n``) and dropped after their last use; a step whose rows are all
+      kept runs from the block upward only (``training/layers.py``). Decoder-layer blocks of the architectures
+      ``decoder_stack`` knows; elsewhere the option changes nothing.
+    """
+    check_inputs(sequences, hyper)
+    step_loss = None
+    if cache_block_inputs:
+        step_loss = _BlockInputCache.for_visit(model, spec, sequences, visit_rows(sequences, hyper)[1])
+    with checkpoint_layers(layers_above(model, spec)) if checkpoint_above else contextlib.nullcontext():
+        return fit(model, block_params(model, spec), sequences, hyper, what=f"block {spec.name!r}",
+                   on_step=on_step, step_loss=step_loss,
+                   collect=lambda: cpu_copies(block_tensors(model, spec)))
+
+
+class _BlockInputCache:
+    """``step_loss`` for ``cache_block_inputs``: keeps the hidden states entering the block for the rows that
+    recur later in the visit, and runs a step from the block upward when all its rows are kept."""
+
+    def __init__(self, model: nn.Module, stack: DecoderStack, start: int, sequences: torch.Tensor,
+                 train_rows: list[torch.Tensor]) -> None:
+        self.model, self.stack, self.start, self.sequences = model, stack, start, sequences
+        uses: dict[int, list[int]] = {}
+        for step, rows in enumerate(train_rows):
+            for r in dict.fromkeys(rows.tolist()):
+                uses.setdefault(r, []).append(step)
+        self.last_use = {r: steps[-1] for r, steps in uses.items() if len(steps) > 1}  # recurring rows only
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.calls: list[LayerCall] | None = None
+
+    @classmethod
+    def for_visit(cls, model: nn.Module, spec: BlockSpec, sequences: torch.Tensor,
+                  train_rows: list[torch.Tensor]) -> _BlockInputCache | None:
+        """The cache for a visit of block ``spec``, or None where replaying from the block is not known to be exact
+        (not a decoder-layer block, or an architecture ``decoder_stack`` does not know)."""
+        stack, own = decoder_stack(model), block_layers(model, spec)
+        if stack is None or own is None:
+            return None
+        return cls(model, stack, own[0], sequences, train_rows)
+
+    def __call__(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        ids = self.sequences[rows].to(model_device(self.model))
+        keys = rows.tolist()
+        if self.calls is not None and all(r in self.hidden for r in keys):
+            hidden = torch.stack([self.hidden[r] for r in keys])
+            loss = forward_from_layer(self.model, self.stack, self.start, hidden, self.calls, ids)
+        else:
+            with LayerInputCapture(self.stack, self.start) as capture:
+                loss = causal_lm_loss(self.model, ids)
+            self.calls = capture.calls
+            for i, r in enumerate(keys):
+                if r in self.last_use and r not in self.hidden:
+                    self.hidden[r] = capture.hidden[i].clone()
+        for r in keys:  # a row may occur twice in one batch (when an epoch ends inside it)
+            if self.last_use.get(r) == step:
+                self.hidden.pop(r, None)
+        return loss

@@ -1,0 +1,36 @@
+"""FedAvg-full's local training: every parameter of the model trained through the shared loop, the baseline whose
+memory and traffic FedCyBGD's block visits are measured against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedcybgd.common.blocks import block_params, block_tensors, partition_model
+from fedcybgd.training.hyper import VisitHyper, VisitResult
+from fedcybgd.training.loop import OnStep, cpu_copies, fit
+
+__all__ = ["train_full"]
+
+
+def train_full(
+    model: nn.Module,
+    sequences: torch.LongTensor,
+    hyper: VisitHyper,
+    *,
+    on_step: OnStep | None = None,
+    lr_at: Callable[[int], float] | None = None,
+) -> VisitResult:
+    """FedAvg-full's local training: every parameter of ``model`` trainable, otherwise a visit like
+    ``train_block`` (fresh AdamW, fp32 masters for bf16/fp16 weights, same batches and loss measurement).
+
+    ``tensors`` holds every parameter (tied weights once) keyed by the names the block partition uses, so
+    ``{n: tensors[n] for n in spec.names}`` is block ``spec`` for any ``layers_per_block``. ``lr_at(step)``, when
+    given, sets the learning rate of each step (the centralized reference's schedule); else ``hyper.lr`` throughout.
+    """
+    specs = partition_model(model)
+    return fit(model, [p for spec in specs for p in block_params(model, spec)], sequences, hyper, what="model",
+               on_step=on_step, lr_at=lr_at,
+               collect=lambda: {n: t for spec in specs for n, t in cpu_copies(block_tensors(model, spec)).items()})

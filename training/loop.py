@@ -1,0 +1,176 @@
+"""The loop every local training shares: ``train_block`` (one block, FedCyBGD), ``train_full`` (every parameter,
+FedAvg-full) and ``train_lora`` (a LoRA adapter, FedAvg-LoRA) differ only in which parameters they train and what
+they hand back, so one function does the visit and the three cannot drift apart.
+
+A visit, top to bottom:
+
+1. Freeze every parameter, then unfreeze only the trained ones.
+2. Draw this visit's batches (``visit_batches``: a pure function of the data size, batch size, steps and seed).
+3. Measure the loss on the first ``eval_batches`` of those batches (no grad) -> ``loss_before``.
+4. Run ``steps`` AdamW steps on the trained parameters (fresh optimizer, constant lr unless a schedule is given).
+   Low-precision parameters (bf16/fp16) are optimized through fp32 master copies: grad -> fp32 master grad -> clip
+   -> step -> copy back.
+5. Measure the same batches again -> ``loss_after``.
+6. Hand back the trained tensors (CPU copies, their dtype), freeze everything again, drop grads.
+
+Everything runs in ``model.eval()`` (no dropout) so that a visit is a deterministic function of its inputs: on
+CPU with one thread, two visits on identical models with identical inputs give bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from fedcybgd.common.data import visit_batches
+from fedcybgd.common.eval import causal_lm_loss, mean_loss, model_device
+from fedcybgd.training.hyper import VisitHyper, VisitResult
+from fedcybgd.training.memory import peak_memory, reset_peak_memory
+
+__all__ = ["fit", "visit_rows", "check_inputs", "cpu_copies"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+#: on_step(step index, training loss of the step), called after every optimizer step
+OnStep = Callable[[int, float], None]
+
+
+def visit_rows(sequences: torch.Tensor, hyper: VisitHyper) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(evaluation batches, training batches) of a visit. The first eval_batches of the training batches are also
+    the evaluation batches, even when there are fewer training steps (visit_batches is prefix-stable, so asking
+    for more changes nothing)."""
+    batches = visit_batches(sequences.shape[0], hyper.batch_size, max(hyper.steps, hyper.eval_batches), hyper.seed)
+    return batches[: hyper.eval_batches], batches[: hyper.steps]
+
+
+def fit(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    sequences: torch.LongTensor,
+    hyper: VisitHyper,
+    *,
+    what: str,
+    on_step: OnStep | None,
+    collect: Callable[[], dict[str, torch.Tensor]],
+    step_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    lr_at: Callable[[int], float] | None = None,
+) -> VisitResult:
+    """Train ``params`` (everything else frozen) through one visit; ``collect()`` gives the result's tensors.
+    ``step_loss(step, rows)`` replaces the plain training loss of a batch when given."""
+    check_inputs(sequences, hyper)
+    start = time.perf_counter()
+    device = model_device(model)
+    reset_peak_memory(device)
+    params = _unique(params)  # tied weights appear once (dedup by identity)
+    if not params:
+        raise ValueError(f"{what} has no parameters in this model")
+    was_training = model.training
+    try:
+        model.eval()  # dropout off for the whole visit: deterministic, and tiny configs/Llama have none anyway
+
+        # 1. Freeze everything, unfreeze the trained parameters.
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for p in params:
+            p.requires_grad_(True)
+
+        # 2. This visit's batches.
+        eval_rows, train_rows = visit_rows(sequences, hyper)
+
+        # 3. Loss before.
+        loss_before = mean_loss(model, sequences, eval_rows)
+
+        # 4. Optimize. Low-precision parameters step on fp32 masters; fp32 ones are optimized in place.
+        use_masters = any(p.dtype in _LOW_PRECISION for p in params)
+        masters = [p.detach().to(torch.float32, copy=True) for p in params] if use_masters else params
+        optimizer = torch.optim.AdamW(
+            masters, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay
+        )
+        for step, rows in enumerate(train_rows):
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+            # The input ids are integers and every parameter below the trained ones is frozen, so nothing below
+            # them requires grad: autograd records no graph and saves no activations for those layers. Only the
+            # trained parameters and the layers above them (through which the gradient must flow back) are
+            # recorded. Keep it that way: never set requires_grad on the inputs or on other parameters.
+            if step_loss is None:
+                loss = causal_lm_loss(model, sequences[rows].to(device))
+            else:
+                loss = step_loss(step, rows)
+            loss_value = float(loss.detach().float())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{what}: training loss is {loss_value} at step {step}")
+            loss.backward()
+            del loss
+
+            if use_masters:
+                for p, m in zip(params, masters):
+                    m.grad = p.grad.to(torch.float32) if p.grad is not None else None
+                    p.grad = None
+            if hyper.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(masters, hyper.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if use_masters:
+                with torch.no_grad():
+                    for p, m in zip(params, masters):
+                        p.copy_(m)
+            if on_step is not None:
+                on_step(step, loss_value)
+        del optimizer, masters
+
+        # 5. Loss after, on the same batches as before.
+        loss_after = mean_loss(model, sequences, eval_rows)
+
+        # 6. The trained tensors, detached from the model.
+        tensors = collect()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        model.train(was_training)
+
+    samples = hyper.steps * hyper.batch_size
+    return VisitResult(
+        tensors=tensors,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        peak_memory_bytes=peak_memory(device),
+        seconds=time.perf_counter() - start,
+        samples=samples,
+        tokens=samples * sequences.shape[1],
+    )
+
+
+def check_inputs(sequences: torch.Tensor, hyper: VisitHyper) -> None:
+    """Refuse a visit whose data cannot match its hyper-parameters before anything is changed or allocated."""
+    if sequences.dim() != 2 or sequences.dtype != torch.long:
+        raise ValueError(f"sequences must be a [n, seq_len] LongTensor, got {sequences.dtype} {tuple(sequences.shape)}")
+    if sequences.shape[0] == 0:
+        raise ValueError("no training sequences")
+    if sequences.shape[1] != hyper.seq_len:
+        raise ValueError(f"sequences have length {sequences.shape[1]}, the visit asks for seq_len={hyper.seq_len}")
+    if hyper.steps < 0 or hyper.batch_size <= 0 or hyper.eval_batches < 0:
+        raise ValueError(f"invalid steps/batch_size/eval_batches in {hyper}")
+
+
+def cpu_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Independent CPU copies (same dtype, contiguous): a result that later training cannot change."""
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """``params`` in order without repeats (by identity): a tied weight listed twice must be stepped once."""
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
