@@ -26,6 +26,7 @@ from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
 from fedcybgd.common.transport import client_channel
 from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
 from fedcybgd.server.export import export_version
+from fedcybgd.server.strategies import STRATEGIES
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -197,7 +198,7 @@ def run_demo(o: DemoOptions) -> dict:
                 proc.wait(timeout=30)
     export_dir = export_version(state_dir, out / "export")
     summary = build_summary(status, export_dir, time.monotonic() - started,
-                            o.clients_per_round if o.strategy in ("fedavg-full", "fedlora") else 1)
+                            STRATEGIES[o.strategy].tasks_per_round(o.clients_per_round))
     summary["context"] = {"method": o.context, "ratio": o.context_ratio}
     summary["strategy"] = o.strategy
     prompt = o.prompt or ("Shall I compare thee" if o.model == "tiny" else "KING.\nWhat news, my lord? ")

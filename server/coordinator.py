@@ -93,7 +93,8 @@ class Coordinator:
         self.receiver = UploadReceiver(self.store.blobs, self.metrics)
         self.report = StatusReport(config, self.state, self.store, self.run, self.strategy, self.rounds, self.accounts)
         self.evaluator = (Evaluator(config.eval, config.training.seq_len, self.state, self.store, self.run,
-                                    self.strategy, self.rounds, self.metrics) if config.eval.data else None)
+                                    self.strategy, self.rounds, self.metrics, config.clients_per_round)
+                          if config.eval.data else None)
         self._model_info: pb.ModelInfo | None = None
 
         self.metrics.count_active_clients(self.tasks.active_clients)

@@ -23,8 +23,10 @@ log = logging.getLogger("fedcybgd.coordinator")
 
 class Evaluator:
     def __init__(self, config: EvalConfig, seq_len: int, state: CoordinatorState, store: ModelStore, run: RunInfo,
-                 strategy: Strategy, rounds: CompletedRounds, metrics: CoordinatorMetrics) -> None:
+                 strategy: Strategy, rounds: CompletedRounds, metrics: CoordinatorMetrics,
+                 clients_per_round: int) -> None:
         self._config = config
+        self._clients_per_round = clients_per_round
         self._state = state
         self._store = store
         self._run = run
@@ -47,7 +49,7 @@ class Evaluator:
 
     def version_committed(self, version: int) -> None:
         """Queue an evaluation after each cycle's worth of training (and at the end of the run)."""
-        per_round = self._strategy.tasks_per_round
+        per_round = self._strategy.tasks_per_round(self._clients_per_round)
         done, before = self._rounds.count * per_round, (self._rounds.count - 1) * per_round
         blocks = len(self._run.specs)
         if self._rounds.all_done or (self._config.every_cycle and done // blocks > before // blocks):

@@ -1,5 +1,5 @@
-"""Single-process references: the correctness anchor of ALGORITHM.md, and the centralized
-baselines a federated run is compared with.
+"""Single-process references: the correctness anchor (docs/design.md, "Correctness anchor"), and
+the centralized baselines a federated run is compared with.
 
 ``run_reference``: one model in memory, no network, no storage, no serialization: the same
 schedule (blocks, learning rates, seeds) and the same per-visit training as a federated run. A

@@ -183,7 +183,7 @@ def test_frozen_blocks_arrive_approximated_and_the_trainable_block_exactly(tiny_
         assert sink.getvalue() == coordinator.store.blobs.read(trainable.sha256)
         # Each frozen block decodes, within its method's error, to the current version.
         for entry in frozen:
-            encoded = safetensors.torch.load(coordinator._approximations.read(entry.approx.sha256))
+            encoded = safetensors.torch.load(coordinator.context.store.read(entry.approx.sha256))
             reference = safetensors.torch.load(coordinator.store.blobs.read(base[entry.index]))
             exact = safetensors.torch.load(coordinator.store.blobs.read(entry.sha256))
             got = context.decode(method, encoded, specs[entry.index].tensors, reference, group_size=entry.approx.group_size)

@@ -1,8 +1,8 @@
 """End to end over gRPC: a real coordinator on loopback and three real client processes.
 
-The correctness anchor of ALGORITHM.md: the federated run ends with exactly the weights of the
-single-process reference of the same cycle (bit-identical on CPU: same code per visit, one
-thread per process, fp32 tiny model, deterministic data order from the visit seeds).
+The correctness anchor (docs/design.md, "Correctness anchor"): the federated run ends with exactly
+the weights of the single-process reference of the same cycle (bit-identical on CPU: same code per
+visit, one thread per process, fp32 tiny model, deterministic data order from the visit seeds).
 """
 from __future__ import annotations
 

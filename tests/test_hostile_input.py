@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.modeling import max_blob_size
-from fedcybgd.server import coordinator as coordinator_module
+from fedcybgd.server import tasks as coordinator_module
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig

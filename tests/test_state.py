@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from fedcybgd.server.records import VisitStats
 from fedcybgd.server.state import ClientRow, SqliteState, StaleTaskError, TaskRow, VisitRow
 
 
@@ -44,8 +45,9 @@ def _visit(tid: str, round_: int, new_version: int, block: int = 0, base: int = 
            t: float = 200.0) -> VisitRow:
     return VisitRow(round=round_, task_id=tid, client_id="c0", block_index=block, base_version=base,
                     new_version=new_version, blob_sha256=sha or _sha(100 + new_version), committed_unix=t,
-                    record={"loss_before": 2.5, "loss_after": 2.25, "lr": 1e-4, "seed": 2**62 + 1,
-                            "losses": [2.5, 2.4, 2.25]})
+                    record=VisitStats(lr=1e-4, seed=2**62 + 1, bytes_down=0, bytes_up=0, loss_before=2.5, loss_after=2.25,
+                                      peak_memory_bytes=0, train_seconds=1.0, download_seconds=0.0, visit_seconds=1.0,
+                                      samples=4, tokens=128, device="cpu"))
 
 
 def _manifest_with(block: int, sha: str, base: list[str] = BASE) -> list[str]:
@@ -193,7 +195,7 @@ def test_commit_visit(state):
     state.commit_visit(v2, m2)
     assert state.visits() == [v, v2]
     assert state.manifest(1) == m1 and state.manifest(2) == m2
-    assert state.visits()[0].record["seed"] == 2**62 + 1  # big ints survive the JSON record
+    assert state.visits()[0].record.seed == 2**62 + 1  # big ints survive the JSON record
 
 
 def _assert_nothing_committed(state, task_id: str, status: str):

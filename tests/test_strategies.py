@@ -19,7 +19,9 @@ from fedcybgd.server.app import start
 from fedcybgd.server.config import ContextConfig, CoordinatorConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.export import export_version
 from fedcybgd.server.scheduler import ScheduleConfig
-from fedcybgd.server.strategies import FedAvgRounds, LoraConfig, merge_adapter
+from fedcybgd.server.records import VisitStats
+from fedcybgd.server.strategies.fedavg import FedAvgRounds
+from fedcybgd.training.lora import LoraConfig, merge_adapter
 from fedcybgd.training import VisitHyper, initial_lora_adapter, train_full, train_lora
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
@@ -110,7 +112,7 @@ def test_federated_result_equals_the_single_process_reference(finished):
                 assert torch.equal(federated[name], tensor), f"{spec.name}/{name} differs from the reference"
     else:
         assert manifest == coordinator.state.manifest(0), "fedlora never changes the base blocks"
-        federated = safetensors.torch.load_file(str(coordinator.store.blobs.path(coordinator._adapter_of(latest))))
+        federated = safetensors.torch.load_file(str(coordinator.store.blobs.path(coordinator.adapter_of(latest))))
         assert set(federated) == set(adapter)
         for name, tensor in adapter.items():
             assert torch.equal(federated[name], tensor), name
@@ -127,7 +129,7 @@ def test_what_travels(finished):
         for v in status.visits:  # two clients, each the whole model (fp32 barely compresses)
             assert v.bytes_up > 2 * 0.5 * status.model_bytes
     else:
-        adapter_bytes = coordinator.store.blobs.size(coordinator._adapter_of(0))
+        adapter_bytes = coordinator.store.blobs.size(coordinator.adapter_of(0))
         assert up["block"] == total_up and up["full"] == 0
         for v in status.visits:
             assert v.bytes_up < 2 * 1.05 * adapter_bytes + 8192 < status.model_bytes / 4
@@ -138,7 +140,7 @@ def test_export_matches_the_coordinators_evaluation(finished, tmp_path):
     out = export_version(coordinator.state_dir, tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(str(out))
     rebuilt = coordinator.store.build_model(coordinator.run.specs, coordinator.state.manifest(status.version), "float32")
-    adapter = coordinator._adapter_of(status.version)
+    adapter = coordinator.adapter_of(status.version)
     if adapter:
         merge_adapter(rebuilt, safetensors.torch.load_file(str(coordinator.store.blobs.path(adapter))), LORA)
         assert not torch.equal(exported.model.layers[0].self_attn.q_proj.weight,
@@ -250,9 +252,10 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, t
             # Stored as the upload path stores it, without the merge that would follow.
             coordinator.state.add_contribution(ContributionRow(
                 task_id=row.id, round=row.round, slot=row.slot, client_id=row.client_id, blobs=blobs,
-                committed_unix=0.0, record={"samples": 6, "bytes_down": 0, "bytes_up": 0, "train_seconds": 1.0,
-                                            "download_seconds": 0.0, "tokens": 0, "loss_before": 1.0, "loss_after": 0.5,
-                                            "peak_memory_bytes": 0, "client_name": name, "device": "cpu"}))
+                committed_unix=0.0, record=VisitStats(
+                    lr=1e-4, seed=0, samples=6, bytes_down=0, bytes_up=0, train_seconds=1.0, download_seconds=0.0,
+                    visit_seconds=1.0, tokens=0, loss_before=1.0, loss_after=0.5, peak_memory_bytes=0,
+                    client_name=name, device="cpu")))
             uploads.append(blobs)
         channel.close()
         assert coordinator.state.latest_version()[0] == 0

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import nn
 
 from fedcybgd.common.blocks import BlockSpec
-from fedcybgd.common.config import to_dict
 from fedcybgd.common.modeling import max_blob_size
 from fedcybgd.server.commit import Commits
 from fedcybgd.server.errors import Refusal, Status
@@ -83,7 +82,7 @@ class Strategy(ABC):
 
     def fingerprint(self) -> dict[str, object]:
         """Settings of this strategy a run cannot change midway (added to the run's fingerprint)."""
-        return {}
+        return {"strategy": self.config.strategy}
 
     def initial_meta(self, store: ModelStore, specs: list[BlockSpec], manifest: list[str],
                      dtype: str) -> dict[str, str]:
@@ -108,8 +107,11 @@ class Strategy(ABC):
     @abstractmethod
     def schedule(self) -> Schedule: ...
 
-    #: tasks per round (a FedAvg round of C clients trains as many tokens as C visits)
-    tasks_per_round: int = 1
+    @classmethod
+    def tasks_per_round(cls, clients_per_round: int) -> int:
+        """Tasks per round of the schedule (a FedAvg round of C clients trains as many tokens as C
+        visits of the block cycle)."""
+        return 1
 
     # -- configure -----------------------------------------------------------------------------
     @abstractmethod
@@ -179,7 +181,3 @@ def expect_blob(spec: BlockSpec, sha256: str, size: int, base: str) -> ExpectedU
         raise Refusal(Status.INVALID_ARGUMENT, f"blob_size {size} outside (0, {limit}] for block {spec.name}")
     return ExpectedUpload(sha256=sha256, size=size, spec=spec, base=base)
 
-
-def named_fingerprint(config: CoordinatorConfig) -> dict[str, object]:
-    """The fingerprint of every strategy but plain ``cybgd`` (whose runs predate strategies)."""
-    return {"strategy": config.strategy, "clients_per_round": config.clients_per_round, "lora": to_dict(config.lora)}

@@ -16,7 +16,7 @@ from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.records import Accepted, ExpectedUpload, Opening, UploadClaim, VisitStats
 from fedcybgd.server.scheduler import CycleSchedule
 from fedcybgd.server.state import TaskRow, VisitRow
-from fedcybgd.server.strategies.base import Strategy, expect_blob, named_fingerprint
+from fedcybgd.server.strategies.base import Strategy, expect_blob
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -121,6 +121,3 @@ class ParallelBlockCycle(BlockCycle):
     def check_config(cls, config: CoordinatorConfig) -> None:
         if config.max_concurrent_visits < 2:
             raise ValueError("strategy cybgd-parallel needs max_concurrent_visits >= 2 (K concurrent visits)")
-
-    def fingerprint(self) -> dict[str, object]:
-        return named_fingerprint(self.config)

@@ -20,7 +20,7 @@ from fedcybgd.server.records import ALL_BLOCKS, Accepted, ExpectedUpload, Openin
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 from fedcybgd.server.state import ContributionRow, TaskRow, VisitRow
 from fedcybgd.server.strategies.averaging import average_blocks
-from fedcybgd.server.strategies.base import Strategy, expect_blob, named_fingerprint
+from fedcybgd.server.strategies.base import Strategy, expect_blob
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -73,8 +73,11 @@ class FedAvgFamily(Strategy):
 
     def __init__(self, config: CoordinatorConfig) -> None:
         super().__init__(config)
-        self.tasks_per_round = config.clients_per_round
         self._merging: set[int] = set()  # rounds whose average is being computed (lock held to change)
+
+    @classmethod
+    def tasks_per_round(cls, clients_per_round: int) -> int:
+        return clients_per_round
 
     @classmethod
     def check_config(cls, config: CoordinatorConfig) -> None:
@@ -84,7 +87,7 @@ class FedAvgFamily(Strategy):
             raise ValueError(f"context compression applies to the block cycle's frozen blocks, not to {config.strategy}")
 
     def fingerprint(self) -> dict[str, object]:
-        return named_fingerprint(self.config)
+        return {**super().fingerprint(), "clients_per_round": self.config.clients_per_round}
 
     def make_schedule(self, num_blocks: int) -> FedAvgRounds:
         self._schedule = FedAvgRounds(num_blocks, self.config.schedule, self.config.clients_per_round)

@@ -69,6 +69,9 @@ class FedLoRA(FedAvgFamily):
                                        init_seed=self.config.schedule.seed)
         return {"adapter:0": store.blobs.put(serialize_block(adapter)), "lora": lora_meta(lora)}
 
+    def fingerprint(self) -> dict[str, object]:
+        return {**super().fingerprint(), "lora": json.loads(lora_meta(self.config.lora))}
+
     def scope_name(self, block_index: int) -> str:
         return ADAPTER_NAME
 
