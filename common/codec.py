@@ -61,7 +61,7 @@ def serialize_block(tensors: dict[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save(cpu)
 
 
-def deserialize_block(data: bytes) -> dict[str, torch.Tensor]:
+def deserialize_block(data: Buffer) -> dict[str, torch.Tensor]:
     """Parse a blob. safetensors only: no code runs while loading, unlike pickle."""
     try:
         return safetensors.torch.load(bytes(data))
