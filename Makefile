@@ -1,6 +1,7 @@
-# Two commands do all set-up on a fresh machine:
+# These commands do all set-up on a fresh machine:
 #   make demo   federated fine-tuning end to end on loopback (coordinator + client processes)
 #   make test   the test suite
+#   make lint   ruff and mypy over the package, tests, bench/ and protos/generate.py (config: pyproject.toml)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,17 +10,21 @@ TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
 DEMO_ARGS ?= --model smollm2 --clients 4 --cycles 1
 
-.PHONY: venv test demo demo-quick proto clean
+.PHONY: venv lint test demo demo-quick proto clean
 
 # torch goes in first and alone: asked for by another package, pip would pull the CUDA build.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,lint]"
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Both tools run even when the first finds something, so one run reports everything.
+lint: venv
+	$(PY) -m ruff check .; ruff=$$?; $(PY) -m mypy; mypy=$$?; test $$ruff -eq 0 -a $$mypy -eq 0
 
 # Prometheus and docker-compose (Debian packages) for the observability and deployment tests.
 test: venv

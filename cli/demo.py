@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedcybgd.cli.certs import make_certs
 from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
 from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
-from fedcybgd.common.transport import client_channel
 from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
+from fedcybgd.common.transport import client_channel
 from fedcybgd.server.export import export_version
 from fedcybgd.server.strategies import STRATEGIES
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -68,11 +68,12 @@ def free_port() -> int:
 
 def prepare_inputs(o: DemoOptions, out: Path) -> tuple[Path, list[Path], Path]:
     """The model directory, one data directory per client and the held-out split."""
-    cache = Path(o.cache or os.environ.get("FEDCYBGD_CACHE", Path.home() / ".cache" / "fedcybgd"))
+    cache = Path(o.cache or os.environ.get("FEDCYBGD_CACHE", str(Path.home() / ".cache" / "fedcybgd")))
     if o.model == "tiny":
         model_dir = write_tiny_model_dir(out / "model", seed=o.seed)
     elif o.model == "smollm2":
-        model_dir = prepare_model(packaged_smollm2(), cache / "models" / f"smollm2-135m-instruct-{_dtype(o)}", _dtype(o))
+        model_dir = prepare_model(packaged_smollm2(), cache / "models" / f"smollm2-135m-instruct-{_dtype(o)}",
+                                  _dtype(o))
     elif o.model.endswith(".gguf"):
         model_dir = prepare_model(o.model, cache / "models" / f"{Path(o.model).stem}-{_dtype(o)}", _dtype(o))
     else:
@@ -159,33 +160,38 @@ def run_demo(o: DemoOptions) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "fedcybgd.cli.main"]
     coordinator_log = logs / "coordinator.log"
-    coordinator = subprocess.Popen(
-        [*cmd, "coordinator", "--model", str(model_dir), "--state-dir", str(state_dir), "--address", address,
+    # Each process writes its log itself: the file is closed here once the child holds it.
+    with open(coordinator_log, "w") as log:
+        coordinator = subprocess.Popen(
+            [*cmd, "coordinator", "--model", str(model_dir), "--state-dir", str(state_dir), "--address", address,
          "--cycles", str(o.cycles), "--order", o.order, "--lr", str(o.lr), "--seed", str(o.seed),
-         "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
-         "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
-         "--metrics-port", str(o.metrics_port), "--dtype", o.dtype, "--context-compression", o.context,
-         "--strategy", o.strategy, "--max-concurrent-visits", str(o.max_concurrent_visits),
-         "--clients-per-round", str(o.clients_per_round),
-         *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
-         "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
-         "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],
-        stdout=open(coordinator_log, "w"), stderr=subprocess.STDOUT, env=env)
+             "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
+             "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
+             "--metrics-port", str(o.metrics_port), "--dtype", o.dtype, "--context-compression", o.context,
+             "--strategy", o.strategy, "--max-concurrent-visits", str(o.max_concurrent_visits),
+             "--clients-per-round", str(o.clients_per_round),
+             *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
+             "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
+             "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
     clients: list[subprocess.Popen] = []
     started = time.monotonic()
     try:
         _wait_until("the coordinator to serve", operator, coordinator, coordinator_log, _serving, 300)
-        print(f"coordinator on {address}" + (f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""))
+        metrics = f", metrics at http://127.0.0.1:{o.metrics_port}/metrics" if o.metrics_port else ""
+        print(f"coordinator on {address}{metrics}")
         print("measuring the held-out loss of the base model ...", flush=True)
         _wait_until("the base model's evaluation", operator, coordinator, coordinator_log, _base_evaluated, 1800)
         threads = o.threads or os.cpu_count() or 1
         for i, data in enumerate(client_data):
-            clients.append(subprocess.Popen(
-                [*cmd, "client", "--coordinator", address, "--data", str(data), "--cache-dir", str(out / "cache" / f"client-{i}"),
-                 "--name", f"site-{i}", "--device", "auto", "--threads", str(threads), "--tls-ca", str(tls / "ca.pem"),
-                 "--tls-cert", str(tls / f"site-{i}.pem"), "--tls-key", str(tls / f"site-{i}.key"),
-                 *(["--base-model", str(model_dir)] if o.clients_hold_base else [])],
-                stdout=open(logs / f"client-{i}.log", "w"), stderr=subprocess.STDOUT, env=env))
+            with open(logs / f"client-{i}.log", "w") as log:
+                clients.append(subprocess.Popen(
+                    [*cmd, "client", "--coordinator", address, "--data", str(data),
+                     "--cache-dir", str(out / "cache" / f"client-{i}"), "--name", f"site-{i}", "--device", "auto",
+                     "--threads", str(threads), "--tls-ca", str(tls / "ca.pem"),
+                     "--tls-cert", str(tls / f"site-{i}.pem"), "--tls-key", str(tls / f"site-{i}.key"),
+                     *(["--base-model", str(model_dir)] if o.clients_hold_base else [])],
+                    stdout=log, stderr=subprocess.STDOUT, env=env))
         status = _follow(operator, coordinator, clients, coordinator_log, o.timeout_s)
         for proc in clients:  # each hears "done" at its next poll and exits
             proc.wait(timeout=120)
@@ -202,7 +208,8 @@ def run_demo(o: DemoOptions) -> dict:
     summary["context"] = {"method": o.context, "ratio": o.context_ratio}
     summary["strategy"] = o.strategy
     prompt = o.prompt or ("Shall I compare thee" if o.model == "tiny" else "KING.\nWhat news, my lord? ")
-    summary["generation"] = {"prompt": prompt, "before": generate(model_dir, prompt), "after": generate(export_dir, prompt)}
+    summary["generation"] = {"prompt": prompt, "before": generate(model_dir, prompt),
+                             "after": generate(export_dir, prompt)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     print(f"summary: {out / 'summary.json'}")
@@ -220,13 +227,16 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
     with torch.no_grad():
         output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert isinstance(text, str)  # one sequence decodes to one string
+    return text
 
 
 def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[subprocess.Popen], log_path: Path,
             timeout_s: float) -> pb.GetStatusResponse:
     """Print each visit as it is merged; return the final status once the run is finished."""
-    shown, last_progress = 0, {}
+    shown = 0
+    last_progress: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     with operator.channel() as channel:
         stub = pb_grpc.CoordinatorStub(channel)
@@ -262,7 +272,8 @@ def build_summary(status: pb.GetStatusResponse, export_dir: Path, seconds: float
         "round": v.round, "client": v.client_name, "client_id": v.client_id, "block": v.block_name,
         "block_index": v.block_index, "bytes_down": v.bytes_down, "bytes_up": v.bytes_up, "loss_before": v.loss_before,
         "loss_after": v.loss_after, "peak_memory_bytes": v.peak_memory_bytes, "seconds": v.visit_seconds,
-        "train_seconds": v.train_seconds, "samples": v.samples, "lr": v.lr, "base_version": v.base_version, "new_version": v.new_version,
+        "train_seconds": v.train_seconds, "samples": v.samples, "lr": v.lr, "base_version": v.base_version,
+        "new_version": v.new_version,
     } for v in status.visits]
     return {
         "visits": visits,
@@ -284,19 +295,21 @@ def print_summary(s: dict) -> None:
     import math
 
     print()
-    print(f"{'round':>5} {'client':<8} {'block':<12} {'loss before':>11} {'loss after':>10} {'down MB':>8} {'up MB':>7} "
-          f"{'peak MB':>8} {'sec':>6}")
+    print(f"{'round':>5} {'client':<8} {'block':<12} {'loss before':>11} {'loss after':>10} {'down MB':>8} "
+          f"{'up MB':>7} {'peak MB':>8} {'sec':>6}")
     for v in s["visits"]:
-        print(f"{v['round'] + 1:>5} {v['client']:<8} {v['block']:<12} {v['loss_before']:>11.4f} {v['loss_after']:>10.4f} "
-              f"{v['bytes_down'] / 1e6:>8.2f} {v['bytes_up'] / 1e6:>7.2f} {v['peak_memory_bytes'] / 1e6:>8.0f} {v['seconds']:>6.1f}")
+        print(f"{v['round'] + 1:>5} {v['client']:<8} {v['block']:<12} {v['loss_before']:>11.4f} "
+              f"{v['loss_after']:>10.4f} {v['bytes_down'] / 1e6:>8.2f} {v['bytes_up'] / 1e6:>7.2f} "
+              f"{v['peak_memory_bytes'] / 1e6:>8.0f} {v['seconds']:>6.1f}")
     if s["eval_loss_before"] is not None:
         b, a = s["eval_loss_before"], s["eval_loss_after"]
         print(f"\nheld-out loss {b:.4f} -> {a:.4f}   perplexity {math.exp(b):.2f} -> {math.exp(a):.2f}")
     total = s["total_bytes_down"] + s["total_bytes_up"]
     fedavg = s["fedavg_full_equivalent_bytes"]
-    print(f"bytes on the wire: {total / 1e6:.2f} MB (down {s['total_bytes_down'] / 1e6:.2f}, up {s['total_bytes_up'] / 1e6:.2f});"
-          f" FedAvg-full equivalent {fedavg / 1e6:.2f} MB ({total / fedavg:.1%})" if fedavg else "")
-    peaks = {}
+    print(f"bytes on the wire: {total / 1e6:.2f} MB (down {s['total_bytes_down'] / 1e6:.2f}, "
+          f"up {s['total_bytes_up'] / 1e6:.2f}); FedAvg-full equivalent {fedavg / 1e6:.2f} MB ({total / fedavg:.1%})"
+          if fedavg else "")
+    peaks: dict[str, int] = {}
     for v in s["visits"]:
         peaks[v["client"]] = max(peaks.get(v["client"], 0), v["peak_memory_bytes"])
     print("peak memory per client: " + ", ".join(f"{c} {p / 2**20:.0f} MiB" for c, p in sorted(peaks.items())))

@@ -67,7 +67,8 @@ CLIENT_FLAGS = [
     ("--base-model", "base_model", str, "local Hugging Face directory with the base weights (saves the download)"),
     ("--threads", "threads", int, "torch CPU threads (0: default)"),
     ("--max-visits", "max_visits", int, "stop after this many visits (0: until done)"),
-    ("--checkpoint-above", "checkpoint_above", bool, "block visits: recompute activations above the block (less memory)"),
+    ("--checkpoint-above", "checkpoint_above", bool,
+     "block visits: recompute activations above the block (less memory)"),
     ("--cache-block-inputs", "cache_block_inputs", bool, "block visits: keep the block's inputs when rows recur"),
     ("--metrics-port", "metrics_port", int, "Prometheus endpoint port (0: off)"),
     ("--metrics-address", "metrics_address", str, "Prometheus endpoint address (default 127.0.0.1)"),
@@ -149,7 +150,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"model version {status.version}, {status.num_blocks} blocks")
     print(f"bytes down {status.total_bytes_down:,}  up {status.total_bytes_up:,}  (model {status.model_bytes:,} bytes)")
     for c in status.clients:
-        print(f"  client {c.client_id} {c.name:<16} {c.device_kind:<10} visits {c.visits_completed:>4}  task {c.current_task or '-'}")
+        print(f"  client {c.client_id} {c.name:<16} {c.device_kind:<10} visits {c.visits_completed:>4}  "
+              f"task {c.current_task or '-'}")
     for e in status.evals:
         print(f"  eval: version {e.version} after {e.rounds_done} rounds: loss {e.loss:.4f}")
     return 0
@@ -215,7 +217,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedcybgd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fedcybgd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 

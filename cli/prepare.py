@@ -45,7 +45,8 @@ def prepare_model(source: str | Path, out_dir: str | Path, dtype: str = "bfloat1
     source, out = Path(source), Path(out_dir)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
-    stamp = {"source": str(source.resolve()), "size": source.stat().st_size if source.is_file() else None, "dtype": dtype}
+    stamp = {"source": str(source.resolve()), "size": source.stat().st_size if source.is_file() else None,
+             "dtype": dtype}
     stamp_file = out / "fedcybgd-prepared.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         log.info("model already prepared in %s", out)
@@ -71,7 +72,8 @@ def prepare_model(source: str | Path, out_dir: str | Path, dtype: str = "bfloat1
         plain = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
         plain.load_state_dict(model.state_dict())
         model = plain
-    model = model.to(DTYPES[dtype])
+    # transformers decorates PreTrainedModel.to with functools.wraps, whose stub does not bind self.
+    model = model.to(DTYPES[dtype])  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     model.save_pretrained(str(tmp))

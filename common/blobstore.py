@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from fedcybgd.common.codec import CodecError
 
@@ -29,7 +30,7 @@ def _fsync_dir(path: Path) -> None:
 class BlobWriter:
     """Incremental write of one blob; `commit` verifies the hash and publishes it atomically."""
 
-    def __init__(self, store: "BlobStore", expected_sha256: str, max_size: int, partial: Path | None = None) -> None:
+    def __init__(self, store: BlobStore, expected_sha256: str, max_size: int, partial: Path | None = None) -> None:
         self._store = store
         self.expected_sha256 = expected_sha256
         self.max_size = max_size
@@ -37,11 +38,11 @@ class BlobWriter:
         self._hasher = hashlib.sha256()
         if partial is None:
             fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="incoming-")
-            self._file = os.fdopen(fd, "wb")
+            self._file: BinaryIO = os.fdopen(fd, "wb")
             self._tmp_path = Path(name)
         else:  # continue a transfer that broke: what is there was verified chunk by chunk
             self._tmp_path = partial
-            self._file = open(partial, "ab+")
+            self._file = open(partial, "ab+")  # noqa: SIM115 - stays open until check() or abort()
             self._file.seek(0)
             while block := self._file.read(1 << 20):
                 self._hasher.update(block)
@@ -52,7 +53,7 @@ class BlobWriter:
             self._file.seek(0, os.SEEK_END)
         self._resumable = partial is not None
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         if self.size + len(data) > self.max_size:
             raise CodecError(f"blob exceeds its size limit of {self.max_size} bytes")
         self._hasher.update(data)
@@ -99,7 +100,7 @@ class BlobWriter:
         if not (keep_partial and self._resumable):
             self._tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "BlobWriter":
+    def __enter__(self) -> BlobWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -9,6 +9,7 @@ function of the model so server and clients compute the same partition independe
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -152,10 +153,8 @@ def _num_layers_from_config(model: nn.Module) -> int | None:
     configs = [config]
     get_text_config = getattr(config, "get_text_config", None)
     if callable(get_text_config):
-        try:
+        with contextlib.suppress(Exception):  # pragma: no cover - exotic configs
             configs.insert(0, get_text_config())
-        except Exception:  # pragma: no cover - exotic configs
-            pass
     for cfg in configs:
         # GPT-2 style configs map num_hidden_layers -> n_layer via attribute_map, but check the
         # raw spellings too for configs that do not.
@@ -313,7 +312,7 @@ def block_tensors(model: nn.Module, spec: BlockSpec) -> dict[str, torch.Tensor]:
     share storage with the model, so a block of a large model costs no extra memory); clone them
     if you need a snapshot that survives later training steps or ``load_block`` calls.
     """
-    return {t.name: p.detach().contiguous() for t, p in zip(spec.tensors, block_params(model, spec))}
+    return {t.name: p.detach().contiguous() for t, p in zip(spec.tensors, block_params(model, spec), strict=True)}
 
 
 def load_block(model: nn.Module, spec: BlockSpec, tensors: dict[str, torch.Tensor]) -> None:
@@ -351,5 +350,5 @@ def load_block(model: nn.Module, spec: BlockSpec, tensors: dict[str, torch.Tenso
             raise ValueError(f"block {spec.name!r}: {t.name!r} has dtype {st}, expected {t.dtype}")
     params = block_params(model, spec)  # validates the model against the spec too
     with torch.no_grad():
-        for t, p in zip(spec.tensors, params):
+        for t, p in zip(spec.tensors, params, strict=True):
             p.copy_(tensors[t.name])

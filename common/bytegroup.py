@@ -87,7 +87,8 @@ class Workspace:
         src = _ffi.from_buffer(frame)
         size = _zstd.ZSTD_findFrameCompressedSize(src, len(src))
         if not _zstd.ZSTD_isError(size):
-            size = _zstd.ZSTD_decompressDCtx(self._dctx, _ffi.from_buffer(out, require_writable=True), len(out), src, size)
+            size = _zstd.ZSTD_decompressDCtx(self._dctx, _ffi.from_buffer(out, require_writable=True), len(out),
+                                             src, size)
         if _zstd.ZSTD_isError(size):
             raise zstandard.ZstdError(_ffi.string(_zstd.ZSTD_getErrorName(size)).decode())
         return out[:size]
@@ -185,17 +186,21 @@ def encode(raw: bytes | memoryview, word_size: int) -> bytes:
     n = len(data) // word_size
     with workspace() as ws:
         planes = _planes(ws, data, word_size, n)
-        parts, table = [], []
+        parts: list[bytes | memoryview] = []
+        table: list[bytes] = []
         for plane in planes:
-            payload, method = plane, RAW
-            sample = plane[:SAMPLE]
+            # ndarray.data, the array's bytes: numpy's stubs declare the buffer protocol only from
+            # Python 3.12 on
+            payload: bytes | memoryview = plane.data
+            method = RAW
+            sample = plane[:SAMPLE].data
             if len(sample) and len(ws.compressor.compress(sample)) < WORTH_IT * len(sample):
-                packed = ws.compressor.compress(plane)
+                packed = ws.compressor.compress(payload)
                 if len(packed) < len(plane):
                     payload, method = packed, ZSTD
             table.append(_PLANE.pack(method, len(payload)))
             parts.append(payload)
-        tail = data[n * word_size:]
+        tail = data[n * word_size:].data
         return b"".join([_HEADER.pack(word_size, len(planes), n), *table, *parts, tail])
 
 
@@ -213,16 +218,18 @@ def decode_into(frame: bytes | memoryview, raw_size: int, out: np.ndarray | None
     with workspace() as ws:
         planes = []
         for index, (method, payload) in enumerate(payloads):
-            if method == ZSTD:
-                try:
-                    if zstandard.frame_content_size(payload) not in (-1, n):
-                        raise CodecError("byte-group plane declares a wrong size")
-                    payload = ws.decompress_into(payload, ws.array(10 + index, n, np.uint8))
-                except zstandard.ZstdError as exc:
-                    raise CodecError(f"byte-group plane does not decode: {exc}") from exc
-                if len(payload) != n:
-                    raise CodecError("byte-group plane has the wrong length")
-            planes.append(np.frombuffer(payload, dtype=np.uint8))
+            if method != ZSTD:
+                planes.append(np.frombuffer(payload, dtype=np.uint8))
+                continue
+            try:
+                if zstandard.frame_content_size(payload) not in (-1, n):
+                    raise CodecError("byte-group plane declares a wrong size")
+                plane = ws.decompress_into(payload, ws.array(10 + index, n, np.uint8))
+            except zstandard.ZstdError as exc:
+                raise CodecError(f"byte-group plane does not decode: {exc}") from exc
+            if len(plane) != n:
+                raise CodecError("byte-group plane has the wrong length")
+            planes.append(plane if isinstance(plane, np.ndarray) else np.frombuffer(plane, dtype=np.uint8))
         if out is None:
             out = np.empty(raw_size, dtype=np.uint8)
         _words(ws, planes, word_size, out)

@@ -16,9 +16,9 @@ import itertools
 import os
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 import safetensors.torch
@@ -28,6 +28,9 @@ import zstandard
 from fedcybgd.common import bytegroup
 from fedcybgd.common.errors import CodecError  # re-exported: part of this module's API
 from fedcybgd.v1 import coordinator_pb2 as pb
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # any bytes-like object: bytes, memoryview, mmap
 
 #: Raw bytes per chunk. With framing and an incompressible chunk a message stays well under the
 #: message-size limit below.
@@ -44,7 +47,8 @@ GRPC_CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-T, R = TypeVar("T"), TypeVar("R")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -57,7 +61,7 @@ def serialize_block(tensors: dict[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save(cpu)
 
 
-def deserialize_block(data: bytes) -> dict[str, torch.Tensor]:
+def deserialize_block(data: Buffer) -> dict[str, torch.Tensor]:
     """Parse a blob. safetensors only: no code runs while loading, unlike pickle."""
     try:
         return safetensors.torch.load(bytes(data))
@@ -67,16 +71,16 @@ def deserialize_block(data: bytes) -> dict[str, torch.Tensor]:
 
 def encode_chunks(
     blob_sha256: str,
-    data: bytes | memoryview,
+    data: Buffer,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: int = pb.CODEC_ZSTD,
     level: int = DEFAULT_ZSTD_LEVEL,
     start: int = 0,
     word_size: int = 1,
-    delta: tuple[str, bytes | memoryview] | None = None,
+    delta: tuple[str, Buffer] | None = None,
     workers: int = 1,
-) -> Iterator[pb.Chunk]:
+) -> Generator[pb.Chunk, None, None]:
     """Cut `data` into chunks from raw offset `start` and encode each one.
 
     `word_size` is the byte size of the blob's floating-point elements (2 for bf16/fp16, 4 for
@@ -94,9 +98,9 @@ def encode_chunks(
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % 8:
         raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
     view = memoryview(data)
-    if delta is not None and len(delta[1]) != len(view):
-        raise ValueError("a delta base must have the blob's length")
     base = memoryview(delta[1]) if delta is not None else None
+    if base is not None and len(base) != len(view):
+        raise ValueError("a delta base must have the blob's length")
     encode = functools.partial(_encode_chunk, blob_sha256, view, chunk_bytes, codec, level, word_size,
                                delta[0] if delta is not None else "", base)
     offsets = range(start, len(view), chunk_bytes)
@@ -113,9 +117,9 @@ def _encode_chunk(blob_sha256: str, view: memoryview, chunk_bytes: int, codec: i
     with bytegroup.workspace() as ws:
         if base is not None:
             xored = ws.array(7, size, np.uint8)
-            np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base[offset : offset + size], dtype=np.uint8),
-                           out=xored)
-            raw = memoryview(xored)
+            np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8),
+                           np.frombuffer(base[offset : offset + size], dtype=np.uint8), out=xored)
+            raw = xored.data
         payload, used = None, pb.CODEC_NONE
         if codec == pb.CODEC_ZSTD:
             packed = ws.zstd(level).compress(raw)
@@ -150,7 +154,8 @@ def _codec_pool() -> concurrent.futures.ThreadPoolExecutor:
 def _in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """map(fn, items) with up to `workers` calls running at once in the codec threads; results
     in order. Whatever way the consumer stops, nothing started is left running."""
-    pool, pending, items = _codec_pool(), collections.deque(), iter(items)
+    pool, items = _codec_pool(), iter(items)
+    pending: collections.deque[concurrent.futures.Future[R]] = collections.deque()
     try:
         pending.extend(pool.submit(fn, item) for item in itertools.islice(items, _LOOKAHEAD * workers))
         while pending:
@@ -163,7 +168,7 @@ def _in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterato
         concurrent.futures.wait(pending)
 
 
-def decode_chunk(chunk: pb.Chunk, delta: bytes | memoryview | None = None) -> bytes:
+def decode_chunk(chunk: pb.Chunk, delta: Buffer | None = None) -> bytes:
     """Decode and verify one chunk; decompression is bounded by the declared raw size. A delta
     chunk needs the bytes of its base blob (`delta`)."""
     base = memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size] if delta is not None else None
@@ -180,6 +185,7 @@ def _decode(chunk: pb.Chunk, base: bytes | memoryview | None, out: np.ndarray | 
         raise CodecError(f"chunk payload of {len(chunk.data)} bytes exceeds {MAX_CHUNK_BYTES}")
     size = chunk.raw_size
     out = out[:size] if out is not None else None
+    raw: bytes | np.ndarray
     if chunk.codec == pb.CODEC_NONE:
         raw = chunk.data
     elif chunk.codec == pb.CODEC_ZSTD:
@@ -208,12 +214,16 @@ def _decode(chunk: pb.Chunk, base: bytes | memoryview | None, out: np.ndarray | 
     if chunk.delta_base:
         if base is None or len(base) < size:
             raise CodecError(f"delta chunk against {chunk.delta_base[:12]}, a blob the receiver cannot use")
-        xored = raw if isinstance(raw, np.ndarray) else out
-        raw = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8, count=size),
-                             out=xored)
-    if zlib.crc32(raw) != chunk.crc32:
+        if isinstance(raw, np.ndarray):  # decoded into an array of ours: XOR in place
+            raw = np.bitwise_xor(raw, np.frombuffer(base, dtype=np.uint8, count=size), out=raw)
+        else:
+            raw = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8, count=size),
+                                 out=out)
+    # ndarray.data: numpy's stubs declare the buffer protocol only from Python 3.12 on
+    view = raw.data if isinstance(raw, np.ndarray) else raw
+    if zlib.crc32(view) != chunk.crc32:
         raise CodecError(f"chunk at offset {chunk.offset}: CRC-32 mismatch")
-    return raw if isinstance(raw, bytes) else memoryview(raw)
+    return view
 
 
 def compress_small(data: bytes, level: int = 19) -> bytes:
@@ -250,10 +260,10 @@ class BlobAssembler:
 
     sha256: str
     size: int
-    sink: "BlobSink"
+    sink: BlobSink
     received: int = 0
     #: Bytes of a blob the receiver holds, by SHA-256, for delta chunks (KeyError: not usable).
-    delta_source: Callable[[str], bytes | memoryview] | None = None
+    delta_source: Callable[[str], Buffer] | None = None
     #: Chunks decoded at once in the codec threads; 1: each within its `add`, in the caller's thread.
     workers: int = 1
     _pending: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
@@ -277,7 +287,9 @@ class BlobAssembler:
                 delta = self.delta_source(chunk.delta_base) if self.delta_source else None
             except (KeyError, ValueError, OSError):
                 delta = None
-        base = memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size] if delta is not None else None
+        base: bytes | memoryview | None = None
+        if delta is not None:
+            base = memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size]
         out = self._spare.pop() if self._spare else np.empty(min(self.size, MAX_CHUNK_BYTES), dtype=np.uint8)
         if self.workers <= 1:
             raw = _decode(chunk, base, out)
@@ -326,6 +338,6 @@ class BlobAssembler:
 
 
 class BlobSink(Protocol):
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | memoryview, /) -> int:
         """Take `data` (any bytes-like object); it may not be kept after the call returns: the
         assembler reuses its buffers."""

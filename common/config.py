@@ -9,9 +9,12 @@ import dataclasses
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
@@ -23,7 +26,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
         if name not in fields:
             raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}.{key}: expected a table")
             value = from_dict(hint, value, f"{where}.{key}")

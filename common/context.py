@@ -53,7 +53,8 @@ def encode(method: str, tensors: dict[str, torch.Tensor], reference: dict[str, t
         diff = (value.float() - ref.float()).flatten()
         if method == "prune":
             keep = max(1, math.ceil((1.0 - ratio) * diff.numel())) if ratio < 1 else 0
-            positions = torch.topk(diff.abs(), keep, sorted=False).indices.sort().values if keep else diff.new_zeros(0).long()
+            positions = (torch.topk(diff.abs(), keep, sorted=False).indices.sort().values if keep
+                         else diff.new_zeros(0).long())
             gaps = torch.diff(positions, prepend=positions.new_zeros(1)) if keep else positions
             # Gaps, not positions: small integers that zstd codes in about a byte each.
             out[f"{name}.gaps"] = gaps.to(torch.int32).contiguous()
@@ -66,7 +67,8 @@ def encode(method: str, tensors: dict[str, torch.Tensor], reference: dict[str, t
 
 
 def decode(method: str, encoded: dict[str, torch.Tensor], specs: tuple[TensorSpec, ...] | list[TensorSpec],
-           reference: dict[str, torch.Tensor] | None, *, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
+           reference: dict[str, torch.Tensor] | None, *,
+           group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
     """The approximated block, checked against its specs: a malformed encoding is refused
     (CodecError), never turned into tensors of the wrong shape or filled with garbage."""
     if method not in ENCODED_METHODS:

@@ -198,8 +198,8 @@ def _flat_ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def pack_sequences(token_ids: Sequence[int], seq_len: int) -> torch.LongTensor:
-    """Cut the token stream into ``[n, seq_len]`` contiguous rows; the incomplete tail is dropped."""
+def pack_sequences(token_ids: Sequence[int], seq_len: int) -> torch.Tensor:
+    """Cut the token stream into ``[n, seq_len]`` contiguous rows (int64); the incomplete tail is dropped."""
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     n = len(token_ids) // seq_len
@@ -208,7 +208,7 @@ def pack_sequences(token_ids: Sequence[int], seq_len: int) -> torch.LongTensor:
     return torch.tensor(list(token_ids[: n * seq_len]), dtype=torch.long).view(n, seq_len)
 
 
-def load_packed(path: str | Path, tokenizer: Any, seq_len: int) -> torch.LongTensor:
+def load_packed(path: str | Path, tokenizer: Any, seq_len: int) -> torch.Tensor:
     """``load_documents`` -> ``tokenize_documents`` -> ``pack_sequences``."""
     return pack_sequences(tokenize_documents(load_documents(path), tokenizer), seq_len)
 
@@ -216,8 +216,8 @@ def load_packed(path: str | Path, tokenizer: Any, seq_len: int) -> torch.LongTen
 # --------------------------------------------------------------------------------------------- batching
 
 
-def visit_batches(num_sequences: int, batch_size: int, steps: int, seed: int) -> list[torch.LongTensor]:
-    """Row indices of the batch for each of ``steps`` steps, a pure function of the arguments.
+def visit_batches(num_sequences: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """Row indices (int64) of the batch for each of ``steps`` steps, a pure function of the arguments.
 
     Walks through a seeded random permutation of ``range(num_sequences)``; when it runs out, a new permutation
     is drawn from the same generator and the walk continues (also in the middle of a batch, which is how a

@@ -22,7 +22,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, sequences: torch.LongTensor, row_batches: Iterable[torch.Tensor]) -> float:
+def mean_loss(model: nn.Module, sequences: torch.Tensor, row_batches: Iterable[torch.Tensor]) -> float:
     """Token-weighted mean loss over the given batches of rows of ``sequences``, without autograd, in eval
     mode (the model's train/eval mode is restored afterwards). ``nan`` when there are no rows."""
     device = model_device(model)
@@ -42,16 +42,16 @@ def mean_loss(model: nn.Module, sequences: torch.LongTensor, row_batches: Iterab
     return total / count if count else float("nan")
 
 
-def evaluate_loss(model: nn.Module, sequences: torch.LongTensor, batch_size: int) -> float:
-    """Mean token-level causal-LM loss over all ``sequences`` ``[n, seq_len]``, in order, ``batch_size`` rows at
-    a time, without autograd, in eval mode."""
+def evaluate_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int) -> float:
+    """Mean token-level causal-LM loss over all ``sequences`` ``[n, seq_len]`` (token ids), in order,
+    ``batch_size`` rows at a time, without autograd, in eval mode."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = sequences.shape[0]
     return mean_loss(model, sequences, (torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)))
 
 
-def spread_sample(sequences: torch.LongTensor, k: int) -> torch.LongTensor:
+def spread_sample(sequences: torch.Tensor, k: int) -> torch.Tensor:
     """``k`` rows evenly spaced over ``sequences`` (all of them when there are fewer), so a
     bounded evaluation still covers every held-out document."""
     k = min(k, sequences.shape[0])

@@ -32,7 +32,8 @@ def config_from_json(config_json: str) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **values)
 
 
-def model_from_config(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> PreTrainedModel:
+def model_from_config(config: PretrainedConfig, dtype: torch.dtype,
+                      device: str | torch.device = "cpu") -> PreTrainedModel:
     """An empty-weights model of the right structure; its blocks are then loaded from blobs."""
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

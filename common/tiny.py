@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -70,7 +71,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,6 +115,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = BYTE_VOCAB_SIZE, **overri
     in train mode too. ``overrides`` are passed to the config with the architecture's own names.
     """
     special = dict(bos_token_id=_EOS_ID, eos_token_id=_EOS_ID, pad_token_id=_EOS_ID)
+    kwargs: dict[str, Any]
     if arch in ("llama", "qwen2", "mistral"):
         kwargs = dict(
             vocab_size=vocab_size,
@@ -188,7 +190,7 @@ def write_tiny_model_dir(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = make_tiny_model(arch, seed=seed, dtype=dtype)
-    save_kwargs = {} if _TF_VERSION >= (5, 0) else {"safe_serialization": True}
+    save_kwargs: dict[str, Any] = {} if _TF_VERSION >= (5, 0) else {"safe_serialization": True}
     model.save_pretrained(path, **save_kwargs)
     make_byte_tokenizer().save_pretrained(path)
     return path

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_generated_stubs_match_proto(tmp_path):
     pytest.importorskip("grpc_tools")
     spec = importlib.util.spec_from_file_location("generate", ROOT / "protos" / "generate.py")
+    assert spec is not None and spec.loader is not None
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     generate.generate(tmp_path)

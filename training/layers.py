@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 from fedcybgd.common.blocks import BlockSpec, find_decoder_layers
 
@@ -76,13 +77,15 @@ _STACKS: dict[str, tuple[str, str]] = {
 
 def decoder_stack(model: nn.Module) -> DecoderStack | None:
     """The model's decoder stack, or None when replaying from a layer is not known to be exact for it."""
-    paths = _STACKS.get(getattr(getattr(model, "config", None), "model_type", None))
+    paths = _STACKS.get(getattr(getattr(model, "config", None), "model_type", ""))
     get_head = getattr(model, "get_output_embeddings", None)
     if paths is None or get_head is None or get_head() is None:
         return None
     try:
         layers, norm = (model.get_submodule(p) for p in paths)
     except AttributeError:
+        return None
+    if not isinstance(layers, nn.ModuleList):
         return None
     if find_decoder_layers(model)[0] != paths[0]:  # the partition's decoder layers must be these
         return None
@@ -141,7 +144,9 @@ def forward_from_layer(model: nn.Module, stack: DecoderStack, start: int, hidden
     shape), final norm, head and the model's own loss function."""
     if len(calls) != len(stack.layers) - start:
         raise ValueError(f"need the arguments of {len(stack.layers) - start} layers, got {len(calls)}")
-    for layer, call in zip(stack.layers[start:], calls):
+    if not isinstance(model, PreTrainedModel):  # the loss function and vocabulary size are the model's
+        raise TypeError(f"replaying layers needs a Hugging Face model, got {type(model).__name__}")
+    for layer, call in zip(stack.layers[start:], calls, strict=True):
         out = layer(hidden, *call.args, **call.kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     logits = stack.head(stack.final_norm(hidden))
