@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,7 +33,7 @@ class RunningCoordinator:
     server: grpc.Server
     health: health.HealthServicer
     port: int
-    metrics_server: object | None = None
+    metrics_server: tuple[Any, Any] | None = None  # prometheus_client's (HTTP server, thread)
 
     def stop(self, grace: float = 10.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -54,6 +55,8 @@ def start(config: CoordinatorConfig, interceptors: Sequence[grpc.ServerIntercept
         log.warning("listening in PLAINTEXT with open registration (insecure = true): trusted networks only")
         port = server.add_insecure_port(config.address)
     else:
+        if not (config.tls_cert and config.tls_key):  # CoordinatorConfig refuses this already
+            raise ValueError("TLS needs tls_cert and tls_key")
         port = server.add_secure_port(config.address, server_credentials(config.tls_cert, config.tls_key,
                                                                          config.tls_client_ca))
     if port == 0:
@@ -61,7 +64,8 @@ def start(config: CoordinatorConfig, interceptors: Sequence[grpc.ServerIntercept
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_server = coordinator.metrics.serve(config.metrics_port, config.metrics_address) if config.metrics_port else None
+    metrics_server = (coordinator.metrics.serve(config.metrics_port, config.metrics_address)
+                      if config.metrics_port else None)
     log.info("coordinator listening on port %d (%d blocks, %d rounds planned)%s", port, len(coordinator.run.specs),
              coordinator.schedule.total_rounds, f", metrics on :{config.metrics_port}" if config.metrics_port else "")
     return RunningCoordinator(coordinator, server, health_servicer, port, metrics_server)

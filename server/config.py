@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
-from fedcybgd.common.context import DEFAULT_GROUP_SIZE, METHODS as CONTEXT_METHODS
+from fedcybgd.common.context import DEFAULT_GROUP_SIZE
+from fedcybgd.common.context import METHODS as CONTEXT_METHODS
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.strategies import STRATEGIES
 from fedcybgd.training.lora import LoraConfig

@@ -28,7 +28,8 @@ from fedcybgd.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger("fedcybgd.coordinator")
 
-CONTEXT_CODECS = {"drop": pb.CONTEXT_DROP, "int8": pb.CONTEXT_INT8, "int4": pb.CONTEXT_INT4, "prune": pb.CONTEXT_PRUNE}
+CONTEXT_CODECS: dict[str, pb.ContextCodec] = {
+    "drop": pb.CONTEXT_DROP, "int8": pb.CONTEXT_INT8, "int4": pb.CONTEXT_INT4, "prune": pb.CONTEXT_PRUNE}
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Approximation:
     """How one frozen block reaches the client instead of its exact blob: `sha256` is the encoded
     approximation ("" when nothing is sent: layer dropping), relative to `reference`."""
 
-    codec: int
+    codec: pb.ContextCodec
     sha256: str
     size: int
     reference: str
@@ -56,7 +57,7 @@ class ContextPlanner:
         self._index_lock = threading.Lock()
 
     @property
-    def codec(self) -> int | None:
+    def codec(self) -> pb.ContextCodec | None:
         return CONTEXT_CODECS.get(self._config.method)
 
     def plan(self, manifest: list[str], trainable: set[str], have: set[str], accepted: set[int],

@@ -99,7 +99,8 @@ class Downloads:
         encoded = [a.sha256 for a in approx.values() if a.sha256]
         sending = [sha for sha in dict.fromkeys(exact + encoded) if sha not in have]
         # Where a blob sits in the history (for delta bases) and its element size.
-        places = {sha: (i, word_size(spec)) for i, (spec, sha) in enumerate(zip(self._run.specs, manifest, strict=True))}
+        places = {sha: (i, word_size(spec))
+                  for i, (spec, sha) in enumerate(zip(self._run.specs, manifest, strict=True))}
         if extra:
             places[extra] = (len(manifest), word_size(self._strategy.extra_spec(extra)))
         blobs = []
@@ -128,11 +129,13 @@ class Downloads:
         yield first
         for blob in plan.blobs:
             raw_bytes = wire_bytes = 0
-            with blob.store.open_mmap(blob.sha256) as data, \
-                    (self._blobs.open_mmap(blob.delta_base) if blob.delta_base else contextlib.nullcontext()) as older:
+            with contextlib.ExitStack() as stack:
+                data = stack.enter_context(blob.store.open_mmap(blob.sha256))
+                delta = ((blob.delta_base, stack.enter_context(self._blobs.open_mmap(blob.delta_base)))
+                         if blob.delta_base else None)
                 chunks = encode_chunks(blob.sha256, data, chunk_bytes=self._config.chunk_bytes, codec=plan.codec,
                                        level=self._config.zstd_level, start=blob.start, word_size=blob.word_size,
-                                       delta=(blob.delta_base, older) if blob.delta_base else None)
+                                       delta=delta)
                 try:
                     for chunk in chunks:
                         message = pb.DownloadMessage(chunk=chunk)

@@ -34,6 +34,8 @@ class Evaluator:
         self._rounds = rounds
         self._metrics = metrics
         self._queue: queue.Queue[int | None] = queue.Queue()
+        if not config.data:
+            raise ValueError("evaluation needs held-out data (eval.data)")
         sequences = load_packed(config.data, store.tokenizer(), seq_len)
         self._sequences: torch.Tensor = spread_sample(sequences, config.max_sequences)
         self._thread = threading.Thread(target=self._loop, name="evaluator", daemon=True)

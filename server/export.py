@@ -22,10 +22,10 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
         raise FileNotFoundError(f"no coordinator state in {state_dir}")
     state = SqliteState(state_path)
     try:
-        blocks, dtype, latest = state.get_meta("blocks"), state.get_meta("dtype"), state.latest_version()
-        if blocks is None or dtype is None or latest is None:
+        blocks, dtype = state.get_meta("blocks"), state.get_meta("dtype")
+        if blocks is None or dtype is None:
             raise ValueError(f"the run in {state_dir} was never initialised")
-        version = latest[0] if version is None else version
+        version = state.latest_version()[0] if version is None else version
         manifest = state.manifest(version)
         store = ModelStore(state_dir)
         adapter, lora = state.get_meta(f"adapter:{version}"), state.get_meta("lora")

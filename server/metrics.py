@@ -9,6 +9,7 @@ and `increase()` of the counters gives any window.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -38,13 +39,15 @@ class CoordinatorMetrics:
             "fedcybgd_fedavg_full_equivalent_bytes_total",
             "Bytes the same visits would cost exchanging the full model both ways", registry=r)
         self.round_fedavg_equivalent_bytes = Gauge(
-            "fedcybgd_round_fedavg_full_equivalent_bytes", "FedAvg-full bytes for one round (2 x model size)", registry=r)
+            "fedcybgd_round_fedavg_full_equivalent_bytes", "FedAvg-full bytes for one round (2 x model size)",
+            registry=r)
         self.model_bytes = Gauge("fedcybgd_model_bytes", "Raw size of the full model", registry=r)
         self.context_blocks = Counter("fedcybgd_context_blocks_approximated_total",
                                       "Frozen blocks sent approximated (or, for drop, not sent) instead of exactly",
                                       ["method"], registry=r)
         self.visits = Counter("fedcybgd_visits_total", "Visits by outcome", ["outcome"], registry=r)
-        self.rejections = Counter("fedcybgd_upload_rejections_total", "Rejected uploads by reason", ["reason"], registry=r)
+        self.rejections = Counter("fedcybgd_upload_rejections_total", "Rejected uploads by reason", ["reason"],
+                                  registry=r)
         self.visit_seconds = Histogram("fedcybgd_visit_duration_seconds", "Task issue to commit",
                                        buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
         self.round = Gauge("fedcybgd_round", "Rounds (visits) committed so far", registry=r)
@@ -74,7 +77,7 @@ class CoordinatorMetrics:
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
 
-    def serve(self, port: int, address: str = "127.0.0.1"):
+    def serve(self, port: int, address: str = "127.0.0.1") -> tuple[Any, Any]:
         return start_http_server(port, addr=address, registry=self.registry)
 
     def count_active_clients(self, count: Callable[[], int]) -> None:
@@ -94,7 +97,8 @@ class CoordinatorMetrics:
         self.model_bytes.set(model_bytes)
         self.round_fedavg_equivalent_bytes.set(2 * model_bytes)
 
-    def observe_round(self, record: VisitStats, round_bytes: dict[tuple[str, str], tuple[int, int]], client_name: str) -> None:
+    def observe_round(self, record: VisitStats, round_bytes: dict[tuple[str, str], tuple[int, int]],
+                      client_name: str) -> None:
         """A visit was committed: per-round gauges, outcome, losses, memory."""
         for direction in DIRECTIONS:
             for kind in KINDS:

@@ -7,9 +7,9 @@ the whole model in memory except to evaluate or export it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -18,7 +18,12 @@ from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.modeling import (
-    DTYPES, TOKENIZER_FILES, config_from_json, dtype_name, load_blob_file, model_from_config,
+    DTYPES,
+    TOKENIZER_FILES,
+    config_from_json,
+    dtype_name,
+    load_blob_file,
+    model_from_config,
 )
 
 #: Bound on the tokenizer files sent with the model info (before compression).
@@ -31,7 +36,8 @@ class ModelStore:
         self.blobs = BlobStore(self.state_dir / "blobs")
         self.model_dir = self.state_dir / "model"
 
-    def import_model(self, model_path: str | Path, layers_per_block: int, dtype: str) -> tuple[list[BlockSpec], list[str], str]:
+    def import_model(self, model_path: str | Path, layers_per_block: int,
+                     dtype: str) -> tuple[list[BlockSpec], list[str], str]:
         """Partition a Hugging Face model into blocks and store them as version 0.
 
         Returns (block specs, manifest of blob SHA-256 per block, the dtype name used).
@@ -61,7 +67,8 @@ class ModelStore:
         return (self.model_dir / "config.json").read_text()
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        files = {name: (self.model_dir / name).read_bytes() for name in TOKENIZER_FILES if (self.model_dir / name).is_file()}
+        files = {name: (self.model_dir / name).read_bytes()
+                 for name in TOKENIZER_FILES if (self.model_dir / name).is_file()}
         total = sum(len(v) for v in files.values())
         if total > MAX_TOKENIZER_BYTES:
             raise ValueError(f"tokenizer files take {total} bytes, more than {MAX_TOKENIZER_BYTES}")
@@ -70,7 +77,8 @@ class ModelStore:
     def tokenizer(self):
         return AutoTokenizer.from_pretrained(str(self.model_dir))
 
-    def build_model(self, specs: list[BlockSpec], manifest: list[str], dtype: str, device: str = "cpu") -> PreTrainedModel:
+    def build_model(self, specs: list[BlockSpec], manifest: list[str], dtype: str,
+                    device: str = "cpu") -> PreTrainedModel:
         model = model_from_config(config_from_json(self.config_json()), DTYPES[dtype], device)
         for spec, sha in zip(specs, manifest, strict=True):
             load_blob_file(model, spec, self.blobs.path(sha))

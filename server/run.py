@@ -65,7 +65,7 @@ def open_run(config: CoordinatorConfig, state: CoordinatorState, store: ModelSto
         raise ValueError(
             f"state directory {config.state_dir} belongs to a run with other settings:\n  stored:  {stored}\n"
             f"  current: {fingerprint}\nuse a fresh --state-dir or the same settings")
-    blocks, dtype, model_id = state.get_meta("blocks"), state.get_meta("dtype"), state.get_meta("model_id")
-    if blocks is None or dtype is None or model_id is None:
+    blocks, stored_dtype, stored_id = state.get_meta("blocks"), state.get_meta("dtype"), state.get_meta("model_id")
+    if blocks is None or stored_dtype is None or stored_id is None:
         raise ValueError(f"state directory {config.state_dir} holds an incomplete run")
-    return RunInfo(specs=specs_from_json(blocks), dtype=dtype, model_id=model_id)
+    return RunInfo(specs=specs_from_json(blocks), dtype=stored_dtype, model_id=stored_id)

@@ -11,10 +11,16 @@ import grpc
 from fedcybgd.common.transport import peer_common_name
 from fedcybgd.server.coordinator import Coordinator
 from fedcybgd.server.errors import Refusal
+from fedcybgd.server.state import ClientRow
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedcybgd.service")
+
+
+def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    """The call's text metadata (binary "-bin" entries are not credentials)."""
+    return {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException):
@@ -54,8 +60,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
 
-    def _client(self, context: grpc.ServicerContext):
-        return self.coordinator.authenticate(dict(context.invocation_metadata()), peer_common_name(context))
+    def _client(self, context: grpc.ServicerContext) -> ClientRow:
+        return self.coordinator.authenticate(_metadata(context), peer_common_name(context))
 
     @_unary
     def Register(self, request, context):
@@ -84,7 +90,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_unary
     def GetStatus(self, request, context):
-        self.coordinator.authorize_operator(dict(context.invocation_metadata()), peer_common_name(context))
+        self.coordinator.authorize_operator(_metadata(context), peer_common_name(context))
         return self.coordinator.status(request)
 
 

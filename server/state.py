@@ -111,7 +111,7 @@ class CoordinatorState(Protocol):
     def clients(self) -> list[ClientRow]: ...
     def touch_client(self, client_id: str, **resources: int) -> None: ...
     def add_version(self, version: int, manifest: list[str], round_: int | None, replace: bool = False) -> None: ...
-    def latest_version(self) -> tuple[int, list[str]] | None: ...
+    def latest_version(self) -> tuple[int, list[str]]: ...
     def manifest(self, version: int) -> list[str]: ...
     def issue_task(self, task: TaskRow) -> None: ...
     def task(self, task_id: str) -> TaskRow | None: ...
@@ -223,9 +223,11 @@ class SqliteState:
                 (version, json.dumps(manifest), round_, time.time()),
             )
 
-    def latest_version(self) -> tuple[int, list[str]] | None:
+    def latest_version(self) -> tuple[int, list[str]]:
         rows = self._query("SELECT version, manifest FROM versions ORDER BY version DESC LIMIT 1")
-        return (rows[0]["version"], json.loads(rows[0]["manifest"])) if rows else None
+        if not rows:
+            raise LookupError("no model version yet: the run was never initialised")
+        return rows[0]["version"], json.loads(rows[0]["manifest"])
 
     def manifest(self, version: int) -> list[str]:
         rows = self._query("SELECT manifest FROM versions WHERE version = ?", (version,))
@@ -352,7 +354,8 @@ class SqliteState:
             )
 
     def evals(self) -> list[tuple[int, int, float]]:
-        return [(r["version"], r["rounds_done"], r["loss"]) for r in self._query("SELECT * FROM evals ORDER BY version")]
+        rows = self._query("SELECT * FROM evals ORDER BY version")
+        return [(r["version"], r["rounds_done"], r["loss"]) for r in rows]
 
 
 class StaleTaskError(RuntimeError):

@@ -25,7 +25,8 @@ def weighted_mean(blobs: BlobStore, weighted: Sequence[tuple[float, str]]) -> di
     return acc
 
 
-def average_blocks(blobs: BlobStore, specs: Sequence[BlockSpec], uploads: Sequence[tuple[float, list[str]]]) -> list[str]:
+def average_blocks(blobs: BlobStore, specs: Sequence[BlockSpec],
+                   uploads: Sequence[tuple[float, list[str]]]) -> list[str]:
     """The weighted average of several full-model uploads, block by block: (weight, manifest)
     pairs in, the averaged manifest out. Only one block's fp32 accumulator and one client's copy
     of that block are in memory at a time. Rounded to the blocks' dtype once, at the end."""

@@ -39,6 +39,7 @@ from fedcybgd.server.records import Accepted, ExpectedUpload, Opening, UploadCla
 from fedcybgd.server.run import RunInfo
 from fedcybgd.server.scheduler import Schedule
 from fedcybgd.server.state import CoordinatorState, TaskRow, VisitRow
+from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
     from fedcybgd.server.config import CoordinatorConfig
@@ -65,7 +66,7 @@ class Strategy(ABC):
     abstract methods; the defaults suit strategies that exchange blocks only."""
 
     #: the protocol's TaskKind of every task this strategy issues
-    task_kind: ClassVar[int]
+    task_kind: ClassVar[pb.TaskKind]
     #: metrics label of the trained part of a transfer ("block" or "full")
     transfer_kind: ClassVar[str] = "block"
     #: frozen blocks may be sent as lossy approximations ([context] compression)
@@ -79,6 +80,7 @@ class Strategy(ABC):
     @classmethod
     def check_config(cls, config: CoordinatorConfig) -> None:
         """Raise ValueError for settings this strategy cannot run with."""
+        return None
 
     def fingerprint(self) -> dict[str, object]:
         """Settings of this strategy a run cannot change midway (added to the run's fingerprint)."""
@@ -145,6 +147,7 @@ class Strategy(ABC):
 
     def finish_model(self, model: nn.Module, version: int) -> None:
         """Make a model built from a version's blocks the model the version stands for."""
+        return None
 
     # -- accept --------------------------------------------------------------------------------
     @abstractmethod
@@ -166,6 +169,7 @@ class Strategy(ABC):
 
     def recover(self) -> None:
         """Finish what was complete before a crash (called once at start-up)."""
+        return None
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -84,7 +84,8 @@ class FedAvgFamily(Strategy):
         if config.max_concurrent_visits != 1:
             raise ValueError(f"max_concurrent_visits applies to the block cycle, not to {config.strategy}")
         if config.context.method != "none":
-            raise ValueError(f"context compression applies to the block cycle's frozen blocks, not to {config.strategy}")
+            raise ValueError("context compression applies to the block cycle's frozen blocks, "
+                             f"not to {config.strategy}")
 
     def fingerprint(self) -> dict[str, object]:
         return {**super().fingerprint(), "clients_per_round": self.config.clients_per_round}
