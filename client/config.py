@@ -24,7 +24,7 @@ class ClientConfig:
     server_name: str | None = None         # expected name in the coordinator's certificate, if not the host
     join_token: str | None = None          # enrolment secret, when the coordinator requires one
     # Memory/compute options of a block visit (docs/benchmarks.md, "Client memory and compute"):
-    checkpoint_above: bool = False         # recompute the activations of the layers above the block: less memory, slower
+    checkpoint_above: bool = False         # recompute activations of the layers above the block: less memory, slower
     cache_block_inputs: bool = False       # keep the block's inputs when rows recur within a visit (local epochs)
     metrics_port: int = 0                  # Prometheus endpoint; 0: off
     metrics_address: str = "127.0.0.1"

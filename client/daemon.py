@@ -1,5 +1,5 @@
 """The client daemon: register, then visit after visit — fetch a task, download what is missing,
-train the one block, upload it — until the coordinator says the run is done.
+train what the task's kind trains (``client/tasks.py``), upload it — until the coordinator says the run is done.
 
 The local data never leaves this process: only block weights and the visit's figures (losses,
 sample counts, memory, seconds) are sent.
@@ -17,29 +17,27 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedcybgd.client.config import ClientConfig
-from fedcybgd.client.metrics import ClientMetrics, rss_bytes
-from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
+from fedcybgd.client.metrics import ClientMetrics
+from fedcybgd.client.resident import ResidentModel
+from fedcybgd.client.tasks import TaskRefused, VisitContext, handler_for, visit_hyper_from_proto
 from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_blobs
-from fedcybgd.common import context
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import block_tensors, load_block, partition_model
-from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, CodecError, decompress_small, serialize_block
+from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
+from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
+from fedcybgd.common.modeling import DTYPES, TOKENIZER_FILES, config_from_json, model_from_config
+from fedcybgd.common.procfs import rss_bytes
 from fedcybgd.common.transport import client_channel
-from fedcybgd.common.modeling import (
-    DTYPES, TOKENIZER_FILES, config_from_json, load_blob_file, model_from_config, word_size,
-)
+from fedcybgd.training import OnStep
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedcybgd.client")
 T = TypeVar("T")
-CONTEXT_METHODS = {pb.CONTEXT_INT8: "int8", pb.CONTEXT_INT4: "int4", pb.CONTEXT_PRUNE: "prune"}
 MAX_TOKENIZER_FILE_BYTES = 32 * 1024 * 1024
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
@@ -49,12 +47,15 @@ class TaskWithdrawn(RuntimeError):
 
 
 class ClientDaemon:
+    """One participant: its identity, the resident model, the local data, and the loop of visits."""
+
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.cache_dir = Path(config.cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.cache = BlobStore(self.cache_dir / "blobs")
-        self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(config.device if config.device != "auto" else auto)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.channel = client_channel(config.coordinator, insecure=config.insecure, tls_ca=config.tls_ca,
@@ -62,9 +63,7 @@ class ClientDaemon:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.client_id = ""
-        self.model = None
-        self.specs = []
-        self.loaded: dict[int, str] = {}   # block index -> SHA-256 of the blob now in self.model
+        self.resident: ResidentModel | None = None  # after _prepare_model
         self._sequences: dict[int, torch.Tensor] = {}
         self._phase = "idle"
         self._task_id = ""
@@ -99,7 +98,8 @@ class ClientDaemon:
                 self.client_id = identity["client_id"]
                 self.metadata = (("authorization", f"Bearer {identity['token']}"),)
                 try:
-                    self._call("heartbeat", lambda: self.stub.Heartbeat(pb.HeartbeatRequest(phase="idle"), metadata=self.metadata))
+                    self._call("heartbeat", lambda: self.stub.Heartbeat(pb.HeartbeatRequest(phase="idle"),
+                                                                        metadata=self.metadata))
                     log.info("rejoined as %s", self.client_id)
                     return
                 except grpc.RpcError as err:
@@ -116,7 +116,10 @@ class ClientDaemon:
         log.info("registered as %s", self.client_id)
 
     def _prepare_model(self) -> None:
-        info = self._call("model info", lambda: self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata))
+        """Build the coordinator's model (architecture, tokenizer, dtype, partition) on this device, untrained:
+        its weights arrive with the first download."""
+        info = self._call("model info",
+                          lambda: self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata))
         model_dir = self.cache_dir / f"model-{info.model_id[:16]}"
         model_dir.mkdir(exist_ok=True)
         for name, data in info.tokenizer_files.items():
@@ -130,22 +133,28 @@ class ClientDaemon:
         self.dtype = DTYPES[info.dtype]
         # The best codec both sides know (an older coordinator announces none: plain zstd).
         self.upload_codec = next((c for c in ACCEPT_CODECS if c in info.upload_codecs), pb.CODEC_ZSTD)
-        self.model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
-        self.specs = partition_model(self.model, info.layers_per_block)
+        model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
+        specs = partition_model(model, info.layers_per_block)
+        if len(specs) != info.num_blocks:
+            raise ValueError(f"the coordinator partitions this model into {info.num_blocks} blocks of "
+                             f"{info.layers_per_block} decoder layers, this client into {len(specs)}: "
+                             "client and coordinator disagree on the model or on the partition (versions?)")
+        self.resident = ResidentModel(model, specs, self.cache)
         if self.config.base_model:
-            self._seed_cache_from_base()
+            self._seed_cache_from_base(specs)
 
-    def _seed_cache_from_base(self) -> None:
+    def _seed_cache_from_base(self, specs: list[BlockSpec]) -> None:
         """Blocks of locally held base weights go into the cache under their hash: whichever of
         them the coordinator's manifest names will not be downloaded."""
         base = AutoModelForCausalLM.from_pretrained(self.config.base_model, dtype=self.dtype)
-        for spec in self.specs:
+        for spec in specs:
             self.cache.put(serialize_block(block_tensors(base, spec)))
         del base
         log.info("seeded the block cache from base weights in %s", self.config.base_model)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
+        """Visit until the run is done (or ``max_visits``); returns the number of visits."""
         self.connect()
         self._prepare_model()
         stop_heartbeat = threading.Event()
@@ -158,7 +167,8 @@ class ClientDaemon:
                     timeout=self.config.poll_seconds + 30))
                 outcome = reply.WhichOneof("outcome")
                 if outcome == "done":
-                    log.info("run complete (final version %d); %d visits by this client", reply.done.final_version, self.visits_done)
+                    log.info("run complete (final version %d); %d visits by this client", reply.done.final_version,
+                             self.visits_done)
                     break
                 if outcome == "wait":
                     time.sleep(reply.wait.retry_after_ms / 1000)
@@ -168,6 +178,12 @@ class ClientDaemon:
                 except TaskWithdrawn as err:
                     self.metrics.visits.labels(outcome="withdrawn").inc()
                     log.warning("%s", err)
+                except TaskRefused as err:
+                    # The coordinator hands an unfinished task back to its client: ask again only after a poll
+                    # period instead of refusing it in a busy loop.
+                    self.metrics.visits.labels(outcome="refused").inc()
+                    log.error("%s", err)
+                    time.sleep(self.config.poll_seconds)
                 finally:
                     self._phase, self._task_id = "idle", ""
                 self.visits_done += 1
@@ -177,69 +193,37 @@ class ClientDaemon:
             self.channel.close()
         return self.visits_done
 
-    def visit(self, task: pb.Task) -> pb.UploadResponse | None:
+    def visit(self, task: pb.Task) -> pb.UploadResponse:
+        """Download what the task needs, train it (its kind's handler), upload the result. Raises ``TaskRefused``
+        for a task this client cannot train and ``TaskWithdrawn`` when the coordinator took the task back."""
+        handler = handler_for(task)  # before any download: a task that cannot be trained costs nothing
         self._task_id, self._phase, self._step = task.task_id, "download", 0
         started = time.perf_counter()
         try:
-            manifest, bytes_down = self._call("download", lambda: download_model(self.stub, self.metadata, task, self.cache))
+            manifest, bytes_down = self._call(
+                "download", lambda: download_model(self.stub, self.metadata, task, self.cache))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # reassigned while we could not reach it
                 raise TaskWithdrawn(f"round {task.round}: download refused: {err.details()}") from err
             raise
         download_seconds = time.perf_counter() - started
         self.metrics.transfer_bytes.labels(direction="down").inc(bytes_down)
-        self._load_manifest(manifest)
+        self.resident.load_manifest(manifest)
 
         self._phase = "train"
-        hyper = VisitHyper(lr=task.hyper.lr, steps=task.hyper.local_steps, batch_size=task.hyper.batch_size,
-                           seq_len=task.hyper.seq_len, seed=task.hyper.seed, weight_decay=task.hyper.weight_decay,
-                           max_grad_norm=task.hyper.max_grad_norm)
+        hyper = visit_hyper_from_proto(task.hyper)
         sequences, on_step = self._training_sequences(hyper.seq_len), self._on_step(hyper.steps)
         log.info("round %d: training %s for %d steps at lr %.3g", task.round, task.block_name, hyper.steps, hyper.lr)
-        if task.kind == pb.TASK_FULL:  # FedAvg-full: every parameter, every block uploaded
-            self.loaded.clear()  # training changes the model in place: until done it holds no known blob
-            result = train_full(self.model, sequences, hyper, on_step=on_step)
-            blobs = [serialize_block({n: result.tensors[n] for n in spec.names}) for spec in self.specs]
-            uploads = [(self.cache.put(blob), blob, word_size(spec), entry.sha256)
-                       for spec, blob, entry in zip(self.specs, blobs, manifest.blocks, strict=True)]
-            self.loaded = {i: sha for i, (sha, _, _, _) in enumerate(uploads)}
-            announced = dict(blobs=[pb.UploadedBlob(block_index=i, sha256=sha, size=len(blob))
-                                    for i, (sha, blob, _, _) in enumerate(uploads)])
-        elif task.kind == pb.TASK_LORA:  # FedLoRA: an adapter on the frozen model, from the global one
-            lora = self.model_info.lora
-            global_adapter = safetensors.torch.load_file(str(self.cache.path(manifest.adapter.sha256)))
-            result = train_lora(self.model, sequences, hyper, rank=lora.rank, alpha=lora.alpha,
-                                target_modules=list(lora.target_modules) or None, adapter=global_adapter,
-                                on_step=on_step)
-            blob = serialize_block(result.tensors)
-            uploads = [(self.cache.put(blob), blob, 4, manifest.adapter.sha256)]
-            announced = dict(block_index=manifest.adapter.index, blob_sha256=uploads[0][0], blob_size=len(blob))
-        else:  # FedCyBGD: one block
-            spec = self.specs[task.block_index]
-            self.loaded.pop(task.block_index, None)
-            result = train_block(self.model, spec, sequences, hyper, on_step=on_step,
-                                 checkpoint_above=self.config.checkpoint_above,
-                                 cache_block_inputs=self.config.cache_block_inputs)
-            blob = serialize_block(result.tensors)
-            uploads = [(self.cache.put(blob), blob, word_size(spec), manifest.blocks[task.block_index].sha256)]
-            self.loaded[task.block_index] = uploads[0][0]
-            announced = dict(block_index=task.block_index, blob_sha256=uploads[0][0], blob_size=len(blob))
+        upload = handler.train(self._visit_context(), task, manifest, sequences, hyper, on_step)
+        result = upload.result
         self.metrics.tokens_per_second.set(result.tokens / max(result.seconds, 1e-9))
         self.metrics.visit_peak.set(result.peak_memory_bytes)
 
         self._phase = "upload"
-        header = pb.UploadHeader(
-            task_id=task.task_id, base_version=task.base_version, samples=result.samples, tokens=result.tokens,
-            loss_before=result.loss_before, loss_after=result.loss_after, peak_memory_bytes=result.peak_memory_bytes,
-            train_seconds=result.seconds, download_seconds=download_seconds, device=_device_kind(self.device),
-            **announced)
-        # Each blob as a delta against the version the visit started from, which the coordinator
-        # holds (an older coordinator that announced no byte grouping gets the plain blobs).
-        outgoing = [(sha, blob, words, started if self.upload_codec == pb.CODEC_BYTEGROUP
-                     and len(blob) == self.cache.size(started) else None) for sha, blob, words, started in uploads]
+        header = upload.header(task, download_seconds=download_seconds, device=_device_kind(self.device))
         try:
             reply, bytes_up = self._call("upload", lambda: upload_blobs(
-                self.stub, self.metadata, header, outgoing, self.cache, DEFAULT_CHUNK_BYTES, self.upload_codec))
+                self.stub, self.metadata, header, upload.blobs, self.cache, DEFAULT_CHUNK_BYTES, self.upload_codec))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err
@@ -251,45 +235,23 @@ class ClientDaemon:
                  bytes_down / 1e6, bytes_up / 1e6, time.perf_counter() - started)
         return reply
 
-    def _load_manifest(self, manifest: pb.Manifest) -> None:
-        """Bring the resident model to the manifest's version, loading only blocks that changed."""
-        if len(manifest.blocks) != len(self.specs):
-            raise ValueError(f"manifest has {len(manifest.blocks)} blocks, this model {len(self.specs)}")
-        for entry in manifest.blocks:
-            spec = self.specs[entry.index]
-            wire = [(t.name, tuple(t.shape), t.dtype) for t in entry.tensors]
-            if wire != [(t.name, tuple(t.shape), t.dtype) for t in spec.tensors]:
-                raise ValueError(f"block {entry.name}: the coordinator's tensors differ from this model's")
-            if not entry.HasField("approx"):
-                if self.loaded.get(entry.index) != entry.sha256:
-                    load_blob_file(self.model, spec, self.cache.path(entry.sha256))
-                    self.loaded[entry.index] = entry.sha256
-            elif entry.approx.codec == pb.CONTEXT_DROP:  # keep (or go back to) the version we hold
-                if self.loaded.get(entry.index) != entry.approx.reference_sha256:
-                    load_blob_file(self.model, spec, self.cache.path(entry.approx.reference_sha256))
-                    self.loaded[entry.index] = entry.approx.reference_sha256
-            elif self.loaded.get(entry.index) != f"~{entry.approx.sha256}":
-                load_block(self.model, spec, self._approximated(spec, entry.approx))
-                # Not a block version: marked so that the exact block is loaded when it is needed.
-                self.loaded[entry.index] = f"~{entry.approx.sha256}"
-
-    def _approximated(self, spec, approx: pb.ContextApprox) -> dict[str, torch.Tensor]:
-        """A frozen block rebuilt from its lossy encoding and the exact version it refers to."""
-        method = CONTEXT_METHODS.get(approx.codec)
-        if method is None:
-            raise CodecError(f"block {spec.name}: unknown context codec {approx.codec}")
-        encoded = safetensors.torch.load_file(str(self.cache.path(approx.sha256)))
-        reference = (safetensors.torch.load_file(str(self.cache.path(approx.reference_sha256)))
-                     if approx.reference_sha256 else None)
-        return context.decode(method, encoded, spec.tensors, reference, group_size=approx.group_size)
+    def _visit_context(self) -> VisitContext:
+        """What the task's handler may use and change: the resident model, the cache, the training settings."""
+        resident = self.resident
+        return VisitContext(model=resident.model, specs=resident.specs, loaded=resident.loaded, cache=self.cache,
+                            lora=self.model_info.lora, upload_codec=self.upload_codec,
+                            checkpoint_above=self.config.checkpoint_above,
+                            cache_block_inputs=self.config.cache_block_inputs)
 
     def _training_sequences(self, seq_len: int) -> torch.Tensor:
+        """The local data packed into rows of ``seq_len`` tokens, once per length (tokenizing is slow)."""
         if seq_len not in self._sequences:
             self._sequences[seq_len] = load_packed(self.config.data, self.tokenizer, seq_len)
             log.info("local data: %d sequences of %d tokens", *self._sequences[seq_len].shape)
         return self._sequences[seq_len]
 
-    def _on_step(self, steps: int) -> Callable[[int, float], None]:
+    def _on_step(self, steps: int) -> OnStep:
+        """Progress of a visit (metrics, log, heartbeat step), and where a withdrawn task stops training."""
         every = max(1, steps // 5)
         last = [time.perf_counter()]
 
@@ -307,6 +269,7 @@ class ClientDaemon:
         return on_step
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """Tell the coordinator we are alive (and where a visit stands); notice when our task was withdrawn."""
         interval = 1.0  # the first beat soon; then the coordinator's interval
         while not stop.wait(interval):
             try:

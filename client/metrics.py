@@ -14,7 +14,8 @@ from fedcybgd.common.procfs import rss_bytes
 class ClientMetrics:
     def __init__(self, device: torch.device, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
-        self.transfer_bytes = Counter("fedcybgd_client_transfer_bytes_total", "Bytes on the wire", ["direction"], registry=r)
+        self.transfer_bytes = Counter("fedcybgd_client_transfer_bytes_total", "Bytes on the wire", ["direction"],
+                                      registry=r)
         self.visits = Counter("fedcybgd_client_visits_total", "Visits by outcome", ["outcome"], registry=r)
         self.step_seconds = Histogram("fedcybgd_client_step_seconds", "Duration of one local training step",
                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
@@ -38,7 +39,7 @@ class ClientMetrics:
             gpu.labels(kind=kind).set_function(read if cuda else (lambda: 0))
         if cuda:
             self._add_nvml(device)
-        for outcome in ("completed", "withdrawn"):
+        for outcome in ("completed", "withdrawn", "refused"):
             self.visits.labels(outcome=outcome)
         for direction in ("down", "up"):
             self.transfer_bytes.labels(direction=direction)

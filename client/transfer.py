@@ -3,20 +3,35 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from fedcybgd.common.blobstore import BlobStore, BlobWriter
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks
 from fedcybgd.v1 import coordinator_pb2 as pb
+from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedcybgd.client")
 #: In order of preference; the coordinator picks the first it knows.
 ACCEPT_CODECS = [pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE]
 #: Approximations of frozen blocks this client decodes (fedcybgd.common.context).
 ACCEPT_CONTEXT = [pb.CONTEXT_DROP, pb.CONTEXT_INT8, pb.CONTEXT_INT4, pb.CONTEXT_PRUNE]
+#: gRPC call metadata: the client's credentials.
+Metadata = Sequence[tuple[str, str]]
 
 
-def download_model(stub, metadata, task: pb.Task, cache: BlobStore) -> tuple[pb.Manifest, int]:
+@dataclass(frozen=True)
+class OutgoingBlob:
+    """One trained blob to upload, already in the client's cache under ``sha256``."""
+
+    sha256: str
+    data: bytes
+    word_size: int  # bytes per element, for the byte-grouping codec
+    delta_base: str | None  # the cached blob it is sent as a delta against (the coordinator holds it), or None
+
+
+def download_model(stub: pb_grpc.CoordinatorStub, metadata: Metadata, task: pb.Task,
+                   cache: BlobStore) -> tuple[pb.Manifest, int]:
     """Fetch the task's base model into `cache`; returns (manifest, bytes on the wire).
 
     Only the blobs the cache lacks are sent; frozen blocks may come as approximations (the
@@ -103,21 +118,23 @@ def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:
     writer.commit()
 
 
-def upload_blobs(stub, metadata, header: pb.UploadHeader, blobs: list[tuple[str, bytes, int, str | None]],
-                 cache: BlobStore, chunk_bytes: int, codec: int) -> tuple[pb.UploadResponse, int]:
-    """Send the header, then each blob's chunks: (sha256, bytes, word size, the blob it is a delta
-    against or None). Encoded as it streams, so a whole model's upload is never held encoded in
-    memory; returns (the coordinator's answer, bytes on the wire)."""
+def upload_blobs(stub: pb_grpc.CoordinatorStub, metadata: Metadata, header: pb.UploadHeader,
+                 blobs: Sequence[OutgoingBlob], cache: BlobStore, chunk_bytes: int,
+                 codec: int) -> tuple[pb.UploadResponse, int]:
+    """Send the header, then each blob's chunks, in order. Encoded as it streams, so a whole model's upload is never
+    held encoded in memory; returns (the coordinator's answer, bytes on the wire)."""
     wire = [0]
 
     def stream() -> Iterator[pb.UploadMessage]:
         first = pb.UploadMessage(header=header)
         wire[0] += first.ByteSize()
         yield first
-        for sha, blob, words, base in blobs:
+        for blob in blobs:
+            base = blob.delta_base
             with cache.open_mmap(base) if base else contextlib.nullcontext() as older:
                 delta = (base, older) if base else None
-                for chunk in encode_chunks(sha, blob, chunk_bytes=chunk_bytes, codec=codec, word_size=words, delta=delta):
+                for chunk in encode_chunks(blob.sha256, blob.data, chunk_bytes=chunk_bytes, codec=codec,
+                                           word_size=blob.word_size, delta=delta):
                     message = pb.UploadMessage(chunk=chunk)
                     wire[0] += message.ByteSize()
                     yield message

@@ -14,9 +14,9 @@ one import.
 from fedcybgd.common.eval import evaluate_loss
 from fedcybgd.training.block import train_block
 from fedcybgd.training.full import train_full
-from fedcybgd.training.hyper import VisitHyper, VisitResult
+from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.lora import LoraConfig, initial_lora_adapter, merge_adapter, train_lora
 from fedcybgd.training.memory import peak_memory, reset_peak_memory
 
-__all__ = ["VisitHyper", "VisitResult", "train_block", "train_full", "train_lora", "initial_lora_adapter",
+__all__ = ["VisitHyper", "VisitResult", "OnStep", "train_block", "train_full", "train_lora", "initial_lora_adapter",
            "LoraConfig", "merge_adapter", "peak_memory", "reset_peak_memory", "evaluate_loss"]

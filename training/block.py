@@ -10,12 +10,12 @@ from torch import nn
 
 from fedcybgd.common.blocks import BlockSpec, block_params, block_tensors
 from fedcybgd.common.eval import causal_lm_loss, model_device
-from fedcybgd.training.hyper import VisitHyper, VisitResult
+from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import (
     DecoderStack, LayerInputCapture, LayerCall, block_layers, checkpoint_layers, decoder_stack, forward_from_layer,
     layers_above,
 )
-from fedcybgd.training.loop import OnStep, check_inputs, cpu_copies, fit, visit_rows
+from fedcybgd.training.loop import check_inputs, cpu_copies, fit, visit_rows
 
 __all__ = ["train_block"]
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from fedcybgd.common.blocks import block_params, block_tensors, partition_model
-from fedcybgd.training.hyper import VisitHyper, VisitResult
-from fedcybgd.training.loop import OnStep, cpu_copies, fit
+from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
+from fedcybgd.training.loop import cpu_copies, fit
 
 __all__ = ["train_full"]
 

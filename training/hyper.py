@@ -4,11 +4,16 @@ bit-identical anchors of a federated run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VisitHyper", "VisitResult"]
+__all__ = ["VisitHyper", "VisitResult", "OnStep"]
+
+#: on_step(step index, training loss of the step), called after every optimizer step: progress, and the caller's
+#: chance to abandon the visit (by raising)
+OnStep = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)

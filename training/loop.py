@@ -28,15 +28,12 @@ from torch import nn
 
 from fedcybgd.common.data import visit_batches
 from fedcybgd.common.eval import causal_lm_loss, mean_loss, model_device
-from fedcybgd.training.hyper import VisitHyper, VisitResult
+from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.memory import peak_memory, reset_peak_memory
 
 __all__ = ["fit", "visit_rows", "check_inputs", "cpu_copies"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-#: on_step(step index, training loss of the step), called after every optimizer step
-OnStep = Callable[[int, float], None]
 
 
 def visit_rows(sequences: torch.Tensor, hyper: VisitHyper) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

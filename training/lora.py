@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from fedcybgd.common.blocks import find_decoder_layers
-from fedcybgd.training.hyper import VisitHyper, VisitResult
+from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import decoder_layers
-from fedcybgd.training.loop import OnStep, cpu_copies, fit
+from fedcybgd.training.loop import cpu_copies, fit
 
 __all__ = ["LoraConfig", "train_lora", "initial_lora_adapter", "merge_adapter"]
 
