@@ -26,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+if __name__ != "__main__":  # the child (this file run as a script) measures its heap: no pytest in it
+    import pytest
+
+    pytestmark = pytest.mark.multiprocess
+
 #: bf16 rows x columns: 2 GiB + 32 MiB of tensor data.
 SHAPE = (33_280, 32_768)
 TENSOR_BYTES = SHAPE[0] * SHAPE[1] * 2

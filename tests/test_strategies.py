@@ -80,6 +80,7 @@ def _reference(finished):
     return model, specs, adapter
 
 
+@pytest.mark.multiprocess
 def test_every_round_merges_all_its_clients_and_the_run_learns(finished):
     status, coordinator = finished["status"], finished["coordinator"]
     rounds = FedAvgRounds(status.num_blocks, SCHEDULE, 2)
@@ -93,6 +94,7 @@ def test_every_round_merges_all_its_clients_and_the_run_learns(finished):
     assert evals[status.version] < evals[0]
 
 
+@pytest.mark.multiprocess
 def test_federated_result_equals_the_single_process_reference(finished):
     coordinator = finished["coordinator"]
     model, specs, adapter = _reference(finished)
@@ -108,6 +110,7 @@ def test_federated_result_equals_the_single_process_reference(finished):
             assert torch.equal(federated[name], tensor), name
 
 
+@pytest.mark.multiprocess
 def test_what_travels(finished):
     """fedavg-full: every block up, all of it counted as 'full'; fedlora: only the adapter up."""
     status, coordinator = finished["status"], finished["coordinator"]
@@ -125,6 +128,7 @@ def test_what_travels(finished):
             assert v.bytes_up < 2 * 1.05 * adapter_bytes + 8192 < status.model_bytes / 4
 
 
+@pytest.mark.multiprocess
 def test_export_matches_the_coordinators_evaluation(finished, tmp_path):
     coordinator, status = finished["coordinator"], finished["status"]
     out = export_version(coordinator.state_dir, tmp_path / "export")
@@ -152,6 +156,7 @@ def _register(stub, name):
     return register(stub, name).md
 
 
+@pytest.mark.multiprocess
 def test_a_round_goes_to_distinct_clients_and_an_incomplete_upload_is_refused(fedavg_coordinator, tiny_model_dir):
     running, stub = fedavg_coordinator
     first = _register(stub, "a")
@@ -212,6 +217,7 @@ def test_fedavg_rounds_match_the_training_tokens_of_a_cycle():
     assert rounds.lr_of(0) > rounds.lr_of(rounds.total_rounds - 1)
 
 
+@pytest.mark.multiprocess
 def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, coordinators: Coordinators):
     """The last upload of a round was stored but the coordinator died before averaging: the
     restarted coordinator averages it (same result as without the crash)."""
