@@ -277,7 +277,8 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
     ids: dict[str, str] = {}
     kills: list[dict] = []
     coordinator.start()
-    procs: dict[str, subprocess.Popen] = {n: clients.start(coordinator.address, data_of[n], caches[n], n) for n in names}
+    procs: dict[str, subprocess.Popen] = {n: clients.start(coordinator.address, data_of[n], caches[n], n)
+                                          for n in names}
     pending = ["download", "train", "upload"]
     deadline = time.monotonic() + 150
     while pending:
@@ -335,7 +336,8 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         if event == "upload":
             wait_for(lambda: not temporary(store), 15, "the coordinator to drop the partial upload")
             x = coordinator.status()
-            assert x is not None and task.task_id not in {v.task_id for v in x.visits}, "the killed upload was committed"
+            assert x is not None and task.task_id not in {v.task_id for v in x.visits}, \
+                "the killed upload was committed"
 
         if pending:
             continue  # the killed client stays down: the others must take its round over
@@ -347,7 +349,8 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         wait_for(lambda: (x := coordinator.status()) is not None and (
             x.round > last["round"] or any(t.round == last["round"] and t.task_id != last["task_id"] for t in x.tasks)),
             60, "the last dead task to be reassigned")
-        procs[last["name"]] = clients.start(coordinator.address, data_of[last["name"]], caches[last["name"]], last["name"])
+        procs[last["name"]] = clients.start(coordinator.address, data_of[last["name"]], caches[last["name"]],
+                                            last["name"])
 
     wait_clients(list(procs.values()), timeout=150)
     assert coordinator.wait(timeout=90) == 0

@@ -352,7 +352,8 @@ TASK_CASES = [
     pytest.param(C.FAILED_PRECONDITION, _upload_for("expired_task", "e"), id="upload-expired-task"),
     pytest.param(C.PERMISSION_DENIED, _upload_for("expired_task", "c"), id="upload-expired-task-by-other-client"),
     # ported from test_rpc_errors
-    pytest.param(C.PERMISSION_DENIED, _download("task_b", client="a", codecs=()), id="download-other-clients-task-no-codecs"),
+    pytest.param(C.PERMISSION_DENIED, _download("task_b", client="a", codecs=()),
+                 id="download-other-clients-task-no-codecs"),
     pytest.param(C.NOT_FOUND, _download("t-nope", codecs=()), id="download-unknown-task-short-id-no-codecs"),
     pytest.param(C.PERMISSION_DENIED, _upload_for("task_b", "a", blob_of="task_a"),
                  id="upload-other-clients-task-callers-block"),

@@ -234,7 +234,8 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, c
     for name, scale in (("a", 1.01), ("b", 0.99)):
         md = _register(stub, name)
         task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
-        blobs = [coordinator.store.blobs.put(serialize_block({k: v * scale for k, v in block_tensors(model, s).items()}))
+        blobs = [coordinator.store.blobs.put(serialize_block({k: v * scale
+                                                              for k, v in block_tensors(model, s).items()}))
                  for s in specs]
         row = coordinator.state.task(task.task_id)
         # Stored as the upload path stores it, without the merge that would follow.
@@ -252,6 +253,7 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, c
     assert latest == 1 and restarted.coordinator.rounds_done == 1
     for spec, sha in zip(specs, manifest, strict=True):
         merged = safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(sha)))
-        parts = [safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(u[spec.index]))) for u in uploads]
+        parts = [safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(u[spec.index])))
+                 for u in uploads]
         for name, value in merged.items():
             assert torch.equal(value, parts[0][name].float() * 0.5 + parts[1][name].float() * 0.5), name

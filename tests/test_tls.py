@@ -37,7 +37,8 @@ def coordinator(module_coordinators: Coordinators, pki):
     return module_coordinators.start(insecure=False, address="localhost:0", tls_cert=str(good / "server.pem"),
                                      tls_key=str(good / "server.key"), tls_client_ca=str(good / "ca.pem"),
                                      join_token=JOIN, operator_token=OPERATOR, max_concurrent_visits=2,
-                                     schedule=ScheduleConfig(cycles=1), training=TrainingConfig(local_steps=1, seq_len=32))
+                                     schedule=ScheduleConfig(cycles=1),
+                                     training=TrainingConfig(local_steps=1, seq_len=32))
 
 
 def _stub(running, ca, cert=None, key=None):
