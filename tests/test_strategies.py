@@ -97,10 +97,9 @@ def test_every_round_merges_all_its_clients_and_the_run_learns(finished):
 @pytest.mark.multiprocess
 def test_federated_result_equals_the_single_process_reference(finished):
     coordinator = finished["coordinator"]
-    model, specs, adapter = _reference(finished)
+    model, _, adapter = _reference(finished)
     latest, manifest = coordinator.state.latest_version()
     if finished["strategy"] == "fedavg-full":
-        assert len(specs) == len(manifest)
         assert_same_weights(model, manifest, coordinator.store.blobs.path)
     else:
         assert manifest == coordinator.state.manifest(0), "fedlora never changes the base blocks"
