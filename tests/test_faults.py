@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -27,97 +26,41 @@ import grpc
 import pytest
 import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from conftest import start_client, wait_clients, wait_for, write_data
-from fedcybgd.cli.demo import free_port
-from fedcybgd.common.blocks import block_tensors
-from fedcybgd.common.data import load_packed
-from fedcybgd.common.blocks import partition_model
+from conftest import (ClientProcesses, CoordinatorProcess, assert_matches_reference, register, state_blob_path,
+                      wait_clients, wait_for, write_data)
+from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.tiny import make_byte_tokenizer, tiny_config
 from fedcybgd.server.config import TrainingConfig
-from fedcybgd.server.reference import run_reference
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.state import SqliteState, TaskRow
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.multiprocess
+
 TASK_TIMEOUT_S = 3.0
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # -- processes and probes --------------------------------------------------------------------------
-class CoordinatorProcess:
-    """`fedcybgd coordinator` as a subprocess, restartable from the same state directory and address."""
-
-    def __init__(self, tmp_path: Path, model_dir: Path, state_dir: Path, schedule: ScheduleConfig,
-                 training: TrainingConfig, exit_when_finished: bool = True) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        self.state_dir = state_dir
+@pytest.fixture
+def fault_coordinator(coordinator_processes, tmp_path) -> Callable[..., CoordinatorProcess]:
+    """`fedcybgd coordinator` (a process, restartable on the same state directory and address) for
+    a faulty run: `--task-timeout 3`, a heartbeat every second from a TOML config file, and exiting
+    once the run is finished. It and its channels are cleaned up at teardown (with the `clients`
+    fixture, the same for the client daemons)."""
+    def make(model_dir: Path, state_dir: Path, schedule: ScheduleConfig,
+             training: TrainingConfig) -> CoordinatorProcess:
         config = tmp_path / "coordinator.toml"
         config.write_text("heartbeat_interval_s = 1\n")
-        self.command = [
-            sys.executable, "-m", "fedcybgd.cli.main", "coordinator", "--config", str(config),
-            "--model", str(model_dir), "--state-dir", str(state_dir), "--address", self.address,
+        return coordinator_processes(
+            "--config", str(config), "--model", str(model_dir), "--state-dir", str(state_dir),
             "--cycles", str(schedule.cycles), "--order", schedule.order, "--lr", repr(schedule.lr),
             "--seed", str(schedule.seed), "--local-steps", str(training.local_steps),
             "--batch-size", str(training.batch_size), "--seq-len", str(training.seq_len),
-            "--task-timeout", str(TASK_TIMEOUT_S), "--insecure",
-        ] + (["--exit-when-finished"] if exit_when_finished else [])
-        self.log = open(tmp_path / "coordinator.log", "a")
-        self.proc: subprocess.Popen | None = None
-        self.probe = Probe(self.address)
-
-    def start(self, timeout: float = 60) -> None:
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
-        wait_for(lambda: self.probe.status() is not None or self.proc.poll() is not None, timeout, "the coordinator to serve",
-                 interval=0.05)
-        assert self.proc.poll() is None, "the coordinator exited at start (see coordinator.log)"
-
-    def sigkill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self.probe.close()
-        self.log.close()
-
-
-class Probe:
-    """The operator's view (GetStatus, no credentials in insecure mode) over one channel that
-    reconnects quickly after a coordinator restart."""
-
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 300)])
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-
-    def status(self, timeout: float = 5.0) -> pb.GetStatusResponse | None:
-        try:
-            return self.stub.GetStatus(pb.GetStatusRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return None
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-def kill_all(procs) -> None:
-    for proc in procs:
-        if proc is not None and proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGCONT)  # in case a test left it stopped
-            except ProcessLookupError:
-                pass
-            proc.kill()
-            proc.wait(timeout=30)
+            "--task-timeout", str(TASK_TIMEOUT_S), "--exit-when-finished")
+    return make
 
 
 def objects(store_root: Path) -> set[str]:
@@ -180,7 +123,7 @@ def check_history(state: SqliteState, state_dir: Path, total_rounds: int) -> Non
         for sha in state.manifest(version):
             if sha in checked:
                 continue
-            path = state_dir / "blobs" / "objects" / sha[:2] / sha
+            path = state_blob_path(state_dir)(sha)
             assert path.is_file(), f"version {version}: blob {sha[:12]} missing from the store"
             assert sha256_file(path) == sha, f"version {version}: blob {sha[:12]} does not hash to its name"
             checked.add(sha)
@@ -207,17 +150,10 @@ def check_reference(model_dir: Path, state_dir: Path, state: SqliteState, data_o
                     schedule: ScheduleConfig, training: TrainingConfig) -> None:
     """The final weights equal the single-process reference replaying the recorded visits, each
     with the data of the client that made it: bit for bit."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     names = {c.id: c.name for c in state.clients()}
-    packed = {name: load_packed(path, tokenizer, training.seq_len) for name, path in data_of_name.items()}
-    reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    run_reference(reference, 1, schedule, training, [packed[names[v.client_id]] for v in state.visits()])
     _, manifest = state.latest_version()
-    for spec, sha in zip(partition_model(reference, 1), manifest, strict=True):
-        stored = safetensors.torch.load_file(str(state_dir / "blobs" / "objects" / sha[:2] / sha))
-        for name, tensor in block_tensors(reference, spec).items():
-            if not torch.equal(stored[name], tensor):
-                raise WeightsDiffer(f"{spec.name}/{name} differs from the single-process reference")
+    assert_matches_reference(model_dir, schedule, training, [data_of_name[names[v.client_id]] for v in state.visits()],
+                             manifest, state_blob_path(state_dir), error=WeightsDiffer)
 
 
 def all_tasks(state: SqliteState) -> list[TaskRow]:
@@ -225,7 +161,8 @@ def all_tasks(state: SqliteState) -> list[TaskRow]:
 
 
 # -- 1. the coordinator SIGKILLed at random moments -------------------------------------------------
-def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(tiny_model_dir, tmp_path):
+def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(
+        tiny_model_dir, tmp_path, fault_coordinator, clients: ClientProcesses):
     rng = random.Random(20240611)
     data, _ = write_data(tmp_path, clients=3)
     names = [f"site-{i}" for i in range(3)]
@@ -233,42 +170,38 @@ def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(tiny_mode
     training = TrainingConfig(local_steps=24, batch_size=4, seq_len=64)
     total = 3 * 5
     state_dir = tmp_path / "state"
-    coordinator = CoordinatorProcess(tmp_path, tiny_model_dir, state_dir, schedule, training)
-    clients: list[subprocess.Popen] = []
+    coordinator = fault_coordinator(tiny_model_dir, state_dir, schedule, training)
     kept: dict[int, str] = {}      # round -> blob of every visit committed before some kill
     moments = []
-    try:
+    coordinator.start()
+    procs = [clients.start(coordinator.address, data[i], tmp_path / "caches" / n, n) for i, n in enumerate(names)]
+    committed = 0
+    for _ in range(3):
+        # At least one visit committed since the (re)start, then a random moment of the visit
+        # that follows (a visit lasts about a tenth of a second here).
+        wait_for(lambda: (s := coordinator.status()) is not None and s.round > committed and bool(s.tasks),
+                 90, "a visit committed since the restart and the next one under way", interval=0.02)
+        time.sleep(rng.uniform(0.0, 0.25))
+        s = coordinator.status()
+        coordinator.sigkill()
+        name_of = {c.client_id: c.name for c in s.clients} if s else {}
+        base = {b.sha256 for b in s.blocks} if s else set()
+        moments.append({
+            "tasks": [(t.round, name_of.get(t.client_id), "downloading" if not base <= objects(
+                tmp_path / "caches" / name_of.get(t.client_id, "?") / "blobs") else "downloaded")
+                      for t in s.tasks] if s else None,
+            "upload_left_half_written": len(temporary(state_dir / "blobs")),
+        })
+        state = SqliteState(state_dir / "state.sqlite")
+        visits = state.visits()
+        state.close()
+        for v in visits:
+            assert kept.setdefault(v.round, v.blob_sha256) == v.blob_sha256, "a committed visit changed"
+        committed = len(visits)
+        assert committed < total, f"the run finished before kill {len(moments)}; kill earlier"
         coordinator.start()
-        clients = [start_client(coordinator.address, data[i], tmp_path / "caches" / n, n) for i, n in enumerate(names)]
-        committed = 0
-        for _ in range(3):
-            # At least one visit committed since the (re)start, then a random moment of the visit
-            # that follows (a visit lasts about a tenth of a second here).
-            wait_for(lambda: (s := coordinator.probe.status()) is not None and s.round > committed and bool(s.tasks),
-                     90, "a visit committed since the restart and the next one under way", interval=0.02)
-            time.sleep(rng.uniform(0.0, 0.25))
-            s = coordinator.probe.status()
-            coordinator.sigkill()
-            name_of = {c.client_id: c.name for c in s.clients} if s else {}
-            base = {b.sha256 for b in s.blocks} if s else set()
-            moments.append({
-                "tasks": [(t.round, name_of.get(t.client_id), "downloading" if not base <= objects(
-                    tmp_path / "caches" / name_of.get(t.client_id, "?") / "blobs") else "downloaded") for t in s.tasks] if s else None,
-                "upload_left_half_written": len(temporary(state_dir / "blobs")),
-            })
-            state = SqliteState(state_dir / "state.sqlite")
-            visits = state.visits()
-            state.close()
-            for v in visits:
-                assert kept.setdefault(v.round, v.blob_sha256) == v.blob_sha256, "a committed visit changed"
-            committed = len(visits)
-            assert committed < total, f"the run finished before kill {len(moments)}; kill earlier"
-            coordinator.start()
-        wait_clients(clients, timeout=120)
-        assert coordinator.wait(timeout=90) == 0
-    finally:
-        kill_all(clients)
-        coordinator.cleanup()
+    wait_clients(procs, timeout=120)
+    assert coordinator.wait(timeout=90) == 0
     print("coordinator killed at:", moments)
 
     state = SqliteState(state_dir / "state.sqlite")
@@ -329,7 +262,8 @@ def kill_when(proc: subprocess.Popen, caught: Callable[[], bool], missed: Callab
     return True
 
 
-def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(medium_model_dir, tmp_path):
+def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
+        medium_model_dir, tmp_path, fault_coordinator, clients: ClientProcesses):
     data, _ = write_data(tmp_path, clients=3)
     names = [f"site-{i}" for i in range(3)]
     data_of = dict(zip(names, data))
@@ -339,89 +273,87 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(me
     total = 4
     state_dir = tmp_path / "state"
     store = state_dir / "blobs"
-    coordinator = CoordinatorProcess(tmp_path, medium_model_dir, state_dir, schedule, training)
-    procs: dict[str, subprocess.Popen] = {}
+    coordinator = fault_coordinator(medium_model_dir, state_dir, schedule, training)
     ids: dict[str, str] = {}
     kills: list[dict] = []
-    try:
-        coordinator.start()
-        procs = {n: start_client(coordinator.address, data_of[n], caches[n], n) for n in names}
-        pending = ["download", "train", "upload"]
-        deadline = time.monotonic() + 150
-        while pending:
-            assert time.monotonic() < deadline, f"could not inject {pending}; kills so far: {kills}"
-            s = coordinator.probe.status()
-            if s is None:
-                time.sleep(0.01)
-                continue
-            assert s.run_state != "done" and s.round < total, f"the run ended before {pending} could be injected"
-            for c in s.clients:
-                assert ids.setdefault(c.name, c.client_id) == c.client_id, f"{c.name} registered twice"
-            name_of = {c.client_id: c.name for c in s.clients}
-            dead = {k["name"] for k in kills}
-            live = [t for t in s.tasks if name_of.get(t.client_id) not in dead]
-            if not live:
-                time.sleep(0.005)
-                continue
-            task = live[0]
-            holder = name_of[task.client_id]
-            cache = caches[holder] / "blobs"
-            base = {b.sha256 for b in s.blocks}  # sequential: the latest version is the task's base
-            event = None
-            evidence = {}
-            if "download" in pending and task.phase == "download" and not base <= objects(cache):
-                # It has not got its base model yet: single-step it into the middle of the download.
-                def downloading() -> bool:
-                    written = sum(_size(f) for f in incoming(cache))
-                    evidence.update(blobs_complete=len(base & objects(cache)), blobs=len(base), partial_bytes=written)
-                    return written > 0 and not base <= objects(cache)
-                if kill_when(procs[holder], downloading, lambda: base <= objects(cache)):
-                    event = "download"
-            elif "train" in pending and task.phase == "train" and 1 <= task.step <= task.steps // 2:
-                procs[holder].kill()  # reported by its last heartbeat, with half the steps still to go
-                evidence = {"step": task.step, "steps": task.steps}
-                event = "train"
-            elif "upload" in pending and objects(cache) - objects(store):
-                # It holds a trained block the coordinator has not got: single-step it into the
-                # middle of the upload (the coordinator holds part of the block, not all of it).
-                def uploading() -> bool:
-                    written = sum(_size(f) for f in incoming(store))
-                    evidence.update(coordinator_partial_bytes=written)
-                    return written > 0
-                if kill_when(procs[holder], uploading, lambda: (x := coordinator.probe.status()) is None or x.round > s.round):
-                    event = "upload"
-            if event is None:
-                time.sleep(0.005)
-                continue
-            procs[holder].wait(timeout=30)
-            kills.append({"event": event, "name": holder, "client_id": task.client_id, "task_id": task.task_id,
-                          "round": task.round, **evidence})
-            pending.remove(event)
-            if event == "train":
-                time.sleep(0.3)
-                assert not objects(cache) - objects(store), "the client finished training before it was killed"
-            if event == "upload":
-                wait_for(lambda: not temporary(store), 15, "the coordinator to drop the partial upload")
-                x = coordinator.probe.status()
-                assert x is not None and task.task_id not in {v.task_id for v in x.visits}, "the killed upload was committed"
+    coordinator.start()
+    procs: dict[str, subprocess.Popen] = {n: clients.start(coordinator.address, data_of[n], caches[n], n)
+                                          for n in names}
+    pending = ["download", "train", "upload"]
+    deadline = time.monotonic() + 150
+    while pending:
+        assert time.monotonic() < deadline, f"could not inject {pending}; kills so far: {kills}"
+        s = coordinator.status()
+        if s is None:
+            time.sleep(0.01)
+            continue
+        assert s.run_state != "done" and s.round < total, f"the run ended before {pending} could be injected"
+        for c in s.clients:
+            assert ids.setdefault(c.name, c.client_id) == c.client_id, f"{c.name} registered twice"
+        name_of = {c.client_id: c.name for c in s.clients}
+        dead = {k["name"] for k in kills}
+        live = [t for t in s.tasks if name_of.get(t.client_id) not in dead]
+        if not live:
+            time.sleep(0.005)
+            continue
+        task = live[0]
+        holder = name_of[task.client_id]
+        cache = caches[holder] / "blobs"
+        base = {b.sha256 for b in s.blocks}  # sequential: the latest version is the task's base
+        event = None
+        evidence = {}
+        if "download" in pending and task.phase == "download" and not base <= objects(cache):
+            # It has not got its base model yet: single-step it into the middle of the download.
+            def downloading() -> bool:
+                written = sum(_size(f) for f in incoming(cache))
+                evidence.update(blobs_complete=len(base & objects(cache)), blobs=len(base), partial_bytes=written)
+                return written > 0 and not base <= objects(cache)
+            if kill_when(procs[holder], downloading, lambda: base <= objects(cache)):
+                event = "download"
+        elif "train" in pending and task.phase == "train" and 1 <= task.step <= task.steps // 2:
+            procs[holder].kill()  # reported by its last heartbeat, with half the steps still to go
+            evidence = {"step": task.step, "steps": task.steps}
+            event = "train"
+        elif "upload" in pending and objects(cache) - objects(store):
+            # It holds a trained block the coordinator has not got: single-step it into the
+            # middle of the upload (the coordinator holds part of the block, not all of it).
+            def uploading() -> bool:
+                written = sum(_size(f) for f in incoming(store))
+                evidence.update(coordinator_partial_bytes=written)
+                return written > 0
+            if kill_when(procs[holder], uploading, lambda: (x := coordinator.status()) is None or x.round > s.round):
+                event = "upload"
+        if event is None:
+            time.sleep(0.005)
+            continue
+        procs[holder].wait(timeout=30)
+        kills.append({"event": event, "name": holder, "client_id": task.client_id, "task_id": task.task_id,
+                      "round": task.round, **evidence})
+        pending.remove(event)
+        if event == "train":
+            time.sleep(0.3)
+            assert not objects(cache) - objects(store), "the client finished training before it was killed"
+        if event == "upload":
+            wait_for(lambda: not temporary(store), 15, "the coordinator to drop the partial upload")
+            x = coordinator.status()
+            assert x is not None and task.task_id not in {v.task_id for v in x.visits}, \
+                "the killed upload was committed"
 
-            if pending:
-                continue  # the killed client stays down: the others must take its round over
-            # All three injected: restart the first two, let them take the last dead task's round over
-            # (after the task timeout), then restart the last one. Same cache dir and name each time.
-            last = kills[-1]
-            for k in kills[:-1]:
-                procs[k["name"]] = start_client(coordinator.address, data_of[k["name"]], caches[k["name"]], k["name"])
-            wait_for(lambda: (x := coordinator.probe.status()) is not None and (
-                x.round > last["round"] or any(t.round == last["round"] and t.task_id != last["task_id"] for t in x.tasks)),
-                60, "the last dead task to be reassigned")
-            procs[last["name"]] = start_client(coordinator.address, data_of[last["name"]], caches[last["name"]], last["name"])
+        if pending:
+            continue  # the killed client stays down: the others must take its round over
+        # All three injected: restart the first two, let them take the last dead task's round over
+        # (after the task timeout), then restart the last one. Same cache dir and name each time.
+        last = kills[-1]
+        for k in kills[:-1]:
+            procs[k["name"]] = clients.start(coordinator.address, data_of[k["name"]], caches[k["name"]], k["name"])
+        wait_for(lambda: (x := coordinator.status()) is not None and (
+            x.round > last["round"] or any(t.round == last["round"] and t.task_id != last["task_id"] for t in x.tasks)),
+            60, "the last dead task to be reassigned")
+        procs[last["name"]] = clients.start(coordinator.address, data_of[last["name"]], caches[last["name"]],
+                                            last["name"])
 
-        wait_clients(list(procs.values()), timeout=150)
-        assert coordinator.wait(timeout=90) == 0
-    finally:
-        kill_all(procs.values())
-        coordinator.cleanup()
+    wait_clients(list(procs.values()), timeout=150)
+    assert coordinator.wait(timeout=90) == 0
     print("clients killed:", kills)
 
     assert sorted(k["event"] for k in kills) == ["download", "train", "upload"]
@@ -452,72 +384,63 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(me
 
 
 # -- 3. a late upload for a reassigned task -----------------------------------------------------------
-def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(tiny_model_dir, tmp_path):
+def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(
+        tiny_model_dir, tmp_path, fault_coordinator, clients: ClientProcesses):
     data, _ = write_data(tmp_path, clients=1)
     schedule = ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=2)
     training = TrainingConfig(local_steps=6, batch_size=2, seq_len=64)
     total = 5
     state_dir = tmp_path / "state"
-    coordinator = CoordinatorProcess(tmp_path, tiny_model_dir, state_dir, schedule, training)
-    client = None
-    channel = None
-    try:
-        coordinator.start()
-        channel = grpc.insecure_channel(coordinator.address)
-        stub = pb_grpc.CoordinatorStub(channel)
-        # A raw client registers, takes round 0 and fetches its base model ...
-        late = stub.Register(pb.RegisterRequest(name="late-site", device_kind="cpu"), timeout=10)
-        metadata = (("authorization", f"Bearer {late.token}"),)
-        reply = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-        assert reply.WhichOneof("outcome") == "task"
-        task = reply.task
-        assert task.round == 0
-        received = [m for m in stub.DownloadModel(pb.DownloadRequest(task_id=task.task_id, accept_codecs=[pb.CODEC_NONE]),
-                                                  metadata=metadata, timeout=30)]
-        assert received[0].HasField("manifest") and len(received) > 1
-        # ... and prepares a perfectly valid block (its base block, nudged), then goes silent.
-        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-        spec = partition_model(model, 1)[task.block_index]
-        blob = safetensors.torch.save({name: t + 0.01 for name, t in block_tensors(model, spec).items()})
-        header = pb.UploadHeader(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
-                                 blob_sha256=hashlib.sha256(blob).hexdigest(), blob_size=len(blob), samples=2, tokens=128,
-                                 loss_before=5.0, loss_after=4.0, device="cpu")
+    coordinator = fault_coordinator(tiny_model_dir, state_dir, schedule, training)
+    coordinator.start()
+    channel = coordinator.channel()
+    stub = pb_grpc.CoordinatorStub(channel)
+    # A raw client registers, takes round 0 and fetches its base model ...
+    late, metadata = register(stub, "late-site", device_kind="cpu")
+    reply = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+    assert reply.WhichOneof("outcome") == "task"
+    task = reply.task
+    assert task.round == 0
+    received = [m for m in stub.DownloadModel(pb.DownloadRequest(task_id=task.task_id, accept_codecs=[pb.CODEC_NONE]),
+                                              metadata=metadata, timeout=30)]
+    assert received[0].HasField("manifest") and len(received) > 1
+    # ... and prepares a perfectly valid block (its base block, nudged), then goes silent.
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    spec = partition_model(model, 1)[task.block_index]
+    blob = safetensors.torch.save({name: t + 0.01 for name, t in block_tensors(model, spec).items()})
+    header = pb.UploadHeader(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
+                             blob_sha256=hashlib.sha256(blob).hexdigest(), blob_size=len(blob), samples=2, tokens=128,
+                             loss_before=5.0, loss_after=4.0, device="cpu")
 
-        # A real client arrives; once the task timeout has passed, the round is reassigned to it.
-        client = start_client(coordinator.address, data[0], tmp_path / "caches" / "site-0", "site-0")
-        wait_for(lambda: (s := coordinator.probe.status()) is not None and (
-            s.round > 0 or any(t.round == 0 and t.client_id != late.client_id for t in s.tasks)), 60,
-            "round 0 to be reassigned")
-        beat = stub.Heartbeat(pb.HeartbeatRequest(task_id=task.task_id, phase="upload"), metadata=metadata, timeout=10)
-        assert not beat.task_valid
+    # A real client arrives; once the task timeout has passed, the round is reassigned to it.
+    client = clients.start(coordinator.address, data[0], tmp_path / "caches" / "site-0", "site-0")
+    wait_for(lambda: (s := coordinator.status()) is not None and (
+        s.round > 0 or any(t.round == 0 and t.client_id != late.client_id for t in s.tasks)), 60,
+        "round 0 to be reassigned")
+    beat = stub.Heartbeat(pb.HeartbeatRequest(task_id=task.task_id, phase="upload"), metadata=metadata, timeout=10)
+    assert not beat.task_valid
 
-        # The late upload, while the other client holds the round: refused, nothing changes.
-        before = coordinator.probe.status()
-        with pytest.raises(grpc.RpcError) as refused:
-            raw_upload(stub, metadata, header, blob)
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
-        after = coordinator.probe.status()
-        for s in (before, after):
-            assert header.blob_sha256 not in {b.sha256 for b in s.blocks}
-            assert late.client_id not in {v.client_id for v in s.visits}
-            assert s.version == len(s.visits)
-        assert [v.task_id for v in after.visits][:len(before.visits)] == [v.task_id for v in before.visits]
+    # The late upload, while the other client holds the round: refused, nothing changes.
+    before = coordinator.status()
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_upload(stub, metadata, header, blob)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    after = coordinator.status()
+    for s in (before, after):
+        assert header.blob_sha256 not in {b.sha256 for b in s.blocks}
+        assert late.client_id not in {v.client_id for v in s.visits}
+        assert s.version == len(s.visits)
+    assert [v.task_id for v in after.visits][:len(before.visits)] == [v.task_id for v in before.visits]
 
-        # Again once the round was committed by the other client and the run is over.
-        wait_clients([client], timeout=90)
-        with pytest.raises(grpc.RpcError) as refused:
-            raw_upload(stub, metadata, header, blob)
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
-        done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-        assert done.WhichOneof("outcome") == "done" and done.done.final_version == total
-        channel.close()
-        channel = None
-        assert coordinator.wait(timeout=90) == 0
-    finally:
-        if channel is not None:
-            channel.close()
-        kill_all([client])
-        coordinator.cleanup()
+    # Again once the round was committed by the other client and the run is over.
+    wait_clients([client], timeout=90)
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_upload(stub, metadata, header, blob)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+    assert done.WhichOneof("outcome") == "done" and done.done.final_version == total
+    channel.close()
+    assert coordinator.wait(timeout=90) == 0
 
     state = SqliteState(state_dir / "state.sqlite")
     try:
@@ -532,7 +455,8 @@ def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(tiny_mode
 
 
 # -- bugs found on the way: a client whose task was reassigned while it was away --------------------
-def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(medium_model_dir, tmp_path):
+def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(
+        medium_model_dir, tmp_path, fault_coordinator, clients: ClientProcesses):
     """A client is mid-download when the coordinator dies; the coordinator comes back and, the
     client having been silent longer than the task timeout, reassigns the round. The client's
     download retry is refused (FAILED_PRECONDITION): it must drop the task like a refused upload
@@ -541,52 +465,43 @@ def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(medi
     schedule = ScheduleConfig(cycles=1, order="ascending", lr=1e-3, seed=4)
     training = TrainingConfig(local_steps=2, batch_size=2, seq_len=64)
     state_dir = tmp_path / "state"
-    coordinator = CoordinatorProcess(tmp_path, medium_model_dir, state_dir, schedule, training)
+    coordinator = fault_coordinator(medium_model_dir, state_dir, schedule, training)
     cache = tmp_path / "caches" / "site-0" / "blobs"
-    client = channel = None
+    coordinator.start()
+    base = {b.sha256 for b in coordinator.status().blocks}
+    client = clients.start(coordinator.address, data[0], cache.parent, "site-0")
+    wait_for(lambda: bool(incoming(cache)) or (s := coordinator.status()) is not None and bool(s.tasks), 60,
+             "the client's first task", interval=0.005)
+    # Frozen in the middle of its download (part of a blob written, not all blobs there) ...
+    assert freeze_when(client, lambda: sum(_size(f) for f in incoming(cache)) > 0 and not base <= objects(cache),
+                       lambda: base <= objects(cache)), "could not freeze the client mid-download"
+    frozen_at = time.monotonic()
+    # ... while the coordinator is killed and restarted.
+    coordinator.sigkill()
+    coordinator.start()
+    restarted_at = time.monotonic()
+    # Another site asks for work after the task timeout (counted from the restart: the
+    # coordinator's downtime is not the client's silence): the silent client's round goes to it.
+    time.sleep(max(0.0, max(frozen_at, restarted_at) + TASK_TIMEOUT_S + 0.5 - time.monotonic()))
+    channel = coordinator.channel()
+    stub = pb_grpc.CoordinatorStub(channel)
+    other, metadata = register(stub, "other-site", device_kind="cpu")
+    taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+    assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
+    # The client wakes up; its download breaks and is retried against the restarted coordinator.
+    os.kill(client.pid, signal.SIGCONT)
     try:
-        coordinator.start()
-        base = {b.sha256 for b in coordinator.probe.status().blocks}
-        client = start_client(coordinator.address, data[0], cache.parent, "site-0")
-        wait_for(lambda: bool(incoming(cache)) or (s := coordinator.probe.status()) is not None and bool(s.tasks), 60,
-                 "the client's first task", interval=0.005)
-        # Frozen in the middle of its download (part of a blob written, not all blobs there) ...
-        assert freeze_when(client, lambda: sum(_size(f) for f in incoming(cache)) > 0 and not base <= objects(cache),
-                           lambda: base <= objects(cache)), "could not freeze the client mid-download"
-        frozen_at = time.monotonic()
-        # ... while the coordinator is killed and restarted.
-        coordinator.sigkill()
-        coordinator.start()
-        restarted_at = time.monotonic()
-        # Another site asks for work after the task timeout (counted from the restart: the
-        # coordinator's downtime is not the client's silence): the silent client's round goes to it.
-        time.sleep(max(0.0, max(frozen_at, restarted_at) + TASK_TIMEOUT_S + 0.5 - time.monotonic()))
-        channel = grpc.insecure_channel(coordinator.address)
-        stub = pb_grpc.CoordinatorStub(channel)
-        other = stub.Register(pb.RegisterRequest(name="other-site", device_kind="cpu"), timeout=10)
-        metadata = (("authorization", f"Bearer {other.token}"),)
-        taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-        assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
-        # The client wakes up; its download breaks and is retried against the restarted coordinator.
-        os.kill(client.pid, signal.SIGCONT)
-        try:
-            client.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        if client.poll() is not None:
-            raise ClientCrashed(f"the client exited with {client.returncode} (see site-0.log)")
-        # The other site never comes back: after the timeout the client gets the round again.
-        wait_clients([client], timeout=90)
-        done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-        assert done.WhichOneof("outcome") == "done"
-        channel.close()
-        channel = None
-        assert coordinator.wait(timeout=90) == 0
-    finally:
-        if channel is not None:
-            channel.close()
-        kill_all([client])
-        coordinator.cleanup()
+        client.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    if client.poll() is not None:
+        raise ClientCrashed(f"the client exited with {client.returncode} (see site-0.log)")
+    # The other site never comes back: after the timeout the client gets the round again.
+    wait_clients([client], timeout=90)
+    done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+    assert done.WhichOneof("outcome") == "done"
+    channel.close()
+    assert coordinator.wait(timeout=90) == 0
     state = SqliteState(state_dir / "state.sqlite")
     try:
         check_history(state, state_dir, 4)
@@ -595,7 +510,8 @@ def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(medi
         state.close()
 
 
-def test_client_withdrawn_mid_training_then_given_the_round_again_trains_from_the_base(tmp_path):
+def test_client_withdrawn_mid_training_then_given_the_round_again_trains_from_the_base(
+        tmp_path, fault_coordinator, clients: ClientProcesses):
     """A client stalls mid-training past the task timeout; its round goes to another site and the
     client, once awake, is told (heartbeat) to drop its visit. The other site vanishes too, so the
     round comes back to the first client: its visit must start again from the base block."""
@@ -609,42 +525,33 @@ def test_client_withdrawn_mid_training_then_given_the_round_again_trains_from_th
     training = TrainingConfig(local_steps=1000, batch_size=2, seq_len=64)
     state_dir = tmp_path / "state"
     store = state_dir / "blobs"
-    coordinator = CoordinatorProcess(tmp_path, model_dir, state_dir, schedule, training)
+    coordinator = fault_coordinator(model_dir, state_dir, schedule, training)
     cache = tmp_path / "caches" / "site-0" / "blobs"
-    client = channel = None
-    try:
-        coordinator.start()
-        client = start_client(coordinator.address, data[0], cache.parent, "site-0")
-        wait_for(lambda: (s := coordinator.probe.status()) is not None and bool(s.tasks), 60, "the client's first task")
-        first = coordinator.probe.status().tasks[0]
-        base = {b.sha256 for b in coordinator.probe.status().blocks}
-        wait_for(lambda: base <= objects(cache), 30, "the client's download", interval=0.01)
-        time.sleep(0.3)  # into its 1000 training steps (about 1.5 s)
-        os.kill(client.pid, signal.SIGSTOP)
-        assert not objects(cache) - objects(store), "the client finished training before it was frozen"
-        # Stalled past the task timeout (and past the first heartbeat's 5 s): the round goes elsewhere.
-        time.sleep(5.5)
-        channel = grpc.insecure_channel(coordinator.address)
-        stub = pb_grpc.CoordinatorStub(channel)
-        other = stub.Register(pb.RegisterRequest(name="other-site", device_kind="cpu"), timeout=10)
-        metadata = (("authorization", f"Bearer {other.token}"),)
-        taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-        assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
-        # The client wakes up, learns from its heartbeat that the task is gone and drops the visit;
-        # the other site never comes back, so after the timeout round 0 returns to the client.
-        os.kill(client.pid, signal.SIGCONT)
-        wait_clients([client], timeout=90)
-        assert "withdrawn" in (cache.parent.parent / "site-0.log").read_text(), "the visit was not withdrawn mid-training"
-        done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-        assert done.WhichOneof("outcome") == "done"
-        channel.close()
-        channel = None
-        assert coordinator.wait(timeout=90) == 0
-    finally:
-        if channel is not None:
-            channel.close()
-        kill_all([client])
-        coordinator.cleanup()
+    coordinator.start()
+    client = clients.start(coordinator.address, data[0], cache.parent, "site-0")
+    wait_for(lambda: (s := coordinator.status()) is not None and bool(s.tasks), 60, "the client's first task")
+    first = coordinator.status().tasks[0]
+    base = {b.sha256 for b in coordinator.status().blocks}
+    wait_for(lambda: base <= objects(cache), 30, "the client's download", interval=0.01)
+    time.sleep(0.3)  # into its 1000 training steps (about 1.5 s)
+    os.kill(client.pid, signal.SIGSTOP)
+    assert not objects(cache) - objects(store), "the client finished training before it was frozen"
+    # Stalled past the task timeout (and past the first heartbeat's 5 s): the round goes elsewhere.
+    time.sleep(5.5)
+    channel = coordinator.channel()
+    stub = pb_grpc.CoordinatorStub(channel)
+    other, metadata = register(stub, "other-site", device_kind="cpu")
+    taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+    assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
+    # The client wakes up, learns from its heartbeat that the task is gone and drops the visit;
+    # the other site never comes back, so after the timeout round 0 returns to the client.
+    os.kill(client.pid, signal.SIGCONT)
+    wait_clients([client], timeout=90)
+    assert "withdrawn" in (cache.parent.parent / "site-0.log").read_text(), "the visit was not withdrawn mid-training"
+    done = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+    assert done.WhichOneof("outcome") == "done"
+    channel.close()
+    assert coordinator.wait(timeout=90) == 0
     state = SqliteState(state_dir / "state.sqlite")
     try:
         assert state.task(first.task_id).status == "expired"

@@ -6,49 +6,43 @@ visit, one thread per process, fp32 tiny model, deterministic data order from th
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
-import safetensors.torch
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import start_client, wait_clients, write_data
-from fedcybgd.common.blocks import block_tensors
+from conftest import PROCESS_ENV, address_of, assert_matches_reference, wait_clients, wait_for, write_data
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.eval import evaluate_loss, spread_sample
-from fedcybgd.common.blocks import partition_model
-from fedcybgd.server.app import start
-from fedcybgd.server.config import CoordinatorConfig, EvalConfig, TrainingConfig
+from fedcybgd.server.config import EvalConfig, TrainingConfig
 from fedcybgd.server.export import export_version
-from fedcybgd.server.reference import run_reference
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
+
+pytestmark = pytest.mark.multiprocess
 
 SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=3e-3, lr_schedule="cosine", warmup_visits=2, seed=7)
 TRAINING = TrainingConfig(local_steps=3, batch_size=2, seq_len=64)
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, tmp_path_factory):
+def finished_run(tiny_model_dir, tmp_path_factory, module_coordinators, module_clients):
     tmp = tmp_path_factory.mktemp("run")
     data, eval_data = write_data(tmp, clients=3)
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
-                               schedule=SCHEDULE, training=TRAINING,
-                               eval=EvalConfig(data=str(eval_data), max_sequences=16, batch_size=4, every_cycle=True))
-    running = start(config)
-    try:
-        address = f"127.0.0.1:{running.port}"
-        procs = [start_client(address, data[i], tmp / "caches" / f"site-{i}", f"site-{i}") for i in range(3)]
-        wait_clients(procs)
-        coordinator = running.coordinator
-        from conftest import wait_for
-        wait_for(lambda: coordinator.finished, 60, "the final evaluation")
-        status = coordinator.status(pb.GetStatusRequest())
-        yield {"tmp": tmp, "data": data, "eval_data": eval_data, "coordinator": coordinator, "status": status,
-               "model_dir": tiny_model_dir}
-    finally:
-        running.stop(grace=1)
+    running = module_coordinators.start(
+        state_dir=str(tmp / "state"), schedule=SCHEDULE, training=TRAINING, grace=1,
+        eval=EvalConfig(data=str(eval_data), max_sequences=16, batch_size=4, every_cycle=True))
+    procs = [module_clients.start(address_of(running), data[i], tmp / "caches" / f"site-{i}", f"site-{i}")
+             for i in range(3)]
+    wait_clients(procs)
+    coordinator = running.coordinator
+    wait_for(lambda: coordinator.finished, 60, "the final evaluation")
+    status = coordinator.status(pb.GetStatusRequest())
+    return {"tmp": tmp, "data": data, "eval_data": eval_data, "coordinator": coordinator, "status": status,
+            "model_dir": tiny_model_dir}
 
 
 def test_run_completes_and_every_block_is_visited_once_per_cycle(finished_run):
@@ -68,21 +62,12 @@ def test_run_completes_and_every_block_is_visited_once_per_cycle(finished_run):
 def test_federated_weights_equal_single_process_reference(finished_run):
     coordinator = finished_run["coordinator"]
     visits = sorted(finished_run["status"].visits, key=lambda v: v.round)
-    tokenizer = AutoTokenizer.from_pretrained(str(finished_run["model_dir"]))
-    data_of_client = {f"site-{i}": load_packed(p, tokenizer, TRAINING.seq_len) for i, p in enumerate(finished_run["data"])}
-    reference = AutoModelForCausalLM.from_pretrained(str(finished_run["model_dir"]))
-    run_reference(reference, 1, SCHEDULE, TRAINING, [data_of_client[v.client_name] for v in visits])
-
+    data_of_client = {f"site-{i}": p for i, p in enumerate(finished_run["data"])}
     _, manifest = coordinator.state.latest_version()
-    specs = partition_model(reference, 1)
-    changed = 0
-    for spec, sha in zip(specs, manifest, strict=True):
-        federated = safetensors.torch.load_file(str(coordinator.store.blobs.path(sha)))
-        expected = block_tensors(reference, spec)
-        for name, tensor in expected.items():
-            assert torch.equal(federated[name], tensor), f"{spec.name}/{name} differs from the reference"
-        changed += sha != coordinator.state.manifest(0)[spec.index]
-    assert changed == len(specs), "every block should have been trained"
+    assert_matches_reference(finished_run["model_dir"], SCHEDULE, TRAINING,
+                             [data_of_client[v.client_name] for v in visits], manifest, coordinator.store.blobs.path)
+    changed = sum(sha != base for sha, base in zip(manifest, coordinator.state.manifest(0), strict=True))
+    assert changed == len(manifest), "every block should have been trained"
 
 
 def test_uploads_are_one_block_and_held_blocks_are_not_downloaded_again(finished_run):
@@ -128,14 +113,10 @@ def test_exported_model_loads_and_its_eval_loss_equals_the_coordinators(finished
 
 def test_summary_fields_from_demo(tmp_path):
     """`fedcybgd demo` (the quick one) writes summary.json with every documented field."""
-    import json
-    import subprocess
-    import sys
-
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "fedcybgd.cli.main", "--log-level", "warning", "demo", "--model", "tiny",
                            "--clients", "3", "--cycles", "1", "--local-steps", "2", "--seq-len", "64", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=300, env=PROCESS_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     for key in ("visits", "blocks", "eval_loss_before", "eval_loss_after", "total_bytes_down", "total_bytes_up",

@@ -7,6 +7,9 @@ manifest, same bytes of every blob) and no new version or visit appeared; (4) no
 left behind (the store holds exactly the blobs it held before, and no temporary upload file).
 The last test checks that a correct upload still goes through afterwards.
 
+The cases of the former tests/test_rpc_errors.py live here too (those not already covered by an
+identical request with the same expected code were ported; see "ported from test_rpc_errors").
+
 Set-up (module scope, ascending schedule, one cycle of 5 blocks, 2 concurrent visits):
 client E takes round 0 and A round 1; A uploads round 1 (done task, version 1); E's task is
 expired; then A holds round 0 (block 0) and B round 2 (block 2), both from version 1; client C
@@ -15,6 +18,7 @@ has no task (both slots are taken).
 from __future__ import annotations
 
 import json
+import math
 import random
 import secrets
 import struct
@@ -31,12 +35,12 @@ import zstandard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
+from conftest import Coordinators, bearer, register
 from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.modeling import max_blob_size
 from fedcybgd.server import tasks as coordinator_module
-from fedcybgd.server.app import start
-from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.service import SERVICE_NAME
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -71,10 +75,6 @@ class World:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _md(token: str) -> tuple:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def _blob(w: World, block: int, change: Callable[[dict[str, torch.Tensor]], None] | None = None) -> bytes:
@@ -178,45 +178,36 @@ def _st_header(blob: bytes) -> tuple[dict, bytes]:
 
 
 @pytest.fixture(scope="module")
-def world(tiny_model_dir, tmp_path_factory):
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path_factory.mktemp("state")),
-                               address="127.0.0.1:0", max_concurrent_visits=2,
-                               schedule=ScheduleConfig(cycles=1, order="ascending"),
-                               training=TrainingConfig(local_steps=1, seq_len=32))
-    running = start(config)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+def world(tiny_model_dir, module_coordinators: Coordinators):
+    running = module_coordinators.start(max_concurrent_visits=2, schedule=ScheduleConfig(cycles=1, order="ascending"),
+                                        training=TrainingConfig(local_steps=1, seq_len=32))
+    channel = module_coordinators.channel(running)
     stub = pb_grpc.CoordinatorStub(channel)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-        specs = partition_model(model, 1)
-        assert len(specs) >= 4
-        base = {s.index: {k: v.clone() for k, v in block_tensors(model, s).items()} for s in specs}
-        tokens = {}
-        for name in ("a", "b", "c", "e"):
-            tokens[name] = stub.Register(pb.RegisterRequest(name=f"site-{name}", device_kind="cpu")).token
-        md = {name: _md(tok) for name, tok in tokens.items()}
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    specs = partition_model(model, 1)
+    assert len(specs) >= 4
+    base = {s.index: {k: v.clone() for k, v in block_tensors(model, s).items()} for s in specs}
+    tokens = {name: register(stub, f"site-{name}", device_kind="cpu").reply.token for name in ("a", "b", "c", "e")}
+    md = {name: bearer(tok) for name, tok in tokens.items()}
 
-        def task(name):
-            reply = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md[name])
-            assert reply.WhichOneof("outcome") == "task"
-            return reply.task
+    def task(name):
+        reply = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md[name])
+        assert reply.WhichOneof("outcome") == "task"
+        return reply.task
 
-        expired_task = task("e")
-        done_task = task("a")
-        assert (expired_task.round, done_task.round) == (0, 1)
-        w = World(running, channel, stub, health_pb2_grpc.HealthStub(channel), specs, base, md, tokens,
-                  task_a=None, task_b=None, done_task=done_task, done_blob=b"", expired_task=expired_task)
-        w.done_blob = _blob(w, done_task.block_index)
-        reply = _send(w, md["a"], _messages(_header(done_task, w.done_blob), _chunks(w.done_blob)))
-        assert reply.new_version == 1
-        assert running.coordinator.state.expire_task(expired_task.task_id)
-        w.task_a, w.task_b = task("a"), task("b")
-        assert (w.task_a.block_index, w.task_b.block_index) == (0, 2)
-        assert w.task_a.base_version == w.task_b.base_version == 1
-        yield w
-    finally:
-        channel.close()
-        running.stop(grace=0)
+    expired_task = task("e")
+    done_task = task("a")
+    assert (expired_task.round, done_task.round) == (0, 1)
+    w = World(running, channel, stub, health_pb2_grpc.HealthStub(channel), specs, base, md, tokens,
+              task_a=None, task_b=None, done_task=done_task, done_blob=b"", expired_task=expired_task)
+    w.done_blob = _blob(w, done_task.block_index)
+    reply = _send(w, md["a"], _messages(_header(done_task, w.done_blob), _chunks(w.done_blob)))
+    assert reply.new_version == 1
+    assert running.coordinator.state.expire_task(expired_task.task_id)
+    w.task_a, w.task_b = task("a"), task("b")
+    assert (w.task_a.block_index, w.task_b.block_index) == (0, 2)
+    assert w.task_a.base_version == w.task_b.base_version == 1
+    return w
 
 
 @dataclass
@@ -271,9 +262,9 @@ def _auth_variants(w: World) -> dict[str, tuple]:
         "none": (),
         "basic-scheme": (("authorization", "Basic c2l0ZS1hOnNlY3JldA=="),),
         "bearer-empty": (("authorization", "Bearer "),),
-        "unknown-token": _md(secrets.token_urlsafe(32)),
+        "unknown-token": bearer(secrets.token_urlsafe(32)),
         "raw-token-no-scheme": (("authorization", w.tokens["a"]),),
-        "overlong": _md(w.tokens["a"] + "x" * 600),
+        "overlong": bearer(w.tokens["a"] + "x" * 600),
     }
 
 
@@ -295,30 +286,44 @@ def _rpc_call(rpc: str, w: World, md) -> Attempt:
 
 AUTH_RPCS = ("GetModelInfo", "Heartbeat", "GetTask", "DownloadModel", "UploadBlock")
 AUTH_VARIANTS = ("none", "basic-scheme", "bearer-empty", "unknown-token", "raw-token-no-scheme", "overlong")
+
+
+def _bare_get_task(md: tuple) -> Callable[[World], Attempt]:
+    """GetTask with an empty request (wait_seconds 0), as the former test_rpc_errors.py sent it."""
+    def make(w: World) -> Attempt:
+        return Attempt(lambda: w.stub.GetTask(pb.GetTaskRequest(), metadata=md, timeout=CALL_TIMEOUT_S))
+    return make
+
+
 AUTH_CASES = [
     pytest.param(C.UNAUTHENTICATED, (lambda w, r=rpc, v=variant: _rpc_call(r, w, _auth_variants(w)[v])),
                  id=f"auth-{rpc}-{variant}")
     for rpc in AUTH_RPCS for variant in AUTH_VARIANTS
+] + [
+    # ported from test_rpc_errors
+    pytest.param(C.UNAUTHENTICATED, _bare_get_task(()), id="auth-GetTask-none-empty-request"),
+    pytest.param(C.UNAUTHENTICATED, _bare_get_task(bearer("nope")), id="auth-GetTask-short-unknown-token"),
 ]
 
 
 # -- cases: tasks that are not the caller's, not open, or not there --------------------------
 
 
-def _download(task: str, client: str = "a") -> Callable[[World], Attempt]:
+def _download(task: str, client: str = "a", codecs: tuple[int, ...] = (pb.CODEC_ZSTD,)) -> Callable[[World], Attempt]:
     """`task`: an attribute of World naming a task ("task_b", "done_task", ...), or a literal id."""
     def make(w: World) -> Attempt:
         tid = getattr(w, task).task_id if task in ("task_a", "task_b", "done_task", "expired_task") else task
-        req = pb.DownloadRequest(task_id=tid, accept_codecs=[pb.CODEC_ZSTD])
+        req = pb.DownloadRequest(task_id=tid, accept_codecs=list(codecs))
         return Attempt(lambda: list(w.stub.DownloadModel(req, metadata=w.md[client], timeout=CALL_TIMEOUT_S)))
     return make
 
 
-def _upload_for(task_attr: str, client: str) -> Callable[[World], Attempt]:
-    """A valid-looking upload by `client` for the task `task_attr` (blob of that task's block)."""
+def _upload_for(task_attr: str, client: str, blob_of: str | None = None) -> Callable[[World], Attempt]:
+    """A valid-looking upload by `client` for the task `task_attr`, with a blob of the block of the
+    task `blob_of` (default: that task's own block)."""
     def make(w: World) -> Attempt:
         task = getattr(w, task_attr)
-        blob = _blob(w, task.block_index)
+        blob = _blob(w, getattr(w, blob_of or task_attr).block_index)
         return _upload_attempt(w, w.md[client], _header(task, blob), _chunks(blob))
     return make
 
@@ -346,6 +351,12 @@ TASK_CASES = [
     pytest.param(C.FAILED_PRECONDITION, _upload_for("done_task", "a"), id="upload-replay-completed-task-other-blob"),
     pytest.param(C.FAILED_PRECONDITION, _upload_for("expired_task", "e"), id="upload-expired-task"),
     pytest.param(C.PERMISSION_DENIED, _upload_for("expired_task", "c"), id="upload-expired-task-by-other-client"),
+    # ported from test_rpc_errors
+    pytest.param(C.PERMISSION_DENIED, _download("task_b", client="a", codecs=()),
+                 id="download-other-clients-task-no-codecs"),
+    pytest.param(C.NOT_FOUND, _download("t-nope", codecs=()), id="download-unknown-task-short-id-no-codecs"),
+    pytest.param(C.PERMISSION_DENIED, _upload_for("task_b", "a", blob_of="task_a"),
+                 id="upload-other-clients-task-callers-block"),
 ]
 
 
@@ -354,6 +365,11 @@ TASK_CASES = [
 
 def _other_block_header(w: World) -> Attempt:
     blob = _blob(w, w.task_b.block_index)  # B's block's tensors, claimed by A as block 2
+    return _upload_attempt(w, w.md["a"], _header(w.task_a, blob, block_index=w.task_b.block_index), _chunks(blob))
+
+
+def _other_block_header_own_blob(w: World) -> Attempt:
+    blob = _blob(w, w.task_a.block_index)  # A's own block's tensors, claimed by A as B's block
     return _upload_attempt(w, w.md["a"], _header(w.task_a, blob, block_index=w.task_b.block_index), _chunks(blob))
 
 
@@ -388,6 +404,10 @@ HEADER_CASES = [
     pytest.param(C.INVALID_ARGUMENT, _header_upload(blob_sha256="../" * 21 + "a"), id="header-sha-path-traversal"),
     pytest.param(C.INVALID_ARGUMENT, _header_upload(blob_sha256="a" * 63 + "\n"), id="header-sha-trailing-newline"),
     pytest.param(C.INVALID_ARGUMENT, _sha_mismatch, id="header-sha-mismatch-after-reassembly"),
+    # ported from test_rpc_errors
+    pytest.param(C.PERMISSION_DENIED, _other_block_header_own_blob, id="header-other-block-callers-blob"),
+    pytest.param(C.INVALID_ARGUMENT, _header_upload(blob_size=10**12), id="header-blob-size-10^12"),
+    pytest.param(C.INVALID_ARGUMENT, _header_upload(blob_sha256="0" * 64), id="header-sha-all-zeros"),
 ]
 
 
@@ -509,6 +529,9 @@ CHUNK_CASES = [
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(lambda c: c.pop()), id="truncated-last-chunk-missing"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(lambda c: c.__delitem__(slice(1, None))), id="truncated-only-first-chunk"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_extra), id="extra-bytes-beyond-blob-size"),
+    # ported from test_rpc_errors
+    pytest.param(C.INVALID_ARGUMENT, _mutated_upload(lambda c: setattr(c[0], "crc32", c[0].crc32 ^ 1)),
+                 id="chunk-crc-flipped-first"),
 ]
 
 
@@ -591,6 +614,10 @@ def _poison(value):
     def change(tensors):
         tensors[_first_2d(tensors)][3, 5] = value
     return change
+
+
+def _poison_first_tensor(tensors):
+    next(iter(tensors.values()))[0] = math.nan  # the first tensor by name (a norm weight: one value)
 
 
 def _garbage(w: World) -> bytes:
@@ -688,15 +715,19 @@ BLOB_CASES = [
     pytest.param(C.INVALID_ARGUMENT, _tensor_upload(_poison(float("-inf"))), id="st-minus-inf"),
     pytest.param(C.INVALID_ARGUMENT, _blob_upload(lambda w: _blob(w, w.task_b.block_index)), id="st-whole-other-block"),
     pytest.param(C.INVALID_ARGUMENT, _blob_upload(lambda w: _blob(w, len(w.specs) - 1)), id="st-embed-head-block"),
+    # ported from test_rpc_errors
+    pytest.param(C.INVALID_ARGUMENT, _tensor_upload(_poison_first_tensor), id="st-nan-in-first-tensor"),
+    pytest.param(C.INVALID_ARGUMENT, _blob_upload(lambda w: bytes(256)), id="st-256-zero-bytes"),
 ]
 
 
 # -- cases: register ---------------------------------------------------------------------------
 
 
-def _register(name: str) -> Callable[[World], Attempt]:
+def _register(name: str, device_kind: str = "cpu") -> Callable[[World], Attempt]:
     def make(w: World) -> Attempt:
-        return Attempt(lambda: w.stub.Register(pb.RegisterRequest(name=name, device_kind="cpu"), timeout=CALL_TIMEOUT_S))
+        request = pb.RegisterRequest(name=name, device_kind=device_kind)
+        return Attempt(lambda: w.stub.Register(request, timeout=CALL_TIMEOUT_S))
     return make
 
 
@@ -709,6 +740,8 @@ REGISTER_CASES = [
     pytest.param(C.INVALID_ARGUMENT, _register("site\nSPOOFED LOG LINE"), id="register-name-newline"),
     pytest.param(C.INVALID_ARGUMENT, _register("site\x1b[31mred"), id="register-name-ansi-escape"),
     pytest.param(C.INVALID_ARGUMENT, _register("site\u202eevil"), id="register-name-bidi-override"),
+    # ported from test_rpc_errors ("" is proto3's unset: the request names nothing but the empty name)
+    pytest.param(C.INVALID_ARGUMENT, _register("", device_kind=""), id="register-empty-name-no-device-kind"),
 ]
 
 
@@ -878,6 +911,7 @@ ALL_CASES = (AUTH_CASES + TASK_CASES + HEADER_CASES + STREAM_CASES + CHUNK_CASES
              + REGISTER_CASES + OK_CASES + DOWNLOAD_LIMIT_CASES + ABANDON_CASES)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("expected, make", ALL_CASES)
 def test_hostile_input_is_refused_and_changes_nothing(world, expected, make):
     before = _snapshot(world)
@@ -897,6 +931,7 @@ def test_cases_are_distinct():
     assert len(ids) == len(set(ids)) and len(ids) >= 30
 
 
+@pytest.mark.multiprocess
 def test_correct_uploads_still_go_through(world):
     """After all of the above the coordinator is not wedged: both open tasks commit, a retry of a
     committed upload gets the same answer, and the store holds exactly what was committed."""
@@ -908,6 +943,14 @@ def test_correct_uploads_still_go_through(world):
     assert reply.new_version == version + 1 and reply.blob_sha256 == sha256_hex(blob_a)
     again = _send(world, world.md["a"], _messages(_header(world.task_a, blob_a), _chunks(blob_a)))
     assert again.new_version == reply.new_version
+    # A second, different upload (another block's tensors) for the finished task is refused
+    # (ported from test_rpc_errors).
+    other = _blob(world, world.task_b.block_index)
+    with pytest.raises(grpc.RpcError) as refused:
+        _send(world, world.md["a"], _messages(_header(world.task_a, other), _chunks(other)))
+    assert refused.value.code() == C.FAILED_PRECONDITION, f"{refused.value.code()}: {refused.value.details()}"
+    assert refused.value.details(), "a refusal must say why"
+    assert state.latest_version()[0] == version + 1 and len(state.visits()) == visits + 1
     blob_b = _blob(world, world.task_b.block_index)
     reply_b = _send(world, world.md["b"], _messages(_header(world.task_b, blob_b), _chunks(blob_b)))
     assert reply_b.new_version == version + 2

@@ -26,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+if __name__ != "__main__":  # the child (this file run as a script) measures its heap: no pytest in it
+    import pytest
+
+    pytestmark = pytest.mark.multiprocess
+
 from fedcybgd.common.procfs import status_field
 
 #: bf16 rows x columns: 2 GiB + 32 MiB of tensor data.

@@ -13,11 +13,12 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import start_client, wait_clients, wait_for, write_data
-from fedcybgd.server.app import start
-from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from conftest import ClientProcesses, Coordinators, address_of, wait_clients, wait_for, write_data
+from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
+
+pytestmark = pytest.mark.multiprocess
 
 
 def gate_first_tasks(coordinator, clients: int, timeout: float = 120.0) -> None:
@@ -78,25 +79,23 @@ class InFlightSampler(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def parallel_run(tiny_model_dir, tmp_path_factory):
+def parallel_run(tmp_path_factory, module_coordinators: Coordinators, module_clients: ClientProcesses):
     tmp = tmp_path_factory.mktemp("parallel")
     data, _ = write_data(tmp, clients=3)
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
-                               max_concurrent_visits=PARALLEL_K, schedule=PARALLEL_SCHEDULE, training=PARALLEL_TRAINING)
-    running = start(config)
+    running = module_coordinators.start(state_dir=str(tmp / "state"), max_concurrent_visits=PARALLEL_K,
+                                        schedule=PARALLEL_SCHEDULE, training=PARALLEL_TRAINING, grace=1)
     sampler = InFlightSampler(running.coordinator.state)
     try:
         gate_first_tasks(running.coordinator, clients=PARALLEL_K)
         sampler.start()
-        address = f"127.0.0.1:{running.port}"
-        procs = [start_client(address, data[i], tmp / "caches" / f"site-{i}", f"site-{i}") for i in range(3)]
+        procs = [module_clients.start(address_of(running), data[i], tmp / "caches" / f"site-{i}", f"site-{i}")
+                 for i in range(3)]
         status = run_clients(running, procs)
         sampler.stop.set()
         sampler.join(timeout=10)
         yield {"coordinator": running.coordinator, "status": status, "sampler": sampler}
     finally:
         sampler.stop.set()
-        running.stop(grace=1)
 
 
 def test_parallel_never_more_than_k_in_flight_nor_two_on_one_block(parallel_run):
@@ -166,29 +165,26 @@ def test_status_visit_records_carry_their_cycle(parallel_run):
 
 # -- base weights held locally ------------------------------------------------------------------
 
-def test_clients_with_local_base_weights_download_only_what_changed(tiny_model_dir, tmp_path):
+def test_clients_with_local_base_weights_download_only_what_changed(tiny_model_dir, tmp_path,
+                                                                   coordinators: Coordinators,
+                                                                   clients: ClientProcesses):
     # Descending order: round 0 trains embed_head (~10% of the tiny model), so whichever client
     # takes round 1 needs only that block; the other has every block of its base version already.
     schedule = ScheduleConfig(cycles=1, order="descending", lr=3e-3, seed=5)
     data, _ = write_data(tmp_path, clients=2)
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
-                               schedule=schedule, training=TrainingConfig(local_steps=3, batch_size=2, seq_len=64))
-    running = start(config)
-    try:
-        coordinator = running.coordinator
-        # Both clients ask before round 0 is issued: one takes round 0, the other waits in its
-        # long poll and is woken by that commit, so the two first visits are rounds 0 and 1.
-        gate_first_tasks(coordinator, clients=2)
-        address = f"127.0.0.1:{running.port}"
-        procs = [start_client(address, data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
-                              "--base-model", str(tiny_model_dir)) for i in range(2)]
-        status = run_clients(running, procs)
-        base = set(coordinator.state.manifest(0))
-        sizes = {sha: coordinator.store.blobs.size(sha) for v in range(status.version + 1)
-                 for sha in coordinator.state.manifest(v)}
-        manifests = {v: coordinator.state.manifest(v) for v in range(status.version + 1)}
-    finally:
-        running.stop(grace=1)
+    running = coordinators.start(schedule=schedule, training=TrainingConfig(local_steps=3, batch_size=2, seq_len=64),
+                                 grace=1)
+    coordinator = running.coordinator
+    # Both clients ask before round 0 is issued: one takes round 0, the other waits in its
+    # long poll and is woken by that commit, so the two first visits are rounds 0 and 1.
+    gate_first_tasks(coordinator, clients=2)
+    procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
+                           "--base-model", str(tiny_model_dir)) for i in range(2)]
+    status = run_clients(running, procs)
+    base = set(coordinator.state.manifest(0))
+    sizes = {sha: coordinator.store.blobs.size(sha) for v in range(status.version + 1)
+             for sha in coordinator.state.manifest(v)}
+    manifests = {v: coordinator.state.manifest(v) for v in range(status.version + 1)}
 
     assert status.run_state == "done"
     assert status.version == status.total_rounds == status.num_blocks == len(status.visits)
@@ -220,34 +216,30 @@ def test_clients_with_local_base_weights_download_only_what_changed(tiny_model_d
 
 # -- a client daemon restarted on its cache ----------------------------------------------------
 
-def test_restarted_client_reuses_its_identity_and_its_cached_blobs(tiny_model_dir, tmp_path):
+def test_restarted_client_reuses_its_identity_and_its_cached_blobs(tmp_path, coordinators: Coordinators,
+                                                                   clients: ClientProcesses):
     schedule = ScheduleConfig(cycles=1, order="ascending", lr=3e-3, seed=2)
     data, _ = write_data(tmp_path, clients=1)
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0",
-                               schedule=schedule, training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
     cache = tmp_path / "caches" / "site-0"
-    running = start(config)
-    try:
-        coordinator = running.coordinator
-        address = f"127.0.0.1:{running.port}"
-        first = start_client(address, data[0], cache, "site-0", "--max-visits", "1")
-        wait_clients([first], timeout=120)   # exits 0 after its one visit
-        assert len(coordinator.state.visits()) == 1
-        identity = (cache / "identity.json").read_text()
+    running = coordinators.start(schedule=schedule, training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64),
+                                 grace=1)
+    coordinator = running.coordinator
+    first = clients.start(address_of(running), data[0], cache, "site-0", "--max-visits", "1")
+    wait_clients([first], timeout=120)   # exits 0 after its one visit
+    assert len(coordinator.state.visits()) == 1
+    identity = (cache / "identity.json").read_text()
 
-        second = start_client(address, data[0], cache, "site-0")
-        status = run_clients(running, [second])
-        clients = coordinator.state.clients()
-    finally:
-        running.stop(grace=1)
+    second = clients.start(address_of(running), data[0], cache, "site-0")
+    status = run_clients(running, [second])
+    registered = coordinator.state.clients()
 
     assert status.run_state == "done" and status.version == status.total_rounds == len(status.visits)
     # (a) one registered client: the second process rejoined with the identity in its cache.
-    assert len(clients) == 1, [(c.id, c.name) for c in clients]
-    assert {v.client_id for v in status.visits} == {clients[0].id}
+    assert len(registered) == 1, [(c.id, c.name) for c in registered]
+    assert {v.client_id for v in status.visits} == {registered[0].id}
     assert (cache / "identity.json").read_text() == identity
     log = (cache.parent / "site-0.log").read_text()
-    assert f"rejoined as {clients[0].id}" in log
+    assert f"rejoined as {registered[0].id}" in log
 
     # (b) the first process downloaded the model; the second held it all (base blocks + the
     # block it trained itself), so its first visit fetched the manifest only.

@@ -7,13 +7,15 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import start_client, wait_clients, write_data
+from conftest import ClientProcesses, Coordinators, wait_clients, write_data
 from fedcybgd.common.tiny import make_byte_tokenizer, tiny_config
-from fedcybgd.server.app import start
-from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
+
+pytestmark = pytest.mark.multiprocess
 
 CHUNK = 256 * 1024
 
@@ -89,25 +91,24 @@ def _model_dir(tmp_path):
     return path
 
 
-def test_cut_download_resumes_and_cut_upload_retries_cleanly(tmp_path):
+def test_cut_download_resumes_and_cut_upload_retries_cleanly(tmp_path, coordinators: Coordinators,
+                                                             clients: ClientProcesses):
     model_dir = _model_dir(tmp_path)
     data, _ = write_data(tmp_path, clients=1)
-    config = CoordinatorConfig(insecure=True, model=str(model_dir), state_dir=str(tmp_path / "state"),
-                               address="127.0.0.1:0", chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=1),
-                               training=TrainingConfig(local_steps=1, batch_size=1, seq_len=32))
-    running = start(config)
+    running = coordinators.start(model=str(model_dir), chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=1),
+                                 training=TrainingConfig(local_steps=1, batch_size=1, seq_len=32))
     coordinator = running.coordinator
     model_wire = sum(coordinator.store.blobs.size(sha) for sha in coordinator.state.manifest(0))
     block0 = coordinator.store.blobs.size(coordinator.state.manifest(0)[0])
     # Cut the download a third of the way in; cut the upload (of block 0, > 1 MB) half way.
     proxy = CuttingProxy(running.port, cut_down=model_wire // 3, cut_up=block0 // 2)
     try:
-        client = start_client(f"127.0.0.1:{proxy.port}", data[0], tmp_path / "caches" / "site-0", "site-0",
-                              "--max-visits", "1")
+        client = clients.start(f"127.0.0.1:{proxy.port}", data[0], tmp_path / "caches" / "site-0", "site-0",
+                               "--max-visits", "1")
         wait_clients([client], timeout=180)
     finally:
         proxy.close()
-        running.stop(grace=1)
+    coordinators.stop(running, grace=1)  # every call handled: what is left on disk is final
 
     assert proxy.cuts == ["down", "up"], proxy.cuts
     log = (tmp_path / "caches" / "site-0.log").read_text()

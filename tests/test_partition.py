@@ -67,6 +67,7 @@ def test_iid_shares_paragraphs_and_still_holds_out_whole_works(corpus, tmp_path)
     assert client_text.count("Second paragraph") == 2 * (12 - len(assignment["eval"]))
 
 
+@pytest.mark.multiprocess
 def test_bad_requests_are_refused(corpus, tmp_path):
     with pytest.raises(ValueError):
         partition_corpus(corpus, tmp_path / "x", clients=20, mode="by-document")

@@ -21,11 +21,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import start_client, wait_clients, wait_for, write_data
-from fedcybgd.cli.demo import free_port
-from fedcybgd.server.app import start
-from fedcybgd.server.config import CoordinatorConfig, EvalConfig, TrainingConfig
+from conftest import ClientProcesses, Coordinators, address_of, free_port, wait_clients, wait_for, write_data
+from fedcybgd.server.config import EvalConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
+
+pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedcybgd.json"
@@ -97,7 +97,8 @@ def _dashboard_exprs() -> list[str]:
     return [t["expr"] for p in panels for t in p.get("targets", []) if t.get("expr")]
 
 
-def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tiny_model_dir, tmp_path):
+def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tmp_path, coordinators: Coordinators,
+                                                                     clients: ClientProcesses):
     prometheus = _prometheus_binary()
     exprs = _dashboard_exprs()
     assert len(exprs) >= 10
@@ -105,13 +106,12 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tiny_model_
     data, eval_data = write_data(tmp_path, clients=2)
     counter = CountBytes()
     metrics_port, client_ports = free_port(), [free_port(), free_port()]
-    config = CoordinatorConfig(
-        insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), address="127.0.0.1:0", metrics_port=metrics_port,
-        heartbeat_interval_s=1, schedule=ScheduleConfig(cycles=2, lr=3e-3),
+    running = coordinators.start(
+        interceptors=[counter], grace=1, metrics_port=metrics_port, heartbeat_interval_s=1,
+        schedule=ScheduleConfig(cycles=2, lr=3e-3),
         # Visits long enough (about a second) for several scrapes each.
         training=TrainingConfig(local_steps=60, batch_size=8, seq_len=128),
         eval=EvalConfig(data=str(eval_data), max_sequences=8))
-    running = start(config, interceptors=[counter])
     prom_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         f"global:\n  scrape_interval: {SCRAPE}\n  scrape_timeout: {SCRAPE}\n"
@@ -124,18 +124,18 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tiny_model_
     base = f"http://127.0.0.1:{prom_port}"
     try:
         wait_for(lambda: _ready(base), 60, "prometheus to be ready", interval=0.3)
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        with grpc.insecure_channel(address_of(running)) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedcybgd.v1.Coordinator"))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         started = time.time()
-        clients = [start_client(f"127.0.0.1:{running.port}", data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
-                                "--metrics-port", str(client_ports[i])) for i in range(2)]
+        procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
+                               "--metrics-port", str(client_ports[i])) for i in range(2)]
         # Client endpoints go away with the clients: let Prometheus see them mid-run.
         wait_for(lambda: _query(base, 'up{job="clients"} == 1') and len(_query(base, 'up{job="clients"} == 1')) == 2,
                  120, "both client endpoints to be scraped", interval=0.3)
         wait_for(lambda: bool(_query(base, "fedcybgd_client_step_seconds_count > 0")), 120, "a client training step",
                  interval=0.3)
-        wait_clients(clients)
+        wait_clients(procs)
         wait_for(lambda: running.coordinator.finished, 60, "the final evaluation")
         time.sleep(1.5)  # a few more scrapes of the final values
         ended = time.time()
@@ -170,7 +170,6 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tiny_model_
     finally:
         prom.terminate()
         prom.wait(timeout=30)
-        running.stop(grace=1)
 
 
 def _ready(base: str) -> bool:

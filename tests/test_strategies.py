@@ -11,11 +11,12 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import start_client, wait_clients, wait_for, write_data
+from conftest import (ClientProcesses, Coordinators, address_of, assert_same_weights, register, wait_clients, wait_for,
+                      write_data)
+from fedcybgd.training import VisitHyper, initial_lora_adapter, train_full, train_lora
 from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.codec import encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.data import load_packed
-from fedcybgd.server.app import start
 from fedcybgd.server.config import ContextConfig, CoordinatorConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.export import export_version
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -31,28 +32,22 @@ TRAINING = TrainingConfig(local_steps=3, batch_size=2, seq_len=64)
 LORA = LoraConfig(rank=4, alpha=8.0)
 
 
-def _run(strategy, tiny_model_dir, tmp):
+@pytest.fixture(scope="module", params=["fedavg-full", "fedlora"])
+def finished(request, tiny_model_dir, tmp_path_factory, module_coordinators: Coordinators,
+             module_clients: ClientProcesses):
+    """A finished run of each baseline with two real client processes."""
+    tmp = tmp_path_factory.mktemp(request.param)
     data, eval_data = write_data(tmp, clients=2)
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp / "state"), address="127.0.0.1:0",
-                               strategy=strategy, clients_per_round=2, schedule=SCHEDULE, training=TRAINING, lora=LORA,
-                               eval=EvalConfig(data=str(eval_data), max_sequences=16, batch_size=4))
-    running = start(config)
-    address = f"127.0.0.1:{running.port}"
-    procs = [start_client(address, data[i], tmp / "caches" / f"site-{i}", f"site-{i}") for i in range(2)]
+    running = module_coordinators.start(state_dir=str(tmp / "state"), strategy=request.param, clients_per_round=2,
+                                        schedule=SCHEDULE, training=TRAINING, lora=LORA,
+                                        eval=EvalConfig(data=str(eval_data), max_sequences=16, batch_size=4))
+    procs = [module_clients.start(address_of(running), data[i], tmp / "caches" / f"site-{i}", f"site-{i}")
+             for i in range(2)]
     wait_clients(procs, timeout=300)
     wait_for(lambda: running.coordinator.finished, 60, "the final evaluation")
-    return running, data
-
-
-@pytest.fixture(scope="module", params=["fedavg-full", "fedlora"])
-def finished(request, tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    running, data = _run(request.param, tiny_model_dir, tmp)
-    try:
-        yield {"strategy": request.param, "coordinator": running.coordinator, "data": data, "model_dir": tiny_model_dir,
-               "status": running.coordinator.status(pb.GetStatusRequest())}
-    finally:
-        running.stop(grace=1)
+    yield {"strategy": request.param, "coordinator": running.coordinator, "data": data, "model_dir": tiny_model_dir,
+           "status": running.coordinator.status(pb.GetStatusRequest())}
+    module_coordinators.stop(running, grace=1)  # before the other strategy's run
 
 
 def _reference(finished):
@@ -88,6 +83,7 @@ def _reference(finished):
     return model, specs, adapter
 
 
+@pytest.mark.multiprocess
 def test_every_round_merges_all_its_clients_and_the_run_learns(finished):
     status, coordinator = finished["status"], finished["coordinator"]
     rounds = FedAvgRounds(status.num_blocks, SCHEDULE, 2)
@@ -101,15 +97,13 @@ def test_every_round_merges_all_its_clients_and_the_run_learns(finished):
     assert evals[status.version] < evals[0]
 
 
+@pytest.mark.multiprocess
 def test_federated_result_equals_the_single_process_reference(finished):
     coordinator = finished["coordinator"]
-    model, specs, adapter = _reference(finished)
+    model, _, adapter = _reference(finished)
     latest, manifest = coordinator.state.latest_version()
     if finished["strategy"] == "fedavg-full":
-        for spec, sha in zip(specs, manifest, strict=True):
-            federated = safetensors.torch.load_file(str(coordinator.store.blobs.path(sha)))
-            for name, tensor in block_tensors(model, spec).items():
-                assert torch.equal(federated[name], tensor), f"{spec.name}/{name} differs from the reference"
+        assert_same_weights(model, manifest, coordinator.store.blobs.path)
     else:
         assert manifest == coordinator.state.manifest(0), "fedlora never changes the base blocks"
         federated = safetensors.torch.load_file(str(coordinator.store.blobs.path(coordinator.adapter_of(latest))))
@@ -118,6 +112,7 @@ def test_federated_result_equals_the_single_process_reference(finished):
             assert torch.equal(federated[name], tensor), name
 
 
+@pytest.mark.multiprocess
 def test_what_travels(finished):
     """fedavg-full: every block up, all of it counted as 'full'; fedlora: only the adapter up."""
     status, coordinator = finished["status"], finished["coordinator"]
@@ -135,6 +130,7 @@ def test_what_travels(finished):
             assert v.bytes_up < 2 * 1.05 * adapter_bytes + 8192 < status.model_bytes / 4
 
 
+@pytest.mark.multiprocess
 def test_export_matches_the_coordinators_evaluation(finished, tmp_path):
     coordinator, status = finished["coordinator"], finished["status"]
     out = export_version(coordinator.state_dir, tmp_path / "export")
@@ -153,20 +149,16 @@ def test_export_matches_the_coordinators_evaluation(finished, tmp_path):
 # -- refusals --------------------------------------------------------------------------------
 
 @pytest.fixture
-def fedavg_coordinator(tiny_model_dir, tmp_path):
-    running = start(CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                                      address="127.0.0.1:0", strategy="fedavg-full", clients_per_round=2,
-                                      schedule=SCHEDULE, training=TRAINING))
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    yield running, pb_grpc.CoordinatorStub(channel)
-    channel.close()
-    running.stop(grace=0)
+def fedavg_coordinator(coordinators: Coordinators):
+    running = coordinators.start(strategy="fedavg-full", clients_per_round=2, schedule=SCHEDULE, training=TRAINING)
+    return running, coordinators.stub(running)
 
 
 def _register(stub, name):
-    return (("authorization", f"Bearer {stub.Register(pb.RegisterRequest(name=name)).token}"),)
+    return register(stub, name).md
 
 
+@pytest.mark.multiprocess
 def test_a_round_goes_to_distinct_clients_and_an_incomplete_upload_is_refused(fedavg_coordinator, tiny_model_dir):
     running, stub = fedavg_coordinator
     first = _register(stub, "a")
@@ -227,48 +219,44 @@ def test_fedavg_rounds_match_the_training_tokens_of_a_cycle():
     assert rounds.lr_of(0) > rounds.lr_of(rounds.total_rounds - 1)
 
 
-def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, tmp_path):
+@pytest.mark.multiprocess
+def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, coordinators: Coordinators):
     """The last upload of a round was stored but the coordinator died before averaging: the
     restarted coordinator averages it (same result as without the crash)."""
     from fedcybgd.server.state import ContributionRow
 
-    config = CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
-                               address="127.0.0.1:0", strategy="fedavg-full", clients_per_round=2,
-                               schedule=SCHEDULE, training=TRAINING)
-    running = start(config)
+    config = coordinators.config(strategy="fedavg-full", clients_per_round=2, schedule=SCHEDULE, training=TRAINING)
+    running = coordinators.start(config)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     specs = partition_model(model, 1)
     uploads = []
-    try:
-        coordinator = running.coordinator
-        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-        stub = pb_grpc.CoordinatorStub(channel)
-        for name, scale in (("a", 1.01), ("b", 0.99)):
-            md = _register(stub, name)
-            task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
-            blobs = [coordinator.store.blobs.put(serialize_block({k: v * scale for k, v in block_tensors(model, s).items()}))
-                     for s in specs]
-            row = coordinator.state.task(task.task_id)
-            # Stored as the upload path stores it, without the merge that would follow.
-            coordinator.state.add_contribution(ContributionRow(
-                task_id=row.id, round=row.round, slot=row.slot, client_id=row.client_id, blobs=blobs,
-                committed_unix=0.0, record=VisitStats(
-                    lr=1e-4, seed=0, samples=6, bytes_down=0, bytes_up=0, train_seconds=1.0, download_seconds=0.0,
-                    visit_seconds=1.0, tokens=0, loss_before=1.0, loss_after=0.5, peak_memory_bytes=0,
-                    client_name=name, device="cpu")))
-            uploads.append(blobs)
-        channel.close()
-        assert coordinator.state.latest_version()[0] == 0
-    finally:
-        running.stop(grace=0)
-    restarted = start(config)
-    try:
-        latest, manifest = restarted.coordinator.state.latest_version()
-        assert latest == 1 and restarted.coordinator.rounds_done == 1
-        for spec, sha in zip(specs, manifest, strict=True):
-            merged = safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(sha)))
-            parts = [safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(u[spec.index]))) for u in uploads]
-            for name, value in merged.items():
-                assert torch.equal(value, parts[0][name].float() * 0.5 + parts[1][name].float() * 0.5), name
-    finally:
-        restarted.stop(grace=0)
+    coordinator = running.coordinator
+    channel = coordinators.channel(running)
+    stub = pb_grpc.CoordinatorStub(channel)
+    for name, scale in (("a", 1.01), ("b", 0.99)):
+        md = _register(stub, name)
+        task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
+        blobs = [coordinator.store.blobs.put(serialize_block({k: v * scale
+                                                              for k, v in block_tensors(model, s).items()}))
+                 for s in specs]
+        row = coordinator.state.task(task.task_id)
+        # Stored as the upload path stores it, without the merge that would follow.
+        coordinator.state.add_contribution(ContributionRow(
+            task_id=row.id, round=row.round, slot=row.slot, client_id=row.client_id, blobs=blobs,
+            committed_unix=0.0, record=VisitStats(
+                lr=1e-4, seed=0, samples=6, bytes_down=0, bytes_up=0, train_seconds=1.0, download_seconds=0.0,
+                visit_seconds=1.0, tokens=0, loss_before=1.0, loss_after=0.5, peak_memory_bytes=0,
+                client_name=name, device="cpu")))
+        uploads.append(blobs)
+    channel.close()
+    assert coordinator.state.latest_version()[0] == 0
+    coordinators.stop(running)  # the crash, before any merge
+    restarted = coordinators.start(config)
+    latest, manifest = restarted.coordinator.state.latest_version()
+    assert latest == 1 and restarted.coordinator.rounds_done == 1
+    for spec, sha in zip(specs, manifest, strict=True):
+        merged = safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(sha)))
+        parts = [safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(u[spec.index])))
+                 for u in uploads]
+        for name, value in merged.items():
+            assert torch.equal(value, parts[0][name].float() * 0.5 + parts[1][name].float() * 0.5), name

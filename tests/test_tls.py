@@ -10,9 +10,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from conftest import Coordinators, Registration, register
 from fedcybgd.cli.certs import make_certs
 from fedcybgd.common.transport import client_channel
-from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -31,16 +31,14 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def coordinator(tiny_model_dir, tmp_path_factory, pki):
+def coordinator(module_coordinators: Coordinators, pki):
+    """Mutual TLS, a join token and an operator token: every check on."""
     good, _ = pki
-    config = CoordinatorConfig(model=str(tiny_model_dir), state_dir=str(tmp_path_factory.mktemp("state")),
-                               address="localhost:0", tls_cert=str(good / "server.pem"), tls_key=str(good / "server.key"),
-                               tls_client_ca=str(good / "ca.pem"), join_token=JOIN, operator_token=OPERATOR,
-                               max_concurrent_visits=2, schedule=ScheduleConfig(cycles=1),
-                               training=TrainingConfig(local_steps=1, seq_len=32))
-    running = start(config)
-    yield running
-    running.stop(grace=0)
+    return module_coordinators.start(insecure=False, address="localhost:0", tls_cert=str(good / "server.pem"),
+                                     tls_key=str(good / "server.key"), tls_client_ca=str(good / "ca.pem"),
+                                     join_token=JOIN, operator_token=OPERATOR, max_concurrent_visits=2,
+                                     schedule=ScheduleConfig(cycles=1),
+                                     training=TrainingConfig(local_steps=1, seq_len=32))
 
 
 def _stub(running, ca, cert=None, key=None):
@@ -60,11 +58,11 @@ def _code(call):
     return info.value.code()
 
 
-def _register(stub, name="whatever"):
-    reply = stub.Register(pb.RegisterRequest(name=name, join_token=JOIN), timeout=10)
-    return reply, (("authorization", f"Bearer {reply.token}"),)
+def _register(stub, name="whatever") -> Registration:
+    return register(stub, name, join_token=JOIN)
 
 
+@pytest.mark.multiprocess
 def test_registration_needs_certificate_and_join_token_and_takes_the_certificates_name(coordinator, pki):
     good, rogue = pki
     site0 = _site(coordinator, pki, "site-0")
@@ -92,6 +90,7 @@ def test_registration_needs_certificate_and_join_token_and_takes_the_certificate
         == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.multiprocess
 def test_tokens_are_checked_and_bound_to_their_site(coordinator, pki):
     site0, site1 = _site(coordinator, pki, "site-0"), _site(coordinator, pki, "site-1")
     _, md0 = _register(site0)
@@ -116,6 +115,7 @@ def test_tokens_are_checked_and_bound_to_their_site(coordinator, pki):
     assert manifest.HasField("manifest")
 
 
+@pytest.mark.multiprocess
 def test_operator_calls_need_operator_credentials(coordinator, pki):
     good, _ = pki
     site0 = _site(coordinator, pki, "site-0")
