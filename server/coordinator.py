@@ -42,7 +42,7 @@ from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.records import UploadClaim, VisitStats
 from fedcybgd.server.run import open_run
-from fedcybgd.server.state import ClientRow, CoordinatorState, SqliteState, TaskRow
+from fedcybgd.server.state import ClientRow, CoordinatorState, SqliteState, TaskRow, current_version
 from fedcybgd.server.status import StatusReport
 from fedcybgd.server.strategies import StrategyEnv, make_strategy
 from fedcybgd.server.tasks import TaskBoard
@@ -189,7 +189,7 @@ class Coordinator:
             return False
         if self.evaluator is None:
             return True
-        latest, _ = self.state.latest_version()
+        latest, _ = current_version(self.state)
         return latest in {v for v, _, _ in self.state.evals()}
 
     def everyone_told_done(self) -> bool:

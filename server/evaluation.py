@@ -15,7 +15,7 @@ from fedcybgd.server.history import CompletedRounds
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.run import RunInfo
-from fedcybgd.server.state import CoordinatorState
+from fedcybgd.server.state import CoordinatorState, current_version
 from fedcybgd.server.strategies import Strategy
 
 log = logging.getLogger("fedcybgd.coordinator")
@@ -43,7 +43,7 @@ class Evaluator:
     def start(self) -> None:
         """Evaluate what a restarted run has not evaluated yet: the base, and the final version."""
         evaluated = {v for v, _, _ in self._state.evals()}
-        latest, _ = self._state.latest_version()
+        latest, _ = current_version(self._state)
         self._thread.start()
         for version in (0, latest) if self._rounds.all_done else (0,):
             if version not in evaluated:

@@ -11,7 +11,7 @@ from torch import nn
 
 from fedcybgd.common.modeling import specs_from_json
 from fedcybgd.server.model_store import ModelStore
-from fedcybgd.server.state import SqliteState
+from fedcybgd.server.state import SqliteState, current_version
 from fedcybgd.server.strategies.fedlora import lora_from_meta
 from fedcybgd.training.lora import merge_adapter
 
@@ -25,7 +25,7 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
         blocks, dtype = state.get_meta("blocks"), state.get_meta("dtype")
         if blocks is None or dtype is None:
             raise ValueError(f"the run in {state_dir} was never initialised")
-        version = state.latest_version()[0] if version is None else version
+        version = current_version(state)[0] if version is None else version
         manifest = state.manifest(version)
         store = ModelStore(state_dir)
         adapter, lora = state.get_meta(f"adapter:{version}"), state.get_meta("lora")

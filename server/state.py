@@ -111,7 +111,7 @@ class CoordinatorState(Protocol):
     def clients(self) -> list[ClientRow]: ...
     def touch_client(self, client_id: str, **resources: int) -> None: ...
     def add_version(self, version: int, manifest: list[str], round_: int | None, replace: bool = False) -> None: ...
-    def latest_version(self) -> tuple[int, list[str]]: ...
+    def latest_version(self) -> tuple[int, list[str]] | None: ...
     def manifest(self, version: int) -> list[str]: ...
     def issue_task(self, task: TaskRow) -> None: ...
     def task(self, task_id: str) -> TaskRow | None: ...
@@ -223,11 +223,9 @@ class SqliteState:
                 (version, json.dumps(manifest), round_, time.time()),
             )
 
-    def latest_version(self) -> tuple[int, list[str]]:
+    def latest_version(self) -> tuple[int, list[str]] | None:
         rows = self._query("SELECT version, manifest FROM versions ORDER BY version DESC LIMIT 1")
-        if not rows:
-            raise LookupError("no model version yet: the run was never initialised")
-        return rows[0]["version"], json.loads(rows[0]["manifest"])
+        return (rows[0]["version"], json.loads(rows[0]["manifest"])) if rows else None
 
     def manifest(self, version: int) -> list[str]:
         rows = self._query("SELECT manifest FROM versions WHERE version = ?", (version,))
@@ -356,6 +354,14 @@ class SqliteState:
     def evals(self) -> list[tuple[int, int, float]]:
         rows = self._query("SELECT * FROM evals ORDER BY version")
         return [(r["version"], r["rounds_done"], r["loss"]) for r in rows]
+
+
+def current_version(state: CoordinatorState) -> tuple[int, list[str]]:
+    """The newest version and its manifest, in a run that is open (it has version 0 at least)."""
+    latest = state.latest_version()
+    if latest is None:
+        raise LookupError("no model version yet: the run was never initialised")
+    return latest
 
 
 class StaleTaskError(RuntimeError):

@@ -7,7 +7,7 @@ from fedcybgd.server.history import CompletedRounds
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.records import ALL_BLOCKS
 from fedcybgd.server.run import RunInfo
-from fedcybgd.server.state import CoordinatorState, VisitRow
+from fedcybgd.server.state import CoordinatorState, VisitRow, current_version
 from fedcybgd.server.strategies import Strategy
 from fedcybgd.v1 import coordinator_pb2 as pb
 
@@ -24,7 +24,7 @@ class StatusReport:
         self._accounts = accounts
 
     def build(self, max_visits: int, finished: bool) -> pb.GetStatusResponse:
-        latest, manifest = self._state.latest_version()
+        latest, manifest = current_version(self._state)
         visits = self._state.visits()
         names = {c.id: c.name for c in self._state.clients()}
         in_flight = self._state.tasks_with_status("issued")

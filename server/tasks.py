@@ -17,7 +17,7 @@ from fedcybgd.server.enrolment import int64
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.history import CompletedRounds
 from fedcybgd.server.metrics import CoordinatorMetrics
-from fedcybgd.server.state import ClientRow, CoordinatorState, TaskRow
+from fedcybgd.server.state import ClientRow, CoordinatorState, TaskRow, current_version
 from fedcybgd.server.strategies import Strategy
 
 log = logging.getLogger("fedcybgd.coordinator")
@@ -75,7 +75,7 @@ class TaskBoard:
                     return TaskOffer(task=current[0])
                 if self._rounds.all_done:
                     self.clients_told_done.add(client.id)
-                    latest, _ = self._state.latest_version()
+                    latest, _ = current_version(self._state)
                     return TaskOffer(final_version=latest)
                 opening = self._strategy.next_opening(client.id, in_flight)
                 if opening is not None:
@@ -86,7 +86,7 @@ class TaskBoard:
                 self._lock.wait(timeout=min(remaining, 1.0))
 
     def _issue(self, client: ClientRow, opening) -> TaskRow:
-        latest, _ = self._state.latest_version()
+        latest, _ = current_version(self._state)
         now = time.time()
         task = TaskRow(id=self._strategy.task_id(opening), round=opening.round, block_index=opening.block_index,
                        client_id=client.id, base_version=latest, status="issued", issued_unix=now,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.records import Accepted, ExpectedUpload, Opening, UploadClaim, VisitStats
 from fedcybgd.server.scheduler import CycleSchedule
-from fedcybgd.server.state import TaskRow, VisitRow
+from fedcybgd.server.state import TaskRow, VisitRow, current_version
 from fedcybgd.server.strategies.base import Strategy, expect_blob
 from fedcybgd.v1 import coordinator_pb2 as pb
 
@@ -87,7 +87,7 @@ class BlockCycle(Strategy):
         that block since this task's version (then the upload is stale)."""
         env, sha = self.env, uploads[0].sha256
         with env.lock:
-            latest, manifest = env.state.latest_version()
+            latest, manifest = current_version(env.state)
             if manifest[task.block_index] != env.state.manifest(task.base_version)[task.block_index]:
                 env.metrics.rejections.labels(reason="stale").inc()
                 raise Refusal(Status.FAILED_PRECONDITION,

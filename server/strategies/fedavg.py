@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.records import ALL_BLOCKS, Accepted, ExpectedUpload, Opening, UploadClaim, VisitStats
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
-from fedcybgd.server.state import ContributionRow, TaskRow, VisitRow
+from fedcybgd.server.state import ContributionRow, TaskRow, VisitRow, current_version
 from fedcybgd.server.strategies.averaging import average_blocks
 from fedcybgd.server.strategies.base import Strategy, expect_blob
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -166,14 +166,14 @@ class FedAvgFamily(Strategy):
         try:
             tr = self.config.training
             weights = [min(max(c.record.samples, 1), tr.local_steps * tr.batch_size) for c in contributions]
-            _, manifest = env.state.latest_version()
+            _, manifest = current_version(env.state)
             average = self.average([(w, c.blobs) for w, c in zip(weights, contributions, strict=True)], manifest)
             tasks = [env.state.task(c.task_id) for c in contributions]
             first_issued = min(t.issued_unix for t in tasks if t is not None)
             stats = VisitStats.averaged([c.record for c in contributions], lr=self.schedule.lr_of(round_),
                                         visit_seconds=time.time() - first_issued)
             with env.lock:
-                latest, _ = env.state.latest_version()
+                latest, _ = current_version(env.state)
                 if average.meta:
                     env.state.set_meta({k.format(version=latest + 1): v for k, v in average.meta.items()})
                 last = contributions[-1]
