@@ -38,8 +38,8 @@ class DownloadRequest:
     """What the client says it holds and can decode."""
 
     task_id: str
-    have: frozenset[str]
-    resume: dict[str, int]         # blob -> bytes already received and verified
+    have: tuple[str, ...]                 # as sent (bounded before it is used)
+    resume: tuple[tuple[str, int], ...]   # (blob, bytes already received and verified), as sent
     codecs: tuple[int, ...]        # chunk codecs, in the client's order
     context_codecs: frozenset[int]
 
@@ -85,7 +85,7 @@ class Downloads:
             raise Refusal(Status.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'have' entries")
         if len(request.resume) > MAX_HAVE_ENTRIES:
             raise Refusal(Status.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'resume' entries")
-        have = set(request.have)
+        have, resume = set(request.have), dict(request.resume)
         manifest = self._state.manifest(task.base_version)
         trainable = self._strategy.trainable_blobs(task, manifest)
         approx: dict[int, Approximation] = {}
@@ -107,7 +107,7 @@ class Downloads:
         for sha in sending:
             is_version = sha in places and self._blobs.has(sha)
             store = self._blobs if is_version else self._context.store
-            start = request.resume.get(sha, 0)
+            start = resume.get(sha, 0)
             blobs.append(OutgoingBlob(
                 sha256=sha, store=store, word_size=places[sha][1] if is_version else 1,
                 delta_base=self._history.delta_base(places[sha][0], sha, have) if is_version else None,

@@ -32,8 +32,8 @@ def beat(req: pb.HeartbeatRequest) -> Beat:
 
 
 def download_request(req: pb.DownloadRequest) -> DownloadRequest:
-    return DownloadRequest(task_id=req.task_id, have=frozenset(req.have),
-                           resume={r.sha256: r.offset for r in req.resume}, codecs=tuple(req.accept_codecs),
+    return DownloadRequest(task_id=req.task_id, have=tuple(req.have),
+                           resume=tuple((r.sha256, r.offset) for r in req.resume), codecs=tuple(req.accept_codecs),
                            context_codecs=frozenset(req.accept_context))
 
 
