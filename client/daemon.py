@@ -141,12 +141,12 @@ class ClientDaemon:
                              "client and coordinator disagree on the model or on the partition (versions?)")
         self.resident = ResidentModel(model, specs, self.cache)
         if self.config.base_model:
-            self._seed_cache_from_base(specs)
+            self._seed_cache_from_base(self.config.base_model, specs)
 
-    def _seed_cache_from_base(self, specs: list[BlockSpec]) -> None:
+    def _seed_cache_from_base(self, base_model: str, specs: list[BlockSpec]) -> None:
         """Blocks of locally held base weights go into the cache under their hash: whichever of
         them the coordinator's manifest names will not be downloaded."""
-        base = AutoModelForCausalLM.from_pretrained(self.config.base_model, dtype=self.dtype)
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=self.dtype)
         for spec in specs:
             self.cache.put(serialize_block(block_tensors(base, spec)))
         del base
@@ -179,11 +179,11 @@ class ClientDaemon:
                     self.metrics.visits.labels(outcome="withdrawn").inc()
                     log.warning("%s", err)
                 except TaskRefused as err:
-                    # The coordinator hands an unfinished task back to its client: ask again only after a poll
-                    # period instead of refusing it in a busy loop.
+                    # This client cannot do the run's tasks (a newer coordinator, another strategy): it stops, so
+                    # that its heartbeats stop and the coordinator reassigns the task to a client that can.
                     self.metrics.visits.labels(outcome="refused").inc()
-                    log.error("%s", err)
-                    time.sleep(self.config.poll_seconds)
+                    log.error("%s; stopping: this client cannot take part in this run", err)
+                    raise
                 finally:
                     self._phase, self._task_id = "idle", ""
                 self.visits_done += 1
@@ -208,7 +208,7 @@ class ClientDaemon:
             raise
         download_seconds = time.perf_counter() - started
         self.metrics.transfer_bytes.labels(direction="down").inc(bytes_down)
-        self.resident.load_manifest(manifest)
+        self._resident().load_manifest(manifest)
 
         self._phase = "train"
         hyper = visit_hyper_from_proto(task.hyper)
@@ -235,9 +235,14 @@ class ClientDaemon:
                  bytes_down / 1e6, bytes_up / 1e6, time.perf_counter() - started)
         return reply
 
+    def _resident(self) -> ResidentModel:
+        if self.resident is None:
+            raise RuntimeError("the model is not prepared yet (GetModelInfo first)")
+        return self.resident
+
     def _visit_context(self) -> VisitContext:
         """What the task's handler may use and change: the resident model, the cache, the training settings."""
-        resident = self.resident
+        resident = self._resident()
         return VisitContext(model=resident.model, specs=resident.specs, loaded=resident.loaded, cache=self.cache,
                             lora=self.model_info.lora, upload_codec=self.upload_codec,
                             checkpoint_above=self.config.checkpoint_above,

@@ -31,8 +31,9 @@ __all__ = ["TrainedUpload", "VisitContext", "TaskHandler", "BlockTask", "FullTas
 ADAPTER_WORD_SIZE = 4
 
 
-class TaskRefused(RuntimeError):
-    """The coordinator sent a task this client cannot do (a kind it does not know): the visit is dropped."""
+class TaskRefused(ValueError):
+    """The coordinator sent a task this client cannot do (a kind it does not know): nothing is downloaded and the
+    daemon stops with this message (the coordinator reassigns the task once the client falls silent)."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def handler_for(task: pb.Task) -> TaskHandler:
     if handler is None:
         kind = pb.TaskKind.Name(task.kind) if task.kind in pb.TaskKind.values() else str(task.kind)
         raise TaskRefused(f"round {task.round}: task {task.task_id} has kind {kind}, which this client cannot train "
-                          f"(it knows {', '.join(pb.TaskKind.Name(k) for k in HANDLERS)}); dropping it")
+                          f"(it knows {', '.join(pb.TaskKind.Name(k) for k in HANDLERS)})")
     return handler
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -61,9 +62,9 @@ def download_model(stub: pb_grpc.CoordinatorStub, metadata: Metadata, task: pb.T
              total / 1e6, f", resuming after {resumed / 1e6:.1f} MB" if resumed else "")
     writer: BlobWriter | None = None
     assembler: BlobAssembler | None = None
-    bases: dict[str, object] = {}
+    bases: dict[str, mmap.mmap] = {}
 
-    def delta_source(sha: str):  # an older version of a block, which this cache holds
+    def delta_source(sha: str) -> mmap.mmap:  # an older version of a block, which this cache holds
         if sha not in bases:
             bases[sha] = cache.open_mmap(sha)
         return bases[sha]
@@ -73,7 +74,7 @@ def download_model(stub: pb_grpc.CoordinatorStub, metadata: Metadata, task: pb.T
             wire += message.ByteSize()
             chunk = message.chunk
             if assembler is None or assembler.complete:
-                if assembler is not None:
+                if assembler is not None and writer is not None:
                     _finish(assembler, writer)
                 if not pending or chunk.blob_sha256 != pending[0]:
                     raise CodecError(f"unexpected blob {chunk.blob_sha256[:12]} in the download")
@@ -84,7 +85,7 @@ def download_model(stub: pb_grpc.CoordinatorStub, metadata: Metadata, task: pb.T
                     writer = cache.resumable_writer(sha, sizes[sha])
                 assembler = BlobAssembler(sha, sizes[sha], writer, received=writer.size, delta_source=delta_source)
             assembler.add(chunk)
-        if assembler is not None:
+        if assembler is not None and writer is not None:
             _finish(assembler, writer)
     except CodecError:
         if writer is not None:
@@ -130,9 +131,9 @@ def upload_blobs(stub: pb_grpc.CoordinatorStub, metadata: Metadata, header: pb.U
         wire[0] += first.ByteSize()
         yield first
         for blob in blobs:
-            base = blob.delta_base
-            with cache.open_mmap(base) if base else contextlib.nullcontext() as older:
-                delta = (base, older) if base else None
+            with contextlib.ExitStack() as stack:
+                base = blob.delta_base
+                delta = (base, stack.enter_context(cache.open_mmap(base))) if base else None
                 for chunk in encode_chunks(blob.sha256, blob.data, chunk_bytes=chunk_bytes, codec=codec,
                                            word_size=blob.word_size, delta=delta):
                     message = pb.UploadMessage(chunk=chunk)

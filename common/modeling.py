@@ -11,6 +11,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from fedcybgd.common.blocks import BlockSpec, TensorSpec, load_block, st_dtype_to_torch
@@ -41,7 +42,7 @@ def model_from_config(config: PretrainedConfig, dtype: torch.dtype,
     return model
 
 
-def load_blob_file(model: PreTrainedModel, spec: BlockSpec, path: Path) -> None:
+def load_blob_file(model: nn.Module, spec: BlockSpec, path: Path) -> None:
     """Copy one block from a blob file (memory-mapped safetensors) into the model's parameters."""
     device = next(model.parameters()).device
     tensors = safetensors.torch.load_file(str(path), device=str(device))

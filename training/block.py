@@ -12,7 +12,13 @@ from fedcybgd.common.blocks import BlockSpec, block_params, block_tensors
 from fedcybgd.common.eval import causal_lm_loss, model_device
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import (
-    DecoderStack, LayerInputCapture, LayerCall, block_layers, checkpoint_layers, decoder_stack, forward_from_layer,
+    DecoderStack,
+    LayerCall,
+    LayerInputCapture,
+    block_layers,
+    checkpoint_layers,
+    decoder_stack,
+    forward_from_layer,
     layers_above,
 )
 from fedcybgd.training.loop import check_inputs, cpu_copies, fit, visit_rows
@@ -23,7 +29,7 @@ __all__ = ["train_block"]
 def train_block(
     model: nn.Module,
     spec: BlockSpec,
-    sequences: torch.LongTensor,
+    sequences: torch.Tensor,
     hyper: VisitHyper,
     *,
     on_step: OnStep | None = None,
@@ -92,9 +98,12 @@ class _BlockInputCache:
             with LayerInputCapture(self.stack, self.start) as capture:
                 loss = causal_lm_loss(self.model, ids)
             self.calls = capture.calls
+            captured = capture.hidden
+            if captured is None:
+                raise RuntimeError(f"the forward pass never reached decoder layer {self.start}")
             for i, r in enumerate(keys):
                 if r in self.last_use and r not in self.hidden:
-                    self.hidden[r] = capture.hidden[i].clone()
+                    self.hidden[r] = captured[i].clone()
         for r in keys:  # a row may occur twice in one batch (when an epoch ends inside it)
             if self.last_use.get(r) == step:
                 self.hidden.pop(r, None)

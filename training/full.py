@@ -17,7 +17,7 @@ __all__ = ["train_full"]
 
 def train_full(
     model: nn.Module,
-    sequences: torch.LongTensor,
+    sequences: torch.Tensor,
     hyper: VisitHyper,
     *,
     on_step: OnStep | None = None,

@@ -32,7 +32,10 @@ __all__ = ["DecoderStack", "decoder_stack", "LayerInputCapture", "forward_from_l
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder layers, as the block partition finds them."""
-    return model.get_submodule(find_decoder_layers(model)[0])
+    layers = model.get_submodule(find_decoder_layers(model)[0])
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: its decoder layers are not a ModuleList")
+    return layers
 
 
 def block_layers(model: nn.Module, spec: BlockSpec) -> range | None:

@@ -47,7 +47,7 @@ def visit_rows(sequences: torch.Tensor, hyper: VisitHyper) -> tuple[list[torch.T
 def fit(
     model: nn.Module,
     params: list[nn.Parameter],
-    sequences: torch.LongTensor,
+    sequences: torch.Tensor,
     hyper: VisitHyper,
     *,
     what: str,
@@ -96,10 +96,8 @@ def fit(
             # them requires grad: autograd records no graph and saves no activations for those layers. Only the
             # trained parameters and the layers above them (through which the gradient must flow back) are
             # recorded. Keep it that way: never set requires_grad on the inputs or on other parameters.
-            if step_loss is None:
-                loss = causal_lm_loss(model, sequences[rows].to(device))
-            else:
-                loss = step_loss(step, rows)
+            loss = (causal_lm_loss(model, sequences[rows].to(device)) if step_loss is None
+                    else step_loss(step, rows))
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{what}: training loss is {loss_value} at step {step}")
@@ -107,7 +105,7 @@ def fit(
             del loss
 
             if use_masters:
-                for p, m in zip(params, masters):
+                for p, m in zip(params, masters, strict=True):
                     m.grad = p.grad.to(torch.float32) if p.grad is not None else None
                     p.grad = None
             if hyper.max_grad_norm > 0:
@@ -116,7 +114,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             if use_masters:
                 with torch.no_grad():
-                    for p, m in zip(params, masters):
+                    for p, m in zip(params, masters, strict=True):
                         p.copy_(m)
             if on_step is not None:
                 on_step(step, loss_value)

@@ -43,7 +43,7 @@ class LoraConfig:
 
 def train_lora(
     model: nn.Module,
-    sequences: torch.LongTensor,
+    sequences: torch.Tensor,
     hyper: VisitHyper,
     *,
     rank: int = 8,
@@ -90,6 +90,8 @@ def merge_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], lora: Lora
             a, b = adapter[f"{module_name}.lora_A.weight"].float(), adapter[f"{module_name}.lora_B.weight"].float()
             delta = scale * (b @ a)  # [out, in]
             weight = module.weight
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"{module_name}: no weight tensor to merge the adapter into")
             if tuple(weight.shape) != tuple(delta.shape):  # GPT-2's Conv1D keeps weights as [in, out]
                 delta = delta.T
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
@@ -121,7 +123,9 @@ def _lora_attached(model: nn.Module, rank: int, alpha: float, target_modules: st
     conv1d = False
     if target_modules is None:
         target_modules, conv1d = _default_lora_targets(model)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+    # peft annotates lora_alpha as int; it is used as a float scale (alpha / rank), as here.
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules)  # type: ignore[arg-type]
+                             if not isinstance(target_modules, str) else target_modules, lora_dropout=0.0,
                              bias="none", fan_in_fan_out=conv1d)
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers 5 a deprecated question
