@@ -8,6 +8,7 @@ from fedcybgd.common.context import DEFAULT_GROUP_SIZE
 from fedcybgd.common.context import METHODS as CONTEXT_METHODS
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.strategies import STRATEGIES
+from fedcybgd.training.hyper import VisitHyper
 from fedcybgd.training.lora import LoraConfig
 
 
@@ -20,6 +21,12 @@ class TrainingConfig:
     seq_len: int = 256
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+
+    def visit_hyper(self, lr: float, seed: int) -> VisitHyper:
+        """A visit's hyper-parameters: these settings with the scheduled learning rate and the visit's seed.
+        The one mapping from settings to a visit: tasks on the wire and the references both use it."""
+        return VisitHyper(lr=lr, steps=self.local_steps, batch_size=self.batch_size, seq_len=self.seq_len, seed=seed,
+                          weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
 
 
 @dataclass(frozen=True)

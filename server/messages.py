@@ -50,9 +50,9 @@ def upload_claim(header: pb.UploadHeader) -> UploadClaim:
 # -- replies -----------------------------------------------------------------------------------
 def task(row: TaskRow, strategy: Strategy, training: TrainingConfig) -> pb.Task:
     """A task with its hyper-parameters: the scheduled learning rate and seed, the run's rest."""
-    hyper = pb.Hyper(lr=strategy.schedule.lr_of(row.round), local_steps=training.local_steps,
-                     batch_size=training.batch_size, seq_len=training.seq_len, seed=strategy.seed_of(row),
-                     weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm)
+    visit = training.visit_hyper(strategy.schedule.lr_of(row.round), strategy.seed_of(row))
+    hyper = pb.Hyper(lr=visit.lr, local_steps=visit.steps, batch_size=visit.batch_size, seq_len=visit.seq_len,
+                     seed=visit.seed, weight_decay=visit.weight_decay, max_grad_norm=visit.max_grad_norm)
     return pb.Task(task_id=row.id, cycle=strategy.schedule.cycle_of(row.round), round=row.round,
                    block_index=max(row.block_index, 0), block_name=strategy.scope_name(row.block_index),
                    base_version=row.base_version, hyper=hyper, kind=strategy.task_kind)

@@ -21,6 +21,7 @@ schedule (``schedule.total_rounds`` visits of ``training.local_steps`` steps of
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -39,9 +40,7 @@ OnVisit = Callable[[int, BlockSpec, VisitResult], None]
 
 def visit_hyper(schedule: CycleSchedule, training: TrainingConfig, round_: int) -> VisitHyper:
     """The hyper-parameters of visit ``round_`` (what the coordinator sends with the task)."""
-    return VisitHyper(lr=schedule.lr_of(round_), steps=training.local_steps, batch_size=training.batch_size,
-                      seq_len=training.seq_len, seed=schedule.seed_of(round_), weight_decay=training.weight_decay,
-                      max_grad_norm=training.max_grad_norm)
+    return training.visit_hyper(schedule.lr_of(round_), schedule.seed_of(round_))
 
 
 def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config: ScheduleConfig,
@@ -94,8 +93,7 @@ def run_centralized_full(model: nn.Module, sequences: torch.Tensor, training: Tr
     all weights (``train_full``'s ``tensors``), peak memory, seconds, samples and tokens.
     """
     steps = schedule.total_rounds * training.local_steps if total_steps is None else total_steps
-    hyper = VisitHyper(lr=schedule.lr_of(0), steps=steps, batch_size=training.batch_size, seq_len=training.seq_len,
-                       seed=schedule.config.seed, weight_decay=training.weight_decay,
-                       max_grad_norm=training.max_grad_norm, eval_batches=eval_batches)
+    hyper = replace(training.visit_hyper(schedule.lr_of(0), schedule.config.seed), steps=steps,
+                    eval_batches=eval_batches)
     return train_full(model, sequences, hyper, on_step=on_step,
                       lr_at=lambda step: lr_of_step(schedule, training.local_steps, step))
