@@ -15,11 +15,11 @@ import torch
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.server.config import ContextConfig, CoordinatorConfig, TrainingConfig
 from fedcybgd.server.coordinator import Coordinator
-from fedcybgd.server.downloads import DownloadRequest
+from fedcybgd.server.downloads import DownloadPlan, DownloadRequest
 from fedcybgd.server.enrolment import Enrolment
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.records import ALL_BLOCKS, VisitStats
-from fedcybgd.server.scheduler import ScheduleConfig
+from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 from fedcybgd.server.state import ClientRow, ContributionRow, TaskRow
 from fedcybgd.server.strategies.fedavg import FedAvgFull
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -68,7 +68,9 @@ def test_sequential_cycle_issues_one_visit_at_a_time(make_coordinator: MakeCoord
     coordinator = make_coordinator()
     a, b = _client(coordinator, "a"), _client(coordinator, "b")
     first = coordinator.tasks.get_task(a, 0)
-    assert first.task is not None and first.task.round == 0 and first.task.block_index == coordinator.schedule.block_of(0)
+    schedule = coordinator.strategy.schedule
+    assert isinstance(schedule, CycleSchedule)
+    assert first.task is not None and first.task.round == 0 and first.task.block_index == schedule.block_of(0)
     assert coordinator.tasks.get_task(a, 0).task == first.task  # a retried GetTask gets the same task back
     waiting = coordinator.tasks.get_task(b, 0)
     assert waiting.task is None and waiting.final_version is None and waiting.wait_reason
@@ -96,17 +98,17 @@ def test_a_transfer_names_only_the_callers_open_task(make_coordinator: MakeCoord
 
 def test_download_plan_sends_only_what_the_client_lacks(make_coordinator: MakeCoordinator):
     coordinator = make_coordinator()
-    offer = coordinator.tasks.get_task(_client(coordinator, "a"), 0)
-    assert offer.task is not None
+    task = coordinator.tasks.get_task(_client(coordinator, "a"), 0).task
+    assert task is not None
     manifest = coordinator.state.manifest(0)
 
-    def plan(have: tuple[str, ...]):
-        return coordinator.downloads.plan(offer.task, DownloadRequest(
-            task_id=offer.task.id, have=have, resume=(), codecs=(pb.CODEC_BYTEGROUP,), context_codecs=frozenset()))
+    def plan(have: tuple[str, ...]) -> DownloadPlan:
+        return coordinator.downloads.plan(task, DownloadRequest(
+            task_id=task.id, have=have, resume=(), codecs=(pb.CODEC_BYTEGROUP,), context_codecs=frozenset()))
 
     everything = plan(())
     assert [b.sha256 for b in everything.blobs] == list(dict.fromkeys(manifest))
-    trained = manifest[offer.task.block_index]
+    trained = manifest[task.block_index]
     assert [b.kind for b in everything.blobs if b.sha256 == trained] == ["block"]
     assert {b.kind for b in everything.blobs if b.sha256 != trained} == {"context"}
     assert plan(tuple(manifest)).blobs == []
@@ -146,6 +148,7 @@ def test_a_fedavg_round_is_averaged_outside_the_scheduling_lock(make_coordinator
                                                                  monkeypatch: pytest.MonkeyPatch):
     coordinator = make_coordinator(strategy="fedavg-full", clients_per_round=2)
     strategy = coordinator.strategy
+    assert isinstance(strategy, FedAvgFull)
     seen: list[bool] = []
     average = FedAvgFull.average
 
