@@ -8,7 +8,7 @@ from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.context_plan import Approximation
 from fedcybgd.server.downloads import DownloadRequest
 from fedcybgd.server.enrolment import Enrolment
-from fedcybgd.server.records import ALL_BLOCKS, ClaimedBlob, UploadClaim
+from fedcybgd.server.records import ClaimedBlob, UploadClaim
 from fedcybgd.server.run import RunInfo
 from fedcybgd.server.state import TaskRow
 from fedcybgd.server.strategies import Strategy
@@ -93,6 +93,3 @@ def model_info(config: CoordinatorConfig, run: RunInfo, config_json: str,
         layers_per_block=config.layers_per_block, strategy=config.strategy,
         lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules)))
 
-
-def whole_model(block_index: int) -> bool:
-    return block_index == ALL_BLOCKS
