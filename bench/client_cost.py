@@ -19,9 +19,9 @@ the visit (the loaded weights included); for a cycle, the largest over its visit
 wall time between consecutive optimizer steps, step 0 left out (warm-up); mean (and median) over the
 visit's steps, averaged over the blocks of a cycle; also the process's CPU time per step, which
 other processes on a shared machine disturb much less than wall time (``load`` is the 1-minute load
-average when the configuration ended: above the thread count, wall times are not to be trusted). The model directory defaults to the demo's
-SmolLM2-135M-Instruct in bf16 (prepared on first use, which needs the demo's extras); ``--model
-tiny`` takes the tiny random Llama of the tests, in bf16.
+average when the configuration ended: above the thread count, wall times are not to be trusted).
+The model directory defaults to the demo's SmolLM2-135M-Instruct in bf16 (prepared on first use,
+which needs the demo's extras); ``--model tiny`` takes the tiny random Llama of the tests, in bf16.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +50,8 @@ def _load(model_arg: str, device: str):
     from fedcybgd.common.tiny import make_byte_tokenizer, make_tiny_model
 
     if model_arg == "tiny":
-        return make_tiny_model("llama", dtype=torch.bfloat16).to(device), make_byte_tokenizer()
+        # transformers decorates PreTrainedModel.to with functools.wraps, whose stub does not bind self.
+        return make_tiny_model("llama", dtype=torch.bfloat16).to(device), make_byte_tokenizer()  # type: ignore[arg-type]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_arg)
@@ -56,11 +59,11 @@ def _load(model_arg: str, device: str):
         from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
 
         prepare_model(packaged_smollm2(), path, "bfloat16")
-    model = AutoModelForCausalLM.from_pretrained(str(path)).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path)).to(device)  # type: ignore[arg-type]  # (as above)
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
-def _data(tokenizer, rows: int, seq_len: int) -> torch.LongTensor:
+def _data(tokenizer, rows: int, seq_len: int) -> torch.Tensor:
     from fedcybgd.common.data import Document, pack_sequences, tokenize_documents
     from fedcybgd.common.tiny import TINY_TEXT
 
@@ -72,8 +75,8 @@ def _data(tokenizer, rows: int, seq_len: int) -> torch.LongTensor:
 
 def worker(args: argparse.Namespace) -> dict:
     """Run one configuration in this process and return its figures."""
-    from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
     from fedcybgd.common.blocks import partition_model
+    from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
 
     torch.set_num_threads(args.threads)
     model, tokenizer = _load(args.model, args.device)
@@ -83,6 +86,7 @@ def worker(args: argparse.Namespace) -> dict:
                        eval_batches=0)
     name = args.worker
     base, _, option = name.partition("+")
+    visits: list[tuple[str, Callable[..., Any]]]  # (block, run(on_step) -> TrainResult)
     if base == "fedavg-full":
         visits = [("model", lambda on_step: train_full(model, sequences, hyper, on_step=on_step))]
     elif base == "fedavg-lora":
@@ -93,12 +97,12 @@ def worker(args: argparse.Namespace) -> dict:
         visits = [(spec.name, lambda on_step, spec=spec: train_block(model, spec, sequences, hyper,
                                                                        on_step=on_step, **options))
                   for spec in specs]
-    out = []
+    out: list[dict[str, Any]] = []
     for block, run in visits:
         stamps: list[tuple[float, float]] = []
-        result = run(lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
-        wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
-        cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+        result = run(lambda step, loss, stamps=stamps: stamps.append((time.perf_counter(), time.process_time())))
+        wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)]  # consecutive pairs
+        cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
         out.append({"block": block, "peak_bytes": result.peak_memory_bytes, "step_mean_s": statistics.mean(wall),
                     "step_median_s": statistics.median(wall), "step_cpu_s": statistics.mean(cpu)})
     layer_visits = [v for v in out if v["block"].startswith("layers.")]

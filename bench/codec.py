@@ -24,7 +24,9 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -68,7 +70,7 @@ class _Sink:
 def _chunk_path(word: int, workers: int):
     """encode_chunks / BlobAssembler with `workers`; encoded = the list of chunks."""
 
-    parallel = {"workers": workers} if workers > 1 else {}
+    parallel: dict[str, Any] = {"workers": workers} if workers > 1 else {}
 
     def encode(raw: bytes) -> list[pb.Chunk]:  # the blob's name is known to a sender: not timed
         return list(encode_chunks(BLOB_NAME, raw, codec=pb.CODEC_BYTEGROUP, word_size=word, **parallel))
@@ -84,10 +86,10 @@ def _chunk_path(word: int, workers: int):
     return encode, decode
 
 
-def codecs(word: int, dtype_name: str, threads: int) -> list[tuple[str, int, object, object]]:
+def codecs(word: int, dtype_name: str, threads: int) -> list[tuple[str, int, Callable[..., Any], Callable[..., Any]]]:
     """(name, threads, encode(raw) -> encoded, decode(encoded, n) -> bytes-like); an encode that
     needs a private copy of its input says so with a `copies_input` attribute."""
-    table = [
+    table: list[tuple[str, int, Callable[..., Any], Callable[..., Any]]] = [
         ("fedcybgd bytegroup", 1, lambda raw: bytegroup.encode(raw, word),
          getattr(bytegroup, "decode_into", bytegroup.decode)),  # (decode: before decode_into existed)
         ("fedcybgd chunks", 1, *_chunk_path(word, 1)),
@@ -108,15 +110,22 @@ def codecs(word: int, dtype_name: str, threads: int) -> list[tuple[str, int, obj
         return table
     for count in sorted({1, threads}):
         zpn = ZipNN(input_format="byte", bytearray_dtype=dtype_name, threads=count)
-
-        def compress(raw, z=zpn):
-            return z.compress(raw)
-
         # zipnn 0.5.4 reorders the bytes of its input in place: it is given a private copy, made
         # before the clock starts. Its decompress returns a new bytearray, timed as it is.
-        compress.copies_input = True
-        table.append(("zipnn", count, compress, lambda enc, n, z=zpn: z.decompress(enc)))
+        table.append(("zipnn", count, _CopyingEncode(zpn.compress), lambda enc, n, z=zpn: z.decompress(enc)))
     return table
+
+
+class _CopyingEncode:
+    """An encode that needs a private copy of its input (``copies_input``)."""
+
+    copies_input = True
+
+    def __init__(self, compress: Callable[[Any], Any]) -> None:
+        self.compress = compress
+
+    def __call__(self, raw):
+        return self.compress(raw)
 
 
 def _size(encoded) -> int:
@@ -133,7 +142,8 @@ def run(model_dir: Path, repeat: int, threads: int) -> list[dict]:
         raw = b"".join(t.to(dtype).contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
         size = len(raw)
         for codec, count, encode, decode in codecs(word, name, threads):
-            prepare = (lambda raw=raw: bytearray(raw)) if getattr(encode, "copies_input", False) else (lambda raw=raw: raw)
+            copies = getattr(encode, "copies_input", False)
+            prepare = (lambda raw=raw: bytearray(raw)) if copies else (lambda raw=raw: raw)
             t_enc, cpu_enc, caller_enc, encoded = _best(encode, repeat, prepare=prepare)
             check = decode(encoded, len(raw), keep=True) if codec == "fedcybgd chunks" else decode(encoded, len(raw))
             assert bytes(check) == raw, f"{codec} is not lossless on {name}"

@@ -68,8 +68,8 @@ def figures(label: str, s: dict, blocks_per_cycle: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = rows[0]["eval_loss_after"]
-    lines = ["| download option | MB per cycle | share of FedAvg-full | mean MB per visit | largest visit / FedAvg-full visit "
-             "| held-out loss after | vs lossless |",
+    lines = ["| download option | MB per cycle | share of FedAvg-full | mean MB per visit "
+             "| largest visit / FedAvg-full visit | held-out loss after | vs lossless |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['option']} | {r['bytes_per_cycle'] / 1e6:.1f} | {r['share_of_fedavg']:.1%} | "

@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -142,7 +143,7 @@ class Phase:
     def __init__(self, name: str, pid: int, sampler: MemSampler) -> None:
         self.name, self.pid, self.sampler = name, pid, sampler
 
-    def __enter__(self) -> "Phase":
+    def __enter__(self) -> Phase:
         self.sampler.sample_now()
         self.t0, self.cpu0, self.own0 = time.monotonic(), procfs.cpu_seconds(self.pid), time.process_time()
         self.busy0 = procfs.machine_busy_seconds()
@@ -153,7 +154,7 @@ class Phase:
         self.sampler.sample_now()
         self.t1 = time.monotonic()
         coordinator, bench = procfs.cpu_seconds(self.pid) - self.cpu0, time.process_time() - self.own0
-        self.result = {
+        self.result: dict[str, Any] = {
             "t0": self.t0, "t1": self.t1, "seconds": self.t1 - self.t0,
             "coordinator_cpu_s": coordinator, "bench_cpu_s": bench,
             # busy CPU-seconds of everything else on the machine: other jobs disturbing the figures
@@ -299,7 +300,8 @@ async def download_run(address: str, owners: list[tuple[tuple, str]], streams: i
         "streams": streams, "ok": len(ok), "wall_s": wall, "raw_bytes": raw,
         "wire_bytes": sum(r["wire_bytes"] for r in ok),
         "aggregate_raw_MB_per_s": raw / MB / wall,
-        "per_stream_raw_MB_per_s": {"min": rates[0], "median": rates[len(rates) // 2], "max": rates[-1]} if rates else {},
+        "per_stream_raw_MB_per_s": ({"min": rates[0], "median": rates[len(rates) // 2], "max": rates[-1]}
+                                    if rates else {}),
         "full_downloads": sum(r["downloads"] for r in ok),
         "one_download_s": {"min": min(r["one_download_s"]["min"] for r in ok),
                            "max": max(r["one_download_s"]["max"] for r in ok)} if ok else {},
@@ -321,7 +323,7 @@ async def run_load(args: argparse.Namespace, address: str, pid: int, sampler: Me
         oks = await asyncio.gather(*(c.register(f"load-{c.index:04d}", reg_lat, errors) for c in clients))
     phases["register"] = {**ph.result, "latency": percentiles(reg_lat), "calls": len(reg_lat),
                           "calls_per_s": len(reg_lat) / ph.result["seconds"]}
-    live = [c for c, ok in zip(clients, oks) if ok]
+    live = [c for c, ok in zip(clients, oks, strict=True) if ok]
     with Phase("heartbeat_paced", pid, sampler) as ph:
         hb = await heartbeat_run(live, args.seconds, args.heartbeat_interval, errors, seed=1)
     phases["heartbeat_paced"] = {**ph.result, **hb}
@@ -392,7 +394,8 @@ def summarise(report: dict) -> None:
     report["summary"] = summary
 
     print()
-    print(f"model: {report['num_blocks']} blocks, {model / MB:.1f} MB fp32; coordinator pid {report['coordinator_pid']}; "
+    print(f"model: {report['num_blocks']} blocks, {model / MB:.1f} MB fp32; "
+          f"coordinator pid {report['coordinator_pid']}; "
           f"load avg before/after: {report['loadavg_before']} / {report['loadavg_after']}")
     print(f"{args_line(report)}")
     if report.get("note"):
@@ -409,7 +412,8 @@ def summarise(report: dict) -> None:
                       "coordinator_cpu_s": ph["download_with_heartbeats"]["coordinator_cpu_s"]}))
     for name, r in rows:
         lat = r["latency"]
-        print(f"{name:<28}{r['calls']:>8}{r['calls_per_s']:>9.0f}{lat.get('p50_ms', 0):>9.1f}{lat.get('p95_ms', 0):>9.1f}"
+        print(f"{name:<28}{r['calls']:>8}{r['calls_per_s']:>9.0f}"
+              f"{lat.get('p50_ms', 0):>9.1f}{lat.get('p95_ms', 0):>9.1f}"
               f"{lat.get('p99_ms', 0):>9.1f}{lat.get('max_ms', 0):>9.1f}{r['coordinator_cpu_s']:>12.1f}")
     print()
     print(f"{'downloads (full model, repeated)':<34}{'models':>7}{'wall s':>8}{'agg MB/s':>9}"
@@ -422,7 +426,8 @@ def summarise(report: dict) -> None:
               f"{one['min']:>6.2f}-{one['max']:.2f}")
     print()
     print(f"coordinator memory (MB)     {'VmRSS':>10}{'RssAnon':>10}{'RssFile':>10}")
-    print(f"{'baseline (idle)':<28}{base['VmRSS'] / MB:>10.1f}{base['RssAnon'] / MB:>10.1f}{base['RssFile'] / MB:>10.1f}")
+    print(f"{'baseline (idle)':<28}{base['VmRSS'] / MB:>10.1f}{base['RssAnon'] / MB:>10.1f}"
+          f"{base['RssFile'] / MB:>10.1f}")
     for name in ("register", "heartbeat_paced", "heartbeat_saturated", *[f"download_{k}" for k in levels],
                  "download_with_heartbeats"):
         if name in ph and ph[name]["memory"].get("samples"):
@@ -449,8 +454,8 @@ def summarise(report: dict) -> None:
 
 def args_line(report: dict) -> str:
     a = report["args"]
-    return (f"{a['clients']} clients, heartbeat paced {a['heartbeat_interval']} s for {a['seconds']} s then closed loop "
-            f"for {a['saturate_seconds']} s; downloads with codec {a['codec']}; tasks in flight: "
+    return (f"{a['clients']} clients, heartbeat paced {a['heartbeat_interval']} s for {a['seconds']} s "
+            f"then closed loop for {a['saturate_seconds']} s; downloads with codec {a['codec']}; tasks in flight: "
             f"{report.get('tasks_in_flight')}")
 
 
@@ -490,7 +495,8 @@ def main() -> int:
                "--state-dir", str(tmp / "state"), "--address", address,
                "--max-concurrent-visits", str(max(1, args.downloads)), "--task-timeout", "600"]
         report["coordinator_cmd"] = " ".join(cmd)
-        log_file = open(tmp / "coordinator.log", "wb")
+        # The coordinator writes to it for as long as it runs: not closed before the process ends.
+        log_file = open(tmp / "coordinator.log", "wb")  # noqa: SIM115
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         report["coordinator_pid"] = proc.pid
@@ -549,13 +555,15 @@ def main() -> int:
 def wait_serving(address: str, proc: subprocess.Popen, tmp: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        # Any: types-grpcio-health-checking, where installed, declares no methods on HealthStub.
+        stub: Any = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"coordinator exited with {proc.returncode}:\n"
                                    + (tmp / "coordinator.log").read_text(errors="replace")[-3000:])
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass

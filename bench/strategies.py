@@ -145,8 +145,10 @@ def plot(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for key, xlabel, name, log in [("bytes", "bytes on the wire (MB, log scale; centralized: none)", "loss_vs_bytes.png", True),
-                                   ("client_compute_seconds", "client compute (s, one thread)", "loss_vs_compute.png", False)]:
+    for key, xlabel, name, log in [
+        ("bytes", "bytes on the wire (MB, log scale; centralized: none)", "loss_vs_bytes.png", True),
+        ("client_compute_seconds", "client compute (s, one thread)", "loss_vs_compute.png", False),
+    ]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in rows:
             x = max(r[key], 1e5) / 1e6 if key == "bytes" else r[key]

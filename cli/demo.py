@@ -127,9 +127,7 @@ def _wait_until(what: str, operator: _Operator, proc: subprocess.Popen, log_path
 
 
 def _serving(channel: grpc.Channel) -> bool:
-    # types-grpcio's grpc_health stubs declare no methods on HealthStub.
-    reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
-        health_pb2.HealthCheckRequest(), timeout=2)
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 

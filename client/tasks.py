@@ -136,7 +136,8 @@ class LoraTask(TaskHandler):
                                                      blob_size=len(blob.data)), result)
 
 
-HANDLERS: dict[int, TaskHandler] = {pb.TASK_BLOCK: BlockTask(), pb.TASK_FULL: FullTask(), pb.TASK_LORA: LoraTask()}
+HANDLERS: dict[pb.TaskKind, TaskHandler] = {
+    pb.TASK_BLOCK: BlockTask(), pb.TASK_FULL: FullTask(), pb.TASK_LORA: LoraTask()}
 
 
 def handler_for(task: pb.Task) -> TaskHandler:

@@ -7,6 +7,7 @@ leaves a coordinator listening or a client daemon running behind it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -228,7 +229,8 @@ def start_client(address: str, data: Path, cache_dir: Path, name: str, *extra: s
     """`fedcybgd client` as a process on one thread and CPU; its log is `<cache_dir>/../<name>.log`.
     Prefer the `clients` fixture, which also kills it at teardown."""
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = open(cache_dir.parent / f"{name}.log", "a")
+    # The client writes to it for as long as it runs: handed to the process, not closed here.
+    log = open(cache_dir.parent / f"{name}.log", "a")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "fedcybgd.cli.main", "client", "--coordinator", address, "--data", str(data),
          "--cache-dir", str(cache_dir), "--name", name, "--threads", "1", "--device", "cpu", "--insecure", *extra],
@@ -239,10 +241,8 @@ def kill_processes(procs: Iterable[subprocess.Popen | None]) -> None:
     """SIGKILL every process still alive and reap it; a stopped one (SIGSTOP) is continued first."""
     for proc in procs:
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
             proc.kill()
             proc.wait(timeout=30)
 
@@ -312,29 +312,34 @@ class CoordinatorProcess:
         self.address = f"127.0.0.1:{free_port()}"
         self.command = [sys.executable, "-m", "fedcybgd.cli.main", "coordinator", "--address", self.address,
                         "--insecure", *args]
-        self.log = open(log_dir / "coordinator.log", "a")
+        # Open across restarts, for every process started; closed at cleanup.
+        self.log = open(log_dir / "coordinator.log", "a")  # noqa: SIM115
         self.proc: subprocess.Popen | None = None
         self.probe = Probe(self.address)
         self._channels: list[grpc.Channel] = []
 
     def start(self, timeout: float = 60) -> None:
         """Start the process and wait until it answers GetStatus."""
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=PROCESS_ENV)
-        wait_for(lambda: self.probe.status() is not None or self.proc.poll() is not None, timeout,
+        proc = self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
+                                            env=PROCESS_ENV)
+        wait_for(lambda: self.probe.status() is not None or proc.poll() is not None, timeout,
                  "the coordinator to serve", interval=0.05)
-        assert self.proc.poll() is None, "the coordinator exited at start (see coordinator.log)"
+        assert proc.poll() is None, "the coordinator exited at start (see coordinator.log)"
 
     def status(self) -> pb.GetStatusResponse | None:
         return self.probe.status()
 
     def sigkill(self) -> None:
+        assert self.proc is not None, "the coordinator was never started"
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
     def sigterm(self) -> None:
+        assert self.proc is not None, "the coordinator was never started"
         self.proc.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float) -> int:
+        assert self.proc is not None, "the coordinator was never started"
         return self.proc.wait(timeout=timeout)
 
     def channel(self) -> grpc.Channel:
@@ -401,7 +406,8 @@ def assert_same_weights(model: PreTrainedModel, manifest: Sequence[str], blob_pa
         stored = safetensors.torch.load_file(str(blob_path(sha)))
         for name, tensor in block_tensors(model, spec).items():
             if tolerance is not None:
-                torch.testing.assert_close(stored[name], tensor, **tolerance, msg=f"{spec.name}/{name}")
+                torch.testing.assert_close(stored[name], tensor, rtol=tolerance["rtol"], atol=tolerance["atol"],
+                                           msg=f"{spec.name}/{name}")
             elif not torch.equal(stored[name], tensor):
                 raise error(f"{spec.name}/{name} differs from the single-process reference")
 

@@ -140,7 +140,7 @@ def test_commit_validate_that_passes_publishes(store):
 
 
 def test_validate_is_not_called_when_the_hash_is_wrong(store):
-    called = []
+    called: list[object] = []
     with store.writer(_sha(B), len(A)) as w:
         w.write(A)
         with pytest.raises(CodecError):
@@ -152,10 +152,9 @@ def test_abandoned_writer_leaves_no_temp_file(store):
     with store.writer(_sha(A), len(A)) as w:
         w.write(A[:10])
     assert _tmp_files(store) == [] and not store.has(_sha(A))
-    with pytest.raises(RuntimeError):
-        with store.writer(_sha(A), len(A)) as w:
-            w.write(A)
-            raise RuntimeError("connection lost")
+    with pytest.raises(RuntimeError), store.writer(_sha(A), len(A)) as w:
+        w.write(A)
+        raise RuntimeError("connection lost")
     assert _tmp_files(store) == [] and not store.has(_sha(A))
 
 

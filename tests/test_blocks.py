@@ -40,7 +40,7 @@ LAYER_PREFIX = {
 N_LAYERS = 4
 
 
-def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
+def _param_name(model: nn.Module, tensor: torch.Tensor | nn.Module) -> str:
     for name, p in model.named_parameters():
         if p is tensor:
             return name
@@ -244,7 +244,7 @@ def test_block_round_trip_between_models(arch, lpb):
             else:
                 assert torch.equal(p, before[name]), f"{name} changed when loading {spec.name}"
     # after loading every block the two models are identical
-    for (n1, p1), (n2, p2) in zip(src.named_parameters(), dst.named_parameters()):
+    for (n1, p1), (n2, p2) in zip(src.named_parameters(), dst.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
@@ -453,6 +453,7 @@ def test_chat_template():
         "<|im_start|>assistant\nShakespeare.<|im_end|>\n"
     )
     prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
+    assert isinstance(prompt, str)
     assert prompt.endswith("<|im_start|>assistant\n")
     ids = _ids(tok.apply_chat_template(msgs, tokenize=True))
     assert ids == tok(text)["input_ids"]

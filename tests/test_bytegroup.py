@@ -191,7 +191,7 @@ def test_encoded_bytes_are_those_of_the_first_release():
     chunks: the SHA-256 below was taken with the first implementation (numpy temporaries, one
     zstd context per call). Changing it changes the wire format."""
     digest = hashlib.sha256()
-    methods = set()
+    methods: set[int] = set()
     for word, raw in _format_cases():
         frame = bytegroup.encode(raw, word)
         assert bytegroup.decode(frame, len(raw)) == raw
@@ -229,5 +229,6 @@ def test_codec_threads_give_the_same_frames():
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):
             assert list(pool.map(lambda case: bytegroup.encode(case[1], case[0]), cases)) == expected
-            decoded = pool.map(lambda pair: bytegroup.decode(pair[0], len(pair[1][1])), zip(expected, cases))
+            decoded = pool.map(lambda pair: bytegroup.decode(pair[0], len(pair[1][1])),
+                               zip(expected, cases, strict=True))
             assert list(decoded) == [raw for _, raw in cases]

@@ -77,7 +77,8 @@ def test_coordinator_without_model_on_a_fresh_state_dir_fails_clearly(tmp_path):
 @pytest.mark.multiprocess
 def test_coordinator_with_a_missing_model_directory_fails_clearly(tmp_path):
     missing = tmp_path / "no-such-model"
-    proc = cli("coordinator", "--insecure", "--model", str(missing), "--state-dir", str(tmp_path / "state"), "--address", "127.0.0.1:0")
+    proc = cli("coordinator", "--insecure", "--model", str(missing), "--state-dir", str(tmp_path / "state"),
+               "--address", "127.0.0.1:0")
     assert_clean_failure(proc, str(missing))
 
 
@@ -132,7 +133,8 @@ def test_restart_on_a_state_dir_with_other_layers_per_block_is_refused(tiny_mode
     state_dir = tmp_path / "state"
     # Initialise the run exactly as `coordinator --model M --state-dir S` (all other settings
     # default) would, then check that the same settings are accepted again.
-    config = load_config(CoordinatorConfig, None, {"model": str(tiny_model_dir), "state_dir": str(state_dir), "insecure": True})
+    config = load_config(CoordinatorConfig, None,
+                         {"model": str(tiny_model_dir), "state_dir": str(state_dir), "insecure": True})
     Coordinator(config).close()
     Coordinator(config).close()
 

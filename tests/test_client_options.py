@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ClientProcesses, Coordinators, address_of, assert_matches_reference, wait_clients, wait_for, \
-    write_data
+from conftest import (
+    ClientProcesses,
+    Coordinators,
+    address_of,
+    assert_matches_reference,
+    wait_clients,
+    wait_for,
+    write_data,
+)
 from fedcybgd.common.data import load_packed
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -35,7 +42,9 @@ def test_checkpointing_and_input_caching_clients_match_the_reference(tiny_model_
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     data_of = {f"site-{i}": load_packed(small, tokenizer, TRAINING.seq_len) for i in range(2)}
     assert all(TRAINING.batch_size * TRAINING.local_steps > len(d) for d in data_of.values()), "rows must recur"
-    _, manifest = coordinator.state.latest_version()
+    latest = coordinator.state.latest_version()
+    assert latest is not None
+    _, manifest = latest
     assert all(sha != base for sha, base in zip(manifest, coordinator.state.manifest(0), strict=True))
     file_of = {name: small for name in data_of}
     assert_matches_reference(tiny_model_dir, SCHEDULE, TRAINING, [file_of[v.client_name] for v in visits], manifest,

@@ -2,7 +2,10 @@
 upload's delta decision, the proto -> VisitHyper mapping, and the partition check against ModelInfo.num_blocks."""
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
+import torch
 
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.daemon import ClientDaemon
@@ -11,6 +14,7 @@ from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.modeling import TOKENIZER_FILES
 from fedcybgd.training import VisitHyper
 from fedcybgd.v1 import coordinator_pb2 as pb
+from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
 
 def test_every_task_kind_has_a_handler_and_no_other():
@@ -50,7 +54,9 @@ def test_visit_hyper_from_proto():
 def test_outgoing_blob_is_cached_and_a_delta_only_where_it_can_be(tmp_path, codec, base_bytes, delta):
     cache = BlobStore(tmp_path / "blobs")
     started = cache.put(base_bytes)
-    ctx = VisitContext(model=None, specs=[], loaded={}, cache=cache, lora=pb.LoraSpec(), upload_codec=codec)
+    # (outgoing() does not touch the model: an empty module stands in for it)
+    ctx = VisitContext(model=torch.nn.Module(), specs=[], loaded={}, cache=cache, lora=pb.LoraSpec(),
+                       upload_codec=codec)
     blob = ctx.outgoing(b"b" * 8, 2, started)
     assert cache.has(blob.sha256) and blob.data == b"b" * 8 and blob.word_size == 2
     assert blob.delta_base == (started if delta else None)
@@ -72,11 +78,11 @@ def test_a_partition_other_than_the_coordinators_is_refused(tmp_path, tiny_model
         info = pb.ModelInfo(model_id="m" * 64, config_json=(tiny_model_dir / "config.json").read_text(),
                             tokenizer_files=files, tokenizer_codec=pb.CODEC_NONE, dtype="float32",
                             layers_per_block=1, num_blocks=99)
-        daemon.stub = _InfoStub(info)
+        daemon.stub = cast(pb_grpc.CoordinatorStub, _InfoStub(info))  # a test double: GetModelInfo only
         with pytest.raises(ValueError, match="into 99 blocks of 1 decoder layers, this client into"):
             daemon._prepare_model()
         info.num_blocks = 5  # the tiny llama: 4 decoder layers + embed_head
         daemon._prepare_model()
-        assert len(daemon.resident.specs) == 5
+        assert daemon.resident is not None and len(daemon.resident.specs) == 5
     finally:
         daemon.channel.close()

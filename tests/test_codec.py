@@ -33,7 +33,7 @@ class Sink:
     def __init__(self) -> None:
         self.buf = bytearray()
 
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | memoryview, /) -> int:
         self.buf += data
         return len(data)
 
@@ -50,7 +50,7 @@ def _chunks(data: bytes, **kw) -> list[pb.Chunk]:
     return list(encode_chunks(sha256_hex(data), data, **kw))
 
 
-def _chunk(data: bytes, *, raw: bytes | None = None, raw_size: int | None = None, codec: int = pb.CODEC_NONE,
+def _chunk(data: bytes, *, raw: bytes | None = None, raw_size: int | None = None, codec: pb.Codec = pb.CODEC_NONE,
            offset: int = 0, sha: str = "0" * 64) -> pb.Chunk:
     """A hand-made chunk: `data` is the payload, `raw` the bytes it claims to decode to."""
     raw = data if raw is None else raw
@@ -248,10 +248,8 @@ def _rle_frame(total: int, *, declared: int | None = None, byte: int = 0) -> byt
     advance). Otherwise an 8-byte frame content size field claiming `declared` bytes.
     """
     block = 128 * 1024
-    if declared is None:
-        header = bytes([0x00, 0x38])  # no FCS, not single-segment; window 2**17
-    else:
-        header = bytes([0xE0]) + struct.pack("<Q", declared)  # 8-byte FCS, single segment
+    header = (bytes([0x00, 0x38]) if declared is None  # no FCS, not single-segment; window 2**17
+              else bytes([0xE0]) + struct.pack("<Q", declared))  # 8-byte FCS, single segment
     out = bytearray(struct.pack("<I", 0xFD2FB528) + header)
     left = total
     while left > 0:
@@ -500,7 +498,7 @@ def _garbage() -> list[bytes]:
     ]
     for dtype, shape, offsets in [("XX", [2], [0, 8]), ("F32", [3], [0, 8]), ("F32", [2], [8, 0]),
                                   ("F32", [2**40, 2**40], [0, 8])]:
-        header = ('{"t":{"dtype":"%s","shape":%s,"data_offsets":%s}}' % (dtype, shape, offsets)).encode()
+        header = f'{{"t":{{"dtype":"{dtype}","shape":{shape},"data_offsets":{offsets}}}}}'.encode()
         header = header.ljust((len(header) + 7) // 8 * 8)
         cases.append(struct.pack("<Q", len(header)) + header + bytes(8))
     return cases
@@ -540,9 +538,9 @@ def _weights(n: int, seed: int = 0) -> bytes:
 
 def _variants() -> list[tuple[bytes, dict]]:
     old = _weights(40_000, seed=1)
-    new = bytearray(old)
-    new[::7] = bytes(len(new[::7]))
-    new = bytes(new) + _random_bytes(CB) + _compressible(CB + 9)
+    edited = bytearray(old)
+    edited[::7] = bytes(len(edited[::7]))
+    new = bytes(edited) + _random_bytes(CB) + _compressible(CB + 9)
     old = old + _random_bytes(CB, seed=9) + _compressible(CB + 9)
     return [
         (new, {"codec": pb.CODEC_ZSTD}),
@@ -558,7 +556,8 @@ def _variants() -> list[tuple[bytes, dict]]:
 def test_parallel_encoding_gives_the_same_chunks_in_order(workers, case):
     data, kw = _variants()[case]
     serial = [c.SerializeToString() for c in encode_chunks(sha256_hex(data), data, chunk_bytes=CB, **kw)]
-    parallel = [c.SerializeToString() for c in encode_chunks(sha256_hex(data), data, chunk_bytes=CB, workers=workers, **kw)]
+    parallel = [c.SerializeToString()
+                for c in encode_chunks(sha256_hex(data), data, chunk_bytes=CB, workers=workers, **kw)]
     assert len(serial) >= 4 and parallel == serial
 
 
@@ -633,7 +632,7 @@ def test_a_parallel_encoder_closed_early_leaves_no_view_of_a_memory_map(tmp_path
 
 def test_parallel_decoding_holds_no_view_of_a_memory_mapped_base(tmp_path):
     old = _weights(8 * CB // 2, seed=5)
-    new = bytes(a ^ (b & 1) for a, b in zip(old, _random_bytes(len(old))))
+    new = bytes(a ^ (b & 1) for a, b in zip(old, _random_bytes(len(old)), strict=True))
     mapped = _mapped(tmp_path, old)
     sha = sha256_hex(new)
     chunks = list(encode_chunks(sha, new, chunk_bytes=CB, codec=pb.CODEC_BYTEGROUP, word_size=2,

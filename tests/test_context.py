@@ -27,7 +27,8 @@ def _pair(shape=(96, 130), dtype=torch.bfloat16, changed=0.8, seed=0):
     ref = {"w": (torch.randn(shape, generator=g) * 0.02).to(dtype), "norm": torch.ones(shape[0], dtype=dtype)}
     step = torch.randn(shape, generator=g) * 2e-3 * (torch.rand(shape, generator=g) < changed)
     new = {"w": (ref["w"].float() + step).to(dtype), "norm": (ref["norm"].float() * 1.01).to(dtype)}
-    specs = [TensorSpec("w", shape, torch_dtype_to_st(dtype)), TensorSpec("norm", (shape[0],), torch_dtype_to_st(dtype))]
+    specs = [TensorSpec("w", shape, torch_dtype_to_st(dtype)),
+             TensorSpec("norm", (shape[0],), torch_dtype_to_st(dtype))]
     return ref, new, specs
 
 
@@ -118,7 +119,8 @@ def _visit_with_fake_training(stub, md, model, specs, scale):
     """One visit whose 'training' nudges the block: the coordinator sees a real upload."""
     task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
     spec = specs[task.block_index]
-    blob = serialize_block({k: v + scale * torch.randn_like(v) * v.abs().mean() for k, v in block_tensors(model, spec).items()})
+    blob = serialize_block({k: v + scale * torch.randn_like(v) * v.abs().mean()
+                            for k, v in block_tensors(model, spec).items()})
     header = pb.UploadHeader(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
                              blob_sha256=sha256_hex(blob), blob_size=len(blob), loss_before=1.0, loss_after=0.9)
     chunks = encode_chunks(header.blob_sha256, blob, chunk_bytes=CHUNK)

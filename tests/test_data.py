@@ -232,8 +232,8 @@ def test_visit_batches_deterministic_and_seeded():
     b = visit_batches(10, 3, 8, seed=7)
     c = visit_batches(10, 3, 8, seed=8)
     assert len(a) == 8 and all(x.shape == (3,) and x.dtype == torch.long for x in a)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_visit_batches_independent_of_global_rng():
@@ -242,7 +242,7 @@ def test_visit_batches_independent_of_global_rng():
     torch.manual_seed(123)
     torch.rand(5)
     b = visit_batches(10, 3, 4, seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_visit_batches_cover_every_sequence_per_epoch():
@@ -257,7 +257,7 @@ def test_visit_batches_cover_every_sequence_per_epoch():
 def test_visit_batches_prefix_stable():
     long = visit_batches(7, 2, 9, seed=3)
     short = visit_batches(7, 2, 4, seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(short, long[:4]))
+    assert all(torch.equal(x, y) for x, y in zip(short, long[:4], strict=True))
 
 
 def test_visit_batches_batch_larger_than_data():
@@ -267,7 +267,7 @@ def test_visit_batches_batch_larger_than_data():
     for k in range(5):  # 15 draws = 5 passes over 3 sequences
         assert sorted(flat[3 * k : 3 * k + 3]) == [0, 1, 2]
     again = visit_batches(3, 5, 3, seed=0)
-    assert all(torch.equal(x, y) for x, y in zip(batches, again))
+    assert all(torch.equal(x, y) for x, y in zip(batches, again, strict=True))
 
 
 def test_visit_batches_edge_cases():

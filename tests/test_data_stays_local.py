@@ -37,7 +37,8 @@ class RecordRequests(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        kwargs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
         if handler.unary_unary:
             inner = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(lambda req, ctx: inner(self._keep(req), ctx), **kwargs)
@@ -46,7 +47,8 @@ class RecordRequests(grpc.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(lambda req, ctx: inner(self._keep(req), ctx), **kwargs)
         if handler.stream_unary:
             inner = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: inner((self._keep(m) for m in it), ctx), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: inner((self._keep(m) for m in it), ctx),
+                                                        **kwargs)
         return handler
 
 
@@ -74,6 +76,7 @@ def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     for path in data:
         for doc in load_documents(path):
+            assert doc.text is not None
             for line in doc.text.splitlines():
                 if len(line.strip()) >= 20:
                     assert line.strip().encode() not in haystack, f"training text reached the coordinator: {line!r}"

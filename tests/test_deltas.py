@@ -55,7 +55,8 @@ def test_delta_chunks_need_the_right_base():
     chunks = list(encode_chunks(sha256_hex(new), new, chunk_bytes=CHUNK, codec=pb.CODEC_BYTEGROUP, word_size=2,
                                 delta=(sha256_hex(old), old)))
     with pytest.raises(CodecError, match="cannot use"):  # the receiver does not hold the base
-        BlobAssembler(sha256_hex(new), len(new), Sink(), delta_source={}.__getitem__).add(chunks[0])
+        held: dict[str, bytes] = {}
+        BlobAssembler(sha256_hex(new), len(new), Sink(), delta_source=held.__getitem__).add(chunks[0])
     wrong = bytes(len(old))
     with pytest.raises(CodecError, match="CRC"):  # a different base cannot reconstruct the bytes
         BlobAssembler(sha256_hex(new), len(new), Sink(), delta_source=lambda sha: wrong).add(chunks[0])

@@ -93,9 +93,9 @@ def _mount_of(path: str, mounts: dict) -> tuple[str, Path | None, bool] | None:
     """The mount a container path lies in (the deepest one), if any."""
     best = None
     for target, (host, ro) in mounts.items():
-        if PurePosixPath(path) == PurePosixPath(target) or PurePosixPath(target) in PurePosixPath(path).parents:
-            if best is None or len(target) > len(best[0]):
-                best = (target, host, ro)
+        inside = PurePosixPath(path) == PurePosixPath(target) or PurePosixPath(target) in PurePosixPath(path).parents
+        if inside and (best is None or len(target) > len(best[0])):
+            best = (target, host, ro)
     return best
 
 
@@ -124,9 +124,9 @@ def _program_services() -> dict[str, dict]:
         mounts = _bind_mounts(service)
         assert args.config in mounts and mounts[args.config][0] is not None, f"{name}: {args.config} is not mounted"
         host_config, read_only = mounts[args.config]
-        assert read_only and host_config.is_file(), (name, host_config)
+        assert read_only and host_config is not None and host_config.is_file(), (name, host_config)
         cls, flags = PROGRAMS[args.command]
-        config = load_config(cls, host_config, _overrides(args, flags))
+        config: CoordinatorConfig | ClientConfig = load_config(cls, host_config, _overrides(args, flags))
         programs[name] = dict(service=service, dockerfile=dockerfile, image=image, argv=argv, args=args,
                               mounts=mounts, host_config=host_config, config=config)
     return programs
@@ -194,9 +194,11 @@ def test_compose_commands_parse_and_configs_match_the_mounts():
     state = _mount_of(config.state_dir, coord["mounts"])
     assert state and state[0] == config.state_dir and state[1] is None, "state_dir must be a named volume"
     for path in (config.model, config.eval.data):
+        assert path is not None, "the model and the eval data must be configured"
         mount = _mount_of(path, coord["mounts"])
         assert mount and mount[1] is not None and mount[2], f"{path} is not in a read-only bind mount"
-    assert _mount_of(config.model, coord["mounts"])[0] == "/models"
+    model_mount = _mount_of(config.model, coord["mounts"])
+    assert model_mount is not None and model_mount[0] == "/models"
     assert "/etc/fedcybgd/tls" in coord["mounts"]
 
     names, gpus = set(), set()
@@ -207,7 +209,8 @@ def test_compose_commands_parse_and_configs_match_the_mounts():
         assert cfg.metrics_address == "0.0.0.0" and cfg.metrics_port > 0, name
         assert cfg.device == "cuda", name
         data = _mount_of(cfg.data, client["mounts"])
-        assert data and data[0] == cfg.data and data[1] is not None and data[2], f"{name}: data must be mounted read-only"
+        assert data and data[0] == cfg.data and data[1] is not None and data[2], \
+            f"{name}: data must be mounted read-only"
         assert data[1].name == name, f"{name}: mounts {data[1]} as its data"
         cache = _mount_of(cfg.cache_dir, client["mounts"])
         assert cache and cache[0] == cfg.cache_dir and cache[1] is None, f"{name}: cache_dir must be a named volume"
@@ -226,8 +229,8 @@ def test_compose_commands_parse_and_configs_match_the_mounts():
     # Every named volume used is declared.
     declared = set(_compose().get("volumes") or {})
     for name, service in _compose()["services"].items():
-        for target, (host, _) in _bind_mounts(service).items():
-            if host is None:
+        for target, (host_dir, _) in _bind_mounts(service).items():
+            if host_dir is None:
                 source = next(v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == target)
                 assert source in declared, f"{name}: volume {source} is not declared"
 
@@ -343,7 +346,7 @@ def test_prometheus_scrapes_every_compose_service_on_its_metrics_port():
         for static in job["static_configs"]:
             targets.setdefault(job["job_name"], set()).update(static["targets"])
     programs = _program_services()
-    expected = {"coordinator": set(), "clients": set()}
+    expected: dict[str, set[str]] = {"coordinator": set(), "clients": set()}
     for name, program in programs.items():
         job = "coordinator" if program["args"].command == "coordinator" else "clients"
         expected[job].add(f"{name}:{program['config'].metrics_port}")

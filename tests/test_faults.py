@@ -12,6 +12,7 @@ heartbeat interval of 1 s from a TOML config file (phases are reported often).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -21,6 +22,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,8 +30,16 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import (ClientProcesses, CoordinatorProcess, assert_matches_reference, register, state_blob_path,
-                      wait_clients, wait_for, write_data)
+from conftest import (
+    ClientProcesses,
+    CoordinatorProcess,
+    assert_matches_reference,
+    register,
+    state_blob_path,
+    wait_clients,
+    wait_for,
+    write_data,
+)
 from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.tiny import make_byte_tokenizer, tiny_config
 from fedcybgd.server.config import TrainingConfig
@@ -111,13 +121,17 @@ def check_history(state: SqliteState, state_dir: Path, total_rounds: int) -> Non
     visits = state.visits()
     assert [v.round for v in visits] == list(range(total_rounds))
     assert [v.new_version for v in visits] == list(range(1, total_rounds + 1))
-    assert all(v.base_version == v.new_version - 1 for v in visits), "sequential mode: each visit starts from the previous version"
-    latest, _ = state.latest_version()
+    assert all(v.base_version == v.new_version - 1 for v in visits), \
+        "sequential mode: each visit starts from the previous version"
+    found = state.latest_version()
+    assert found is not None
+    latest, _ = found
     assert latest == total_rounds
     for v in visits:
         before, after = state.manifest(v.base_version), state.manifest(v.new_version)
         assert after[v.block_index] == v.blob_sha256
-        assert [s for i, s in enumerate(after) if i != v.block_index] == [s for i, s in enumerate(before) if i != v.block_index]
+        assert [s for i, s in enumerate(after) if i != v.block_index] == \
+            [s for i, s in enumerate(before) if i != v.block_index]
     checked: set[str] = set()
     for version in range(latest + 1):
         for sha in state.manifest(version):
@@ -151,7 +165,9 @@ def check_reference(model_dir: Path, state_dir: Path, state: SqliteState, data_o
     """The final weights equal the single-process reference replaying the recorded visits, each
     with the data of the client that made it: bit for bit."""
     names = {c.id: c.name for c in state.clients()}
-    _, manifest = state.latest_version()
+    latest = state.latest_version()
+    assert latest is not None
+    _, manifest = latest
     assert_matches_reference(model_dir, schedule, training, [data_of_name[names[v.client_id]] for v in state.visits()],
                              manifest, state_blob_path(state_dir), error=WeightsDiffer)
 
@@ -179,8 +195,11 @@ def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(
     for _ in range(3):
         # At least one visit committed since the (re)start, then a random moment of the visit
         # that follows (a visit lasts about a tenth of a second here).
-        wait_for(lambda: (s := coordinator.status()) is not None and s.round > committed and bool(s.tasks),
-                 90, "a visit committed since the restart and the next one under way", interval=0.02)
+        def next_visit_under_way(committed: int = committed) -> bool:
+            return (s := coordinator.status()) is not None and s.round > committed and bool(s.tasks)
+
+        wait_for(next_visit_under_way, 90, "a visit committed since the restart and the next one under way",
+                 interval=0.02)
         time.sleep(rng.uniform(0.0, 0.25))
         s = coordinator.status()
         coordinator.sigkill()
@@ -210,7 +229,7 @@ def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(
         assert {v.round: v.blob_sha256 for v in state.visits() if v.round in kept} == kept, \
             "an upload accepted before a kill was lost or changed"
         assert sorted(c.name for c in state.clients()) == names, "a client registered again"
-        check_reference(tiny_model_dir, state_dir, state, dict(zip(names, data)), schedule, training)
+        check_reference(tiny_model_dir, state_dir, state, dict(zip(names, data, strict=True)), schedule, training)
     finally:
         state.close()
     for n in names:
@@ -266,7 +285,7 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         medium_model_dir, tmp_path, fault_coordinator, clients: ClientProcesses):
     data, _ = write_data(tmp_path, clients=3)
     names = [f"site-{i}" for i in range(3)]
-    data_of = dict(zip(names, data))
+    data_of = dict(zip(names, data, strict=True))
     caches = {n: tmp_path / "caches" / n for n in names}
     schedule = ScheduleConfig(cycles=1, order="ascending", lr=1e-3, seed=5)
     training = TrainingConfig(local_steps=20, batch_size=2, seq_len=64)
@@ -291,8 +310,8 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         for c in s.clients:
             assert ids.setdefault(c.name, c.client_id) == c.client_id, f"{c.name} registered twice"
         name_of = {c.client_id: c.name for c in s.clients}
-        dead = {k["name"] for k in kills}
-        live = [t for t in s.tasks if name_of.get(t.client_id) not in dead]
+        dead_names = {k["name"] for k in kills}
+        live = [t for t in s.tasks if name_of.get(t.client_id) not in dead_names]
         if not live:
             time.sleep(0.005)
             continue
@@ -301,14 +320,18 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         cache = caches[holder] / "blobs"
         base = {b.sha256 for b in s.blocks}  # sequential: the latest version is the task's base
         event = None
-        evidence = {}
+        evidence: dict[str, Any] = {}
         if "download" in pending and task.phase == "download" and not base <= objects(cache):
             # It has not got its base model yet: single-step it into the middle of the download.
-            def downloading() -> bool:
+            def downloading(cache: Path = cache, base: set[str] = base, evidence: dict[str, Any] = evidence) -> bool:
                 written = sum(_size(f) for f in incoming(cache))
                 evidence.update(blobs_complete=len(base & objects(cache)), blobs=len(base), partial_bytes=written)
                 return written > 0 and not base <= objects(cache)
-            if kill_when(procs[holder], downloading, lambda: base <= objects(cache)):
+
+            def downloaded(cache: Path = cache, base: set[str] = base) -> bool:
+                return base <= objects(cache)
+
+            if kill_when(procs[holder], downloading, downloaded):
                 event = "download"
         elif "train" in pending and task.phase == "train" and 1 <= task.step <= task.steps // 2:
             procs[holder].kill()  # reported by its last heartbeat, with half the steps still to go
@@ -317,11 +340,15 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         elif "upload" in pending and objects(cache) - objects(store):
             # It holds a trained block the coordinator has not got: single-step it into the
             # middle of the upload (the coordinator holds part of the block, not all of it).
-            def uploading() -> bool:
+            def uploading(evidence: dict[str, Any] = evidence) -> bool:
                 written = sum(_size(f) for f in incoming(store))
                 evidence.update(coordinator_partial_bytes=written)
                 return written > 0
-            if kill_when(procs[holder], uploading, lambda: (x := coordinator.status()) is None or x.round > s.round):
+
+            def round_over(s: pb.GetStatusResponse = s) -> bool:
+                return (x := coordinator.status()) is None or x.round > s.round
+
+            if kill_when(procs[holder], uploading, round_over):
                 event = "upload"
         if event is None:
             time.sleep(0.005)
@@ -346,9 +373,12 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         last = kills[-1]
         for k in kills[:-1]:
             procs[k["name"]] = clients.start(coordinator.address, data_of[k["name"]], caches[k["name"]], k["name"])
-        wait_for(lambda: (x := coordinator.status()) is not None and (
-            x.round > last["round"] or any(t.round == last["round"] and t.task_id != last["task_id"] for t in x.tasks)),
-            60, "the last dead task to be reassigned")
+        def reassigned(last: dict = last) -> bool:
+            return (x := coordinator.status()) is not None and (
+                x.round > last["round"]
+                or any(t.round == last["round"] and t.task_id != last["task_id"] for t in x.tasks))
+
+        wait_for(reassigned, 60, "the last dead task to be reassigned")
         procs[last["name"]] = clients.start(coordinator.address, data_of[last["name"]], caches[last["name"]],
                                             last["name"])
 
@@ -368,7 +398,8 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         visit_of_round = {v.round: v for v in state.visits()}
         for k in kills:
             dead = state.task(k["task_id"])
-            assert dead.status == "expired", k
+            assert dead is not None and dead.status == "expired", k
+            assert dead.finished_unix is not None, k
             assert dead.finished_unix - dead.last_progress_unix > TASK_TIMEOUT_S, k
             successor = min((t for t in tasks if t.round == dead.round and t.issued_unix > dead.issued_unix),
                             key=lambda t: t.issued_unix)
@@ -444,7 +475,8 @@ def test_late_upload_of_reassigned_task_is_refused_and_changes_nothing(
 
     state = SqliteState(state_dir / "state.sqlite")
     try:
-        assert state.task(task.task_id).status == "expired"
+        expired = state.task(task.task_id)
+        assert expired is not None and expired.status == "expired"
         assert all(v.client_id != late.client_id for v in state.visits())
         for version in range(total + 1):
             assert header.blob_sha256 not in state.manifest(version)
@@ -490,10 +522,8 @@ def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(
     assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
     # The client wakes up; its download breaks and is retried against the restarted coordinator.
     os.kill(client.pid, signal.SIGCONT)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         client.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
     if client.poll() is not None:
         raise ClientCrashed(f"the client exited with {client.returncode} (see site-0.log)")
     # The other site never comes back: after the timeout the client gets the round again.
@@ -554,8 +584,9 @@ def test_client_withdrawn_mid_training_then_given_the_round_again_trains_from_th
     assert coordinator.wait(timeout=90) == 0
     state = SqliteState(state_dir / "state.sqlite")
     try:
-        assert state.task(first.task_id).status == "expired"
-        assert state.task(taken.task.task_id).status == "expired"
+        first_task, taken_task = state.task(first.task_id), state.task(taken.task.task_id)
+        assert first_task is not None and first_task.status == "expired"
+        assert taken_task is not None and taken_task.status == "expired"
         visits = state.visits()
         assert visits[0].client_id == first.client_id and visits[0].task_id not in (first.task_id, taken.task.task_id)
         check_history(state, state_dir, 2)

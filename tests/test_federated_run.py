@@ -114,8 +114,9 @@ def test_exported_model_loads_and_its_eval_loss_equals_the_coordinators(finished
 def test_summary_fields_from_demo(tmp_path):
     """`fedcybgd demo` (the quick one) writes summary.json with every documented field."""
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "fedcybgd.cli.main", "--log-level", "warning", "demo", "--model", "tiny",
-                           "--clients", "3", "--cycles", "1", "--local-steps", "2", "--seq-len", "64", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "fedcybgd.cli.main", "--log-level", "warning", "demo",
+                           "--model", "tiny", "--clients", "3", "--cycles", "1", "--local-steps", "2",
+                           "--seq-len", "64", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env=PROCESS_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -124,7 +125,8 @@ def test_summary_fields_from_demo(tmp_path):
         assert key in summary, key
     assert len(summary["visits"]) == summary["blocks"] == 5
     for v in summary["visits"]:
-        assert set(v) >= {"client", "block", "bytes_down", "bytes_up", "loss_before", "loss_after", "peak_memory_bytes", "seconds"}
+        assert set(v) >= {"client", "block", "bytes_down", "bytes_up", "loss_before", "loss_after",
+                          "peak_memory_bytes", "seconds"}
         assert v["peak_memory_bytes"] > 0
     assert summary["total_bytes_up"] == sum(v["bytes_up"] for v in summary["visits"])
     assert summary["total_bytes_down"] + summary["total_bytes_up"] < summary["fedavg_full_equivalent_bytes"]

@@ -27,6 +27,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -40,6 +41,7 @@ from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.modeling import max_blob_size
 from fedcybgd.server import tasks as coordinator_module
+from fedcybgd.server.app import RunningCoordinator
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.service import SERVICE_NAME
@@ -54,10 +56,10 @@ OK = "OK"  # expected outcome of the cases that must be answered normally
 
 @dataclass
 class World:
-    running: object
+    running: RunningCoordinator
     channel: grpc.Channel
     stub: pb_grpc.CoordinatorStub
-    health: health_pb2_grpc.HealthStub
+    health: Any  # a HealthStub: types-grpcio-health-checking, where installed, declares no methods on it
     specs: list[BlockSpec]
     base: dict[int, dict[str, torch.Tensor]]  # block index -> tensors of the base model
     md: dict[str, tuple]  # client -> authorization metadata
@@ -77,7 +79,7 @@ class World:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _blob(w: World, block: int, change: Callable[[dict[str, torch.Tensor]], None] | None = None) -> bytes:
+def _blob(w: World, block: int, change: Callable[[dict[str, torch.Tensor]], object] | None = None) -> bytes:
     """A blob of `block` from the base tensors, perturbed uniquely (never already in the store)."""
     w.counter[0] += 1
     tensors = {k: v.clone() + 1e-3 * w.counter[0] for k, v in w.base[block].items()}
@@ -87,7 +89,7 @@ def _blob(w: World, block: int, change: Callable[[dict[str, torch.Tensor]], None
 
 
 def _header(task: pb.Task, blob: bytes, **overrides) -> pb.UploadHeader:
-    values = dict(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
+    values: dict[str, Any] = dict(task_id=task.task_id, block_index=task.block_index, base_version=task.base_version,
                   blob_sha256=sha256_hex(blob), blob_size=len(blob), loss_before=1.0, loss_after=0.9)
     values.update(overrides)
     return pb.UploadHeader(**values)
@@ -117,7 +119,7 @@ def _upload_attempt(w: World, md, header: pb.UploadHeader, chunks: list[pb.Chunk
     return Attempt(lambda: _send(w, md, _messages(header, chunks)), refused)
 
 
-def _mutated_upload(mutate: Callable[[list[pb.Chunk]], None], client: str = "a") -> Callable[[World], Attempt]:
+def _mutated_upload(mutate: Callable[[list[pb.Chunk]], object], client: str = "a") -> Callable[[World], Attempt]:
     """A valid blob for A's task whose chunk list is then tampered with."""
     def make(w: World) -> Attempt:
         blob = _blob(w, w.task_a.block_index)
@@ -135,7 +137,7 @@ def _blob_upload(build: Callable[[World], bytes]) -> Callable[[World], Attempt]:
     return make
 
 
-def _tensor_upload(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[World], Attempt]:
+def _tensor_upload(change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[World], Attempt]:
     return _blob_upload(lambda w: _blob(w, w.task_a.block_index, change))
 
 
@@ -159,7 +161,7 @@ def _first_chunk_replaced(build: Callable[[bytes], pb.Chunk]) -> Callable[[World
     return make
 
 
-def _raw_chunk(raw: bytes, data: bytes, codec: int = pb.CODEC_ZSTD, raw_size: int | None = None) -> pb.Chunk:
+def _raw_chunk(raw: bytes, data: bytes, codec: pb.Codec = pb.CODEC_ZSTD, raw_size: int | None = None) -> pb.Chunk:
     return pb.Chunk(offset=0, raw_size=len(raw) if raw_size is None else raw_size, codec=codec, data=data,
                     crc32=zlib.crc32(raw))
 
@@ -198,8 +200,9 @@ def world(tiny_model_dir, module_coordinators: Coordinators):
     expired_task = task("e")
     done_task = task("a")
     assert (expired_task.round, done_task.round) == (0, 1)
+    # The open tasks are issued below, once version 1 is committed: empty placeholders until then.
     w = World(running, channel, stub, health_pb2_grpc.HealthStub(channel), specs, base, md, tokens,
-              task_a=None, task_b=None, done_task=done_task, done_blob=b"", expired_task=expired_task)
+              task_a=pb.Task(), task_b=pb.Task(), done_task=done_task, done_blob=b"", expired_task=expired_task)
     w.done_blob = _blob(w, done_task.block_index)
     reply = _send(w, md["a"], _messages(_header(done_task, w.done_blob), _chunks(w.done_blob)))
     assert reply.new_version == 1
@@ -231,7 +234,8 @@ def _assert_intact(w: World, before: Snapshot, refused: list[str]) -> None:
         reply = w.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     for name, task in (("a", w.task_a), ("b", w.task_b)):
-        beat = w.stub.Heartbeat(pb.HeartbeatRequest(task_id=task.task_id, phase="train"), metadata=w.md[name], timeout=5)
+        beat = w.stub.Heartbeat(pb.HeartbeatRequest(task_id=task.task_id, phase="train"), metadata=w.md[name],
+                                timeout=5)
         assert beat.task_valid, f"client {name}'s open task was dropped"
     # (3) the model is untouched: same version, same manifest, same bytes.
     after = _snapshot(w)
@@ -273,7 +277,8 @@ def _rpc_call(rpc: str, w: World, md) -> Attempt:
     if rpc == "GetModelInfo":
         return Attempt(lambda: s.GetModelInfo(pb.GetModelInfoRequest(), metadata=md, timeout=CALL_TIMEOUT_S))
     if rpc == "Heartbeat":
-        return Attempt(lambda: s.Heartbeat(pb.HeartbeatRequest(task_id=w.task_a.task_id), metadata=md, timeout=CALL_TIMEOUT_S))
+        return Attempt(lambda: s.Heartbeat(pb.HeartbeatRequest(task_id=w.task_a.task_id), metadata=md,
+                                           timeout=CALL_TIMEOUT_S))
     if rpc == "GetTask":
         return Attempt(lambda: s.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md, timeout=CALL_TIMEOUT_S))
     if rpc == "DownloadModel":
@@ -309,7 +314,8 @@ AUTH_CASES = [
 # -- cases: tasks that are not the caller's, not open, or not there --------------------------
 
 
-def _download(task: str, client: str = "a", codecs: tuple[int, ...] = (pb.CODEC_ZSTD,)) -> Callable[[World], Attempt]:
+def _download(task: str, client: str = "a",
+              codecs: tuple[pb.Codec, ...] = (pb.CODEC_ZSTD,)) -> Callable[[World], Attempt]:
     """`task`: an attribute of World naming a task ("task_b", "done_task", ...), or a literal id."""
     def make(w: World) -> Attempt:
         tid = getattr(w, task).task_id if task in ("task_a", "task_b", "done_task", "expired_task") else task
@@ -414,7 +420,8 @@ HEADER_CASES = [
 # -- cases: stream structure -----------------------------------------------------------------
 
 
-def _stream(build: Callable[[World, pb.UploadHeader, list[pb.Chunk]], list[pb.UploadMessage]]) -> Callable[[World], Attempt]:
+def _stream(build: Callable[[World, pb.UploadHeader, list[pb.Chunk]], list[pb.UploadMessage]],
+            ) -> Callable[[World], Attempt]:
     def make(w: World) -> Attempt:
         blob = _blob(w, w.task_a.block_index)
         header, chunks = _header(w.task_a, blob), _chunks(blob)
@@ -435,7 +442,8 @@ STREAM_CASES = [
                  id="stream-second-header-mid-stream"),
     pytest.param(C.INVALID_ARGUMENT, _stream(lambda w, h, c: _messages(h, c) + [pb.UploadMessage(header=h)]),
                  id="stream-second-header-at-end"),
-    pytest.param(C.INVALID_ARGUMENT, _stream(lambda w, h, c: _messages(h, c[:2]) + [pb.UploadMessage()] + _messages(None, c[2:])),
+    pytest.param(C.INVALID_ARGUMENT,
+                 _stream(lambda w, h, c: _messages(h, c[:2]) + [pb.UploadMessage()] + _messages(None, c[2:])),
                  id="stream-empty-message-mid-stream"),
     pytest.param(C.INVALID_ARGUMENT, _stream(lambda w, h, c: _messages(h, [])), id="stream-header-only"),
 ]
@@ -454,7 +462,8 @@ def _set(index: int, **fields) -> Callable[[list[pb.Chunk]], None]:
 def _overlap(chunks):
     c = chunks[1]
     # The second chunk starts 100 bytes early, with consistent data/CRC for that range.
-    raw = zstandard.ZstdDecompressor().decompress(chunks[0].data) if chunks[0].codec == pb.CODEC_ZSTD else chunks[0].data
+    raw = (zstandard.ZstdDecompressor().decompress(chunks[0].data) if chunks[0].codec == pb.CODEC_ZSTD
+           else chunks[0].data)
     raw1 = zstandard.ZstdDecompressor().decompress(c.data) if c.codec == pb.CODEC_ZSTD else c.data
     data = raw[-100:] + raw1
     chunks[1] = pb.Chunk(blob_sha256=c.blob_sha256, offset=c.offset - 100, raw_size=len(data), codec=pb.CODEC_NONE,
@@ -518,16 +527,20 @@ CHUNK_CASES = [
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(2, blob_sha256="b" * 64)), id="chunk-for-other-blob"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, blob_sha256="")), id="chunk-without-blob-sha"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, raw_size=0)), id="chunk-raw-size-0"),
-    pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, raw_size=MAX_CHUNK_BYTES + 1)), id="chunk-raw-size-over-max"),
+    pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, raw_size=MAX_CHUNK_BYTES + 1)),
+                 id="chunk-raw-size-over-max"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, raw_size=2**32 - 1)), id="chunk-raw-size-2^32-1"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_raw_size_short), id="chunk-raw-size-below-data"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_payload_over_chunk_limit), id="chunk-payload-over-max-chunk"),
-    pytest.param(C.RESOURCE_EXHAUSTED, _mutated_upload(_payload_over_message_limit), id="chunk-payload-over-message-limit"),
+    pytest.param(C.RESOURCE_EXHAUSTED, _mutated_upload(_payload_over_message_limit),
+                 id="chunk-payload-over-message-limit"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, codec=7)), id="chunk-unknown-codec-7"),
-    pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, codec=pb.CODEC_UNSPECIFIED)), id="chunk-codec-unspecified"),
+    pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, codec=pb.CODEC_UNSPECIFIED)),
+                 id="chunk-codec-unspecified"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_set(0, codec=-1)), id="chunk-codec-negative"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(lambda c: c.pop()), id="truncated-last-chunk-missing"),
-    pytest.param(C.INVALID_ARGUMENT, _mutated_upload(lambda c: c.__delitem__(slice(1, None))), id="truncated-only-first-chunk"),
+    pytest.param(C.INVALID_ARGUMENT, _mutated_upload(lambda c: c.__delitem__(slice(1, None))),
+                 id="truncated-only-first-chunk"),
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(_extra), id="extra-bytes-beyond-blob-size"),
     # ported from test_rpc_errors
     pytest.param(C.INVALID_ARGUMENT, _mutated_upload(lambda c: setattr(c[0], "crc32", c[0].crc32 ^ 1)),
@@ -695,12 +708,15 @@ BLOB_CASES = [
     pytest.param(C.INVALID_ARGUMENT, _blob_upload(_declared_dtype_lie), id="st-header-dtype-I32"),
     pytest.param(C.INVALID_ARGUMENT, _blob_upload(_unknown_dtype), id="st-header-dtype-unknown"),
     pytest.param(C.INVALID_ARGUMENT, _tensor_upload(lambda t: t.pop(sorted(t)[0])), id="st-missing-tensor"),
-    pytest.param(C.INVALID_ARGUMENT, _tensor_upload(lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(4))),
+    pytest.param(C.INVALID_ARGUMENT,
+                 _tensor_upload(lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(4))),
                  id="st-extra-tensor"),
-    pytest.param(C.INVALID_ARGUMENT, _tensor_upload(lambda t: t.__setitem__("model.embed_tokens.weight", torch.zeros(4))),
+    pytest.param(C.INVALID_ARGUMENT,
+                 _tensor_upload(lambda t: t.__setitem__("model.embed_tokens.weight", torch.zeros(4))),
                  id="st-extra-tensor-of-another-block"),
     pytest.param(C.INVALID_ARGUMENT, _tensor_upload(_rename_to_other_block), id="st-tensor-renamed-to-other-block"),
-    pytest.param(C.INVALID_ARGUMENT, _tensor_upload(lambda t: t.__setitem__(_first_2d(t), t[_first_2d(t)].t().contiguous())),
+    pytest.param(C.INVALID_ARGUMENT,
+                 _tensor_upload(lambda t: t.__setitem__(_first_2d(t), t[_first_2d(t)].t().contiguous())),
                  id="st-wrong-shape-transposed"),
     pytest.param(C.INVALID_ARGUMENT, _tensor_upload(lambda t: t.__setitem__(_first_2d(t), t[_first_2d(t)].flatten())),
                  id="st-wrong-shape-flattened"),
@@ -708,7 +724,8 @@ BLOB_CASES = [
                  id="st-wrong-dtype-F16"),
     pytest.param(C.INVALID_ARGUMENT, _tensor_upload(lambda t: t.__setitem__(_first_2d(t), t[_first_2d(t)].bfloat16())),
                  id="st-wrong-dtype-BF16"),
-    pytest.param(C.INVALID_ARGUMENT, _tensor_upload(lambda t: t.__setitem__(_first_2d(t), t[_first_2d(t)].view(torch.int32))),
+    pytest.param(C.INVALID_ARGUMENT,
+                 _tensor_upload(lambda t: t.__setitem__(_first_2d(t), t[_first_2d(t)].view(torch.int32))),
                  id="st-wrong-dtype-I32-same-bytes"),
     pytest.param(C.INVALID_ARGUMENT, _tensor_upload(_poison(float("nan"))), id="st-nan"),
     pytest.param(C.INVALID_ARGUMENT, _tensor_upload(_poison(float("inf"))), id="st-plus-inf"),
@@ -756,8 +773,8 @@ def _heartbeat(client: str, task_attr: str | None, task_id: str = "", valid: boo
 
         def call():
             reply = w.stub.Heartbeat(pb.HeartbeatRequest(task_id=tid, phase="train" * 1000, step=2**32 - 1,
-                                                         gpu_peak_allocated_bytes=memory, gpu_peak_reserved_bytes=memory,
-                                                         host_rss_bytes=memory),
+                                                         gpu_peak_allocated_bytes=memory,
+                                                         gpu_peak_reserved_bytes=memory, host_rss_bytes=memory),
                                      metadata=w.md[client], timeout=CALL_TIMEOUT_S)
             assert reply.task_valid is valid
             assert reply.heartbeat_interval_s > 0
@@ -791,7 +808,8 @@ def _get_task_absurd_wait_clamped(w: World) -> Attempt:
         coordinator_module.MAX_GET_TASK_WAIT_S = 1
         try:
             t0 = time.monotonic()
-            reply = w.stub.GetTask(pb.GetTaskRequest(wait_seconds=2**32 - 1), metadata=w.md["c"], timeout=CALL_TIMEOUT_S)
+            reply = w.stub.GetTask(pb.GetTaskRequest(wait_seconds=2**32 - 1), metadata=w.md["c"],
+                                   timeout=CALL_TIMEOUT_S)
             assert time.monotonic() - t0 < 5
         finally:
             coordinator_module.MAX_GET_TASK_WAIT_S = saved

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -168,7 +169,7 @@ def _child(tmp: Path) -> dict:
         assert list(f.keys()) == ["w"]
         assert f.get_slice("w").get_shape() == list(SHAPE) and f.get_slice("w").get_dtype() == "BF16"
     del base, noise
-    figures = {"tensor_bytes": TENSOR_BYTES, "blob_bytes": size, "baseline_rss_anon": sampler.now()}
+    figures: dict[str, Any] = {"tensor_bytes": TENSOR_BYTES, "blob_bytes": size, "baseline_rss_anon": sampler.now()}
 
     def stream(name: str, workers: int, delta: bool) -> None:
         sampler.reset()
@@ -176,6 +177,7 @@ def _child(tmp: Path) -> dict:
         chunks = wire = 0
         with sender.open_mmap(new) as blob, sender.open_mmap(old) as older:
             writer = receiver.writer(new, size)
+            assembler: BlobAssembler | None  # dropped before the commit
             assembler = BlobAssembler(new, size, writer, workers=workers, delta_source={old: older}.__getitem__)
             for chunk in encode_chunks(new, blob, codec=pb.CODEC_BYTEGROUP, word_size=2, workers=workers,
                                        delta=(old, older) if delta else None):

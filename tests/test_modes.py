@@ -191,7 +191,7 @@ def test_clients_with_local_base_weights_download_only_what_changed(tiny_model_d
     visits = sorted(status.visits, key=lambda v: v.round)
     assert [v.new_version for v in visits] == list(range(1, len(visits) + 1))
 
-    first_visits = {}
+    first_visits: dict[str, pb.VisitRecord] = {}
     for v in visits:
         first_visits.setdefault(v.client_id, v)
     assert len(first_visits) == 2, "both clients should have visited"

@@ -4,6 +4,7 @@ bytes sent again are counted and bounded), and the broken upload is retried clea
 partial committed."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -45,7 +46,8 @@ class CuttingProxy:
             self._connections += 1
             state = {"down": 0, "up": 0, "first": self._connections == 1, "closed": False}
             for src, dst, direction in ((upstream, client, "down"), (client, upstream, "up")):
-                threading.Thread(target=self._pump, args=(src, dst, direction, state, (client, upstream)), daemon=True).start()
+                threading.Thread(target=self._pump, args=(src, dst, direction, state, (client, upstream)),
+                                 daemon=True).start()
 
     def _pump(self, src, dst, direction, state, pair) -> None:
         try:
@@ -71,10 +73,8 @@ class CuttingProxy:
             pass
         finally:
             for sock in pair:  # cut both directions at once, like a broken link
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
 
     def close(self) -> None:
@@ -121,7 +121,8 @@ def test_cut_download_resumes_and_cut_upload_retries_cleanly(tmp_path, coordinat
 
     # The upload was retried whole and committed exactly once; nothing partial anywhere.
     visits = coordinator.state.visits()
-    assert [v.round for v in visits] == [0] and coordinator.state.latest_version()[0] == 1
+    latest = coordinator.state.latest_version()
+    assert [v.round for v in visits] == [0] and latest is not None and latest[0] == 1
     assert coordinator.store.blobs.has(visits[0].blob_sha256)
     assert not list((tmp_path / "state" / "blobs" / "tmp").iterdir())
     assert not list((tmp_path / "caches" / "site-0" / "blobs" / "partial").iterdir())

@@ -19,7 +19,8 @@ def corpus(tmp_path):
     for i in range(12):
         for edition in ("a", "b"):
             name = f"work{i:02d}_{edition}"
-            (root / f"{name}.txt").write_text(f"Work {i} edition {edition}.\n\nSecond paragraph of work {i}{edition}.\n")
+            (root / f"{name}.txt").write_text(
+                f"Work {i} edition {edition}.\n\nSecond paragraph of work {i}{edition}.\n")
             metadata.append(f"[{name}]\ntitle = Work number {i}\n")
     (root / "metadata.txt").write_text("\n".join(metadata))
     return root

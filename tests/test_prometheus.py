@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -36,7 +37,8 @@ def _prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
         if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed: the test setup (deploy/install-test-tools.sh) should have done it")
+            pytest.fail("prometheus is not installed: the test setup (deploy/install-test-tools.sh) "
+                        "should have done it")
         pytest.skip("prometheus is not installed (run deploy/install-test-tools.sh as root)")
     return binary
 
@@ -56,7 +58,8 @@ class CountBytes(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        kwargs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
         if details.method.endswith("/DownloadModel"):
             inner = handler.unary_stream
 
@@ -117,21 +120,26 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tmp_path, c
         f"global:\n  scrape_interval: {SCRAPE}\n  scrape_timeout: {SCRAPE}\n"
         f"scrape_configs:\n"
         f"  - job_name: coordinator\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
-        f"  - job_name: clients\n    static_configs:\n      - targets: [{', '.join(repr(f'127.0.0.1:{p}') for p in client_ports)}]\n")
+        f"  - job_name: clients\n    static_configs:\n"
+        f"      - targets: [{', '.join(repr(f'127.0.0.1:{p}') for p in client_ports)}]\n")
     prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=open(tmp_path / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+                            # Prometheus writes to it for as long as it runs.
+                            stdout=open(tmp_path / "prometheus.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     base = f"http://127.0.0.1:{prom_port}"
     try:
         wait_for(lambda: _ready(base), 60, "prometheus to be ready", interval=0.3)
         with grpc.insecure_channel(address_of(running)) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedcybgd.v1.Coordinator"))
+            # Any: types-grpcio-health-checking, where installed, declares no methods on HealthStub.
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            reply = health.Check(health_pb2.HealthCheckRequest(service="fedcybgd.v1.Coordinator"))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         started = time.time()
         procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
                                "--metrics-port", str(client_ports[i])) for i in range(2)]
         # Client endpoints go away with the clients: let Prometheus see them mid-run.
-        wait_for(lambda: _query(base, 'up{job="clients"} == 1') and len(_query(base, 'up{job="clients"} == 1')) == 2,
+        wait_for(lambda: bool(_query(base, 'up{job="clients"} == 1'))
+                 and len(_query(base, 'up{job="clients"} == 1')) == 2,
                  120, "both client endpoints to be scraped", interval=0.3)
         wait_for(lambda: bool(_query(base, "fedcybgd_client_step_seconds_count > 0")), 120, "a client training step",
                  interval=0.3)
@@ -141,7 +149,8 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tmp_path, c
         ended = time.time()
 
         missing = [expr for expr in exprs if not _query(base, expr, time=f"{ended - 0.5:.3f}") and
-                   not _query(base, f"last_over_time(({expr})[{int(ended - started) + 5}s:250ms])", time=f"{ended:.3f}")]
+                   not _query(base, f"last_over_time(({expr})[{int(ended - started) + 5}s:250ms])",
+                              time=f"{ended:.3f}")]
         assert not missing, f"dashboard queries without data: {missing}"
 
         visits = sorted(running.coordinator.state.visits(), key=lambda v: v.round)

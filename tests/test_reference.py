@@ -21,7 +21,7 @@ SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=1e-2, lr_schedule="cosine
 
 
 @pytest.fixture(scope="module")
-def pooled() -> torch.LongTensor:
+def pooled() -> torch.Tensor:
     ids = tokenize_documents([Document(text=TINY_TEXT[:2000])], make_byte_tokenizer())
     return pack_sequences(ids, TRAINING.seq_len)
 
@@ -95,11 +95,11 @@ def test_centralized_full_budget_and_schedule(pooled):
     hyper = VisitHyper(lr=schedule.lr_of(0), steps=7, batch_size=TRAINING.batch_size, seq_len=TRAINING.seq_len,
                        seed=SCHEDULE.seed, max_grad_norm=TRAINING.max_grad_norm)
     train_full(by_hand, pooled, hyper, lr_at=lambda s: schedule.lr_of(s // TRAINING.local_steps))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), by_hand.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), by_hand.parameters(), strict=True))
     # and the learning-rate schedule matters: a constant lr ends elsewhere
     constant = make_tiny_model("llama")
     train_full(constant, pooled, hyper)
-    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), constant.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), constant.parameters(), strict=True))
 
 
 # -------------------------------------------------------------------------------------- block-cyclic
@@ -140,8 +140,8 @@ def test_block_cyclic_is_the_reference_with_pooled_data(pooled):
     run_block_cyclic(a, pooled, 2, SCHEDULE, TRAINING)
     rounds = schedule_of(b, 2).total_rounds
     run_reference(b, 2, SCHEDULE, TRAINING, [pooled] * rounds)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     # and the data matters: visits on half the data end elsewhere
     c = make_tiny_model("llama", seed=1)
     run_reference(c, 2, SCHEDULE, TRAINING, [pooled[: len(pooled) // 2]] * rounds)
-    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters(), strict=True))

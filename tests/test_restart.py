@@ -45,7 +45,9 @@ def test_sigterm_mid_run_then_restart_loses_nothing(tiny_model_dir, tmp_path, co
         assert all(v.base_version == v.new_version - 1 for v in visits)
         assert {r: sha for r, sha in ((v.round, v.blob_sha256) for v in visits) if r in before} == before, \
             "an upload accepted before the stop was lost or changed"
-        _, manifest = state.latest_version()
+        latest = state.latest_version()
+        assert latest is not None
+        _, manifest = latest
 
         # Same weights as an undisturbed single-process run of the same cycle.
         names = {c.id: c.name for c in state.clients()}

@@ -50,7 +50,7 @@ def test_random_order_is_reproducible_from_the_seed():
     c = _cycles(_sched(8, cycles=4, order="random", seed=43))
     assert a != c
     # Per cycle as well, not only somewhere in the run.
-    assert sum(x != y for x, y in zip(a, c)) >= 3
+    assert sum(x != y for x, y in zip(a, c, strict=True)) >= 3
 
 
 def test_random_order_does_not_depend_on_unrelated_settings():
@@ -78,7 +78,7 @@ def test_decay_from_lr_to_floor_at_last_round(schedule, ratio):
     lrs = _lrs(s)
     assert lrs[0] == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(1e-3 * ratio, abs=1e-15)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never increases
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # never increases
     assert all(1e-3 * ratio - 1e-15 <= x <= 1e-3 + 1e-15 for x in lrs)
     if ratio < 1:
         assert lrs[1] < lrs[0]  # actually decays, right from the start
@@ -107,7 +107,7 @@ def test_warmup_ramps_linearly_to_lr(schedule):
     s = _sched(4, cycles=3, lr=8e-4, lr_schedule=schedule, warmup_visits=4, min_lr_ratio=0.25)
     lrs = _lrs(s)
     assert lrs[:4] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4])
-    steps = [b - a for a, b in zip(lrs[:4], lrs[1:4])]
+    steps = [b - a for a, b in zip(lrs[:4], lrs[1:4], strict=False)]  # consecutive pairs
     assert steps == pytest.approx([2e-4] * 3)
     assert lrs[0] > 0
     assert lrs[4] == pytest.approx(8e-4)  # decay starts at the full lr
@@ -116,7 +116,7 @@ def test_warmup_ramps_linearly_to_lr(schedule):
         assert lrs[4:] == pytest.approx([8e-4] * 8)
     else:
         assert lrs[-1] == pytest.approx(2e-4)
-        assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+        assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
 def test_lr_is_a_pure_function_of_the_round():

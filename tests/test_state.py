@@ -45,9 +45,9 @@ def _visit(tid: str, round_: int, new_version: int, block: int = 0, base: int = 
            t: float = 200.0) -> VisitRow:
     return VisitRow(round=round_, task_id=tid, client_id="c0", block_index=block, base_version=base,
                     new_version=new_version, blob_sha256=sha or _sha(100 + new_version), committed_unix=t,
-                    record=VisitStats(lr=1e-4, seed=2**62 + 1, bytes_down=0, bytes_up=0, loss_before=2.5, loss_after=2.25,
-                                      peak_memory_bytes=0, train_seconds=1.0, download_seconds=0.0, visit_seconds=1.0,
-                                      samples=4, tokens=128, device="cpu"))
+                    record=VisitStats(lr=1e-4, seed=2**62 + 1, bytes_down=0, bytes_up=0, loss_before=2.5,
+                                      loss_after=2.25, peak_memory_bytes=0, train_seconds=1.0, download_seconds=0.0,
+                                      visit_seconds=1.0, samples=4, tokens=128, device="cpu"))
 
 
 def _manifest_with(block: int, sha: str, base: list[str] = BASE) -> list[str]:
@@ -305,9 +305,10 @@ def test_data_persists_across_close_and_reopen(tmp_path):
         assert r.latest_version() == (1, m1)
         assert r.manifest(0) == BASE
         assert r.visits() == [v]
-        assert r.task("t0").status == "done"
+        t0 = r.task("t0")
+        assert t0 is not None and t0.status == "done"
         t1 = r.task("t1")
-        assert t1.status == "issued" and (t1.bytes_down, t1.bytes_up) == (10, 3)
+        assert t1 is not None and t1.status == "issued" and (t1.bytes_down, t1.bytes_up) == (10, 3)
         assert r.evals() == [(1, 1, 2.5)]
         # Reopening is not destructive and the state stays writable.
         r.add_version(2, BASE, 1)
@@ -355,8 +356,10 @@ def test_concurrent_commits_from_threads(tmp_path):
             t.join(10)
         assert errors == []
         assert [v.round for v in s.visits()] == list(range(n))
-        assert s.latest_version()[0] == n
-        assert all(s.task(f"t{i}").bytes_up == 5 for i in range(n))
+        latest = s.latest_version()
+        assert latest is not None and latest[0] == n
+        rows = [s.task(f"t{i}") for i in range(n)]
+        assert all(row is not None and row.bytes_up == 5 for row in rows)
     finally:
         s.close()
 

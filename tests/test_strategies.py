@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import grpc
 import pytest
@@ -11,19 +12,26 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import (ClientProcesses, Coordinators, address_of, assert_same_weights, register, wait_clients, wait_for,
-                      write_data)
-from fedcybgd.training import VisitHyper, initial_lora_adapter, train_full, train_lora
+from conftest import (
+    ClientProcesses,
+    Coordinators,
+    address_of,
+    assert_same_weights,
+    register,
+    wait_clients,
+    wait_for,
+    write_data,
+)
 from fedcybgd.common.blocks import block_tensors, partition_model
 from fedcybgd.common.codec import encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.data import load_packed
 from fedcybgd.server.config import ContextConfig, CoordinatorConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.export import export_version
-from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.records import VisitStats
+from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.strategies.fedavg import FedAvgRounds
-from fedcybgd.training.lora import LoraConfig, merge_adapter
 from fedcybgd.training import VisitHyper, initial_lora_adapter, train_full, train_lora
+from fedcybgd.training.lora import LoraConfig, merge_adapter
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -73,7 +81,8 @@ def _reference(finished):
             else:
                 results.append(train_lora(model, data_of[names[c.client_id]], hyper, rank=LORA.rank, alpha=LORA.alpha,
                                           adapter=adapter).tensors)
-        averaged = {name: sum(r[name].float() * 0.5 for r in results) for name in results[0]}
+        # (a tensor: results is not empty)
+        averaged = {name: cast(torch.Tensor, sum(r[name].float() * 0.5 for r in results)) for name in results[0]}
         if finished["strategy"] == "fedavg-full":
             with torch.no_grad():
                 for name, p in model.named_parameters():
@@ -135,7 +144,8 @@ def test_export_matches_the_coordinators_evaluation(finished, tmp_path):
     coordinator, status = finished["coordinator"], finished["status"]
     out = export_version(coordinator.state_dir, tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(str(out))
-    rebuilt = coordinator.store.build_model(coordinator.run.specs, coordinator.state.manifest(status.version), "float32")
+    rebuilt = coordinator.store.build_model(coordinator.run.specs, coordinator.state.manifest(status.version),
+                                            "float32")
     adapter = coordinator.adapter_of(status.version)
     if adapter:
         merge_adapter(rebuilt, safetensors.torch.load_file(str(coordinator.store.blobs.path(adapter))), LORA)
@@ -240,6 +250,7 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, c
                                                               for k, v in block_tensors(model, s).items()}))
                  for s in specs]
         row = coordinator.state.task(task.task_id)
+        assert row is not None
         # Stored as the upload path stores it, without the merge that would follow.
         coordinator.state.add_contribution(ContributionRow(
             task_id=row.id, round=row.round, slot=row.slot, client_id=row.client_id, blobs=blobs,
@@ -249,10 +260,13 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, c
                 client_name=name, device="cpu")))
         uploads.append(blobs)
     channel.close()
-    assert coordinator.state.latest_version()[0] == 0
+    before = coordinator.state.latest_version()
+    assert before is not None and before[0] == 0
     coordinators.stop(running)  # the crash, before any merge
     restarted = coordinators.start(config)
-    latest, manifest = restarted.coordinator.state.latest_version()
+    after = restarted.coordinator.state.latest_version()
+    assert after is not None
+    latest, manifest = after
     assert latest == 1 and restarted.coordinator.rounds_done == 1
     for spec, sha in zip(specs, manifest, strict=True):
         merged = safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(sha)))

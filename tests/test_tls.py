@@ -96,17 +96,18 @@ def test_tokens_are_checked_and_bound_to_their_site(coordinator, pki):
     _, md0 = _register(site0)
     _, md1 = _register(site1)
     assert _code(lambda: site0.GetTask(pb.GetTaskRequest(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
-    assert _code(lambda: site0.GetTask(pb.GetTaskRequest(), metadata=(("authorization", "Bearer forged"),), timeout=10)) \
-        == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(lambda: site0.GetTask(pb.GetTaskRequest(), metadata=(("authorization", "Bearer forged"),),
+                                       timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
     # site-1's token presented over site-0's certificate: a stolen token is useless elsewhere.
-    assert _code(lambda: site0.GetTask(pb.GetTaskRequest(), metadata=md1, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    assert _code(lambda: site0.GetTask(pb.GetTaskRequest(), metadata=md1, timeout=10)) \
+        == grpc.StatusCode.PERMISSION_DENIED
 
     task0 = site0.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md0, timeout=10).task
     task1 = site1.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md1, timeout=10).task
     assert task0.task_id and task1.task_id and task0.block_index != task1.block_index
     # Least privilege: a site reads and writes only for its own task.
-    assert _code(lambda: list(site0.DownloadModel(pb.DownloadRequest(task_id=task1.task_id), metadata=md0, timeout=10))) \
-        == grpc.StatusCode.PERMISSION_DENIED
+    assert _code(lambda: list(site0.DownloadModel(pb.DownloadRequest(task_id=task1.task_id), metadata=md0,
+                                                  timeout=10))) == grpc.StatusCode.PERMISSION_DENIED
     header = pb.UploadHeader(task_id=task1.task_id, block_index=task1.block_index, base_version=task1.base_version,
                              blob_sha256="0" * 64, blob_size=10)
     assert _code(lambda: site0.UploadBlock(iter([pb.UploadMessage(header=header)]), metadata=md0, timeout=10)) \
@@ -121,9 +122,10 @@ def test_operator_calls_need_operator_credentials(coordinator, pki):
     site0 = _site(coordinator, pki, "site-0")
     _, md0 = _register(site0)
     assert _code(lambda: site0.GetStatus(pb.GetStatusRequest(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
-    assert _code(lambda: site0.GetStatus(pb.GetStatusRequest(), metadata=md0, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
-    assert _code(lambda: site0.GetStatus(pb.GetStatusRequest(), metadata=(("authorization", "Bearer nope"),), timeout=10)) \
-        == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(lambda: site0.GetStatus(pb.GetStatusRequest(), metadata=md0, timeout=10)) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    assert _code(lambda: site0.GetStatus(pb.GetStatusRequest(), metadata=(("authorization", "Bearer nope"),),
+                                         timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
     by_token = site0.GetStatus(pb.GetStatusRequest(), metadata=(("authorization", f"Bearer {OPERATOR}"),), timeout=10)
     operator = _stub(coordinator, good / "ca.pem", good / "operator.pem", good / "operator.key")
     by_certificate = operator.GetStatus(pb.GetStatusRequest(), timeout=10)

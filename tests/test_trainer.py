@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -26,13 +28,13 @@ SEQ_LEN = 32
 
 
 @pytest.fixture(scope="module")
-def sequences() -> torch.LongTensor:
+def sequences() -> torch.Tensor:
     ids = tokenize_documents([Document(text=TINY_TEXT[:8000])], make_byte_tokenizer())
     return pack_sequences(ids, SEQ_LEN)
 
 
 def hyper(**kw) -> VisitHyper:
-    base = dict(lr=1e-2, steps=4, batch_size=4, seq_len=SEQ_LEN, seed=0)
+    base: dict[str, Any] = dict(lr=1e-2, steps=4, batch_size=4, seq_len=SEQ_LEN, seed=0)
     base.update(kw)
     return VisitHyper(**base)
 
@@ -97,9 +99,13 @@ def test_visit_is_bit_identical_when_repeated(sequences):
     results, step_losses = [], []
     for _ in range(2):
         model = make_tiny_model("llama", seed=3)
-        losses = []
+        losses: list[float] = []
+
+        def on_step(i: int, loss: float, out: list[float] = losses) -> None:
+            out.append(loss)
+
         results.append(train_block(model, spec_named(model, "layers.0"), sequences, hyper(seed=5),
-                                   on_step=lambda i, loss, out=losses: out.append(loss)))
+                                   on_step=on_step))
         step_losses.append(losses)
     a, b = results
     assert a.tensors.keys() == b.tensors.keys()
@@ -403,7 +409,8 @@ def count_calls(modules):
 def test_cache_skips_the_layers_below_on_recurring_rows(sequences):
     seqs, h = sequences[:8], hyper(steps=8)  # 2 steps per epoch: 4 epochs
     calls = {}
-    for options in (dict(), dict(cache_block_inputs=True)):
+    variants: tuple[dict[str, Any], ...] = (dict(), dict(cache_block_inputs=True))
+    for options in variants:
         model = make_tiny_model("llama")
         layers = model.model.layers
         counts, handles = count_calls([model.model.embed_tokens, *layers])
@@ -484,7 +491,8 @@ def test_checkpointing_recomputes_the_layers_above_and_keeps_only_their_inputs(s
     for ckpt in (False, True):
         model = make_tiny_model("llama")
         spec = spec_named(model, "layers.1")
-        runs[ckpt] = saved_per_layer(model, lambda: train_block(model, spec, sequences, h, checkpoint_above=ckpt))
+        runs[ckpt] = saved_per_layer(model, lambda model=model, spec=spec, ckpt=ckpt:
+                                     train_block(model, spec, sequences, h, checkpoint_above=ckpt))
         assert_clean(model)
         assert all("forward" not in vars(layer) for layer in model.model.layers)  # the wrapping is undone
     (plain_saved, plain_calls), (ckpt_saved, ckpt_calls) = runs[False], runs[True]
@@ -505,7 +513,9 @@ def test_decoder_stack_is_known_only_where_replay_is_exact():
         stack = decoder_stack(model)
         assert stack is not None and len(stack.layers) == 4, arch
     model = make_tiny_model("llama")
-    model.config.model_type = "gemma2"  # e.g. logit soft-capping between head and loss: not in the table
+    # e.g. logit soft-capping between head and loss: not in the table. (transformers types model_type
+    # a ClassVar; here one instance's config claims another architecture on purpose.)
+    model.config.model_type = "gemma2"  # type: ignore[misc]
     assert decoder_stack(model) is None
 
 
@@ -551,7 +561,8 @@ def test_train_full_is_deterministic_and_follows_lr_at(sequences):
 
 
 def modules_and_state(model):
-    return ({n: type(m) for n, m in model.named_modules()} | {"config": model.config.to_dict(), "attrs": set(vars(model))},
+    return ({n: type(m) for n, m in model.named_modules()}
+            | {"config": model.config.to_dict(), "attrs": set(vars(model))},
             {k: v.clone() for k, v in model.state_dict().items()})
 
 
