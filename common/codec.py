@@ -8,17 +8,12 @@ chunks mean a receiver can verify, resume and bound each one separately.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import functools
 import hashlib
-import itertools
-import os
-import threading
 import zlib
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import safetensors.torch
@@ -47,8 +42,6 @@ GRPC_CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -79,7 +72,6 @@ def encode_chunks(
     start: int = 0,
     word_size: int = 1,
     delta: tuple[str, Buffer] | None = None,
-    workers: int = 1,
 ) -> Generator[pb.Chunk, None, None]:
     """Cut `data` into chunks from raw offset `start` and encode each one.
 
@@ -89,11 +81,6 @@ def encode_chunks(
     no receiver time is spent on bytes that cannot compress. With `delta` = (sha256, bytes of an
     older version of the same block, as long as `data`) each chunk carries the XOR against it:
     weights a visit changed keep their sign and exponent, so the XOR is mostly zero bits.
-
-    `workers` > 1 encodes up to that many chunks at once, a few ahead of the consumer, in the
-    process's codec threads (zstd, numpy and CRC release the GIL): the same chunks, byte for
-    byte, in the same order. Closing the generator early waits for the chunks in progress, so
-    no view of `data` is left behind (the caller may then close a memory map).
     """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % 8:
         raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
@@ -104,10 +91,7 @@ def encode_chunks(
     encode = functools.partial(_encode_chunk, blob_sha256, view, chunk_bytes, codec, level, word_size,
                                delta[0] if delta is not None else "", base)
     offsets = range(start, len(view), chunk_bytes)
-    if workers <= 1:
-        yield from map(encode, offsets)
-    else:
-        yield from _in_order(encode, offsets, workers)
+    yield from map(encode, offsets)
 
 
 def _encode_chunk(blob_sha256: str, view: memoryview, chunk_bytes: int, codec: int, level: int, word_size: int,
@@ -131,41 +115,6 @@ def _encode_chunk(blob_sha256: str, view: memoryview, chunk_bytes: int, codec: i
                 payload, used = packed, pb.CODEC_BYTEGROUP
         return pb.Chunk(blob_sha256=blob_sha256, offset=offset, raw_size=size, codec=used,
                         data=raw.tobytes() if payload is None else payload, crc32=crc, delta_base=base_sha256)
-
-
-#: Codec work in flight per worker beyond the one being consumed: enough to keep the threads busy
-#: while the consumer does its part (network, hashing, disk).
-_LOOKAHEAD = 2
-_pool_lock = threading.Lock()
-_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
-
-
-def _codec_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's codec threads, one per CPU it may use: however many streams ask for
-    workers, codec work never runs on more threads than that (a forked child gets its own)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="codec"))
-        return _pool[1]
-
-
-def _in_order(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """map(fn, items) with up to `workers` calls running at once in the codec threads; results
-    in order. Whatever way the consumer stops, nothing started is left running."""
-    pool, items = _codec_pool(), iter(items)
-    pending: collections.deque[concurrent.futures.Future[R]] = collections.deque()
-    try:
-        pending.extend(pool.submit(fn, item) for item in itertools.islice(items, _LOOKAHEAD * workers))
-        while pending:
-            result = pending.popleft().result()
-            pending.extend(pool.submit(fn, item) for item in itertools.islice(items, 1))
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
-        concurrent.futures.wait(pending)
 
 
 def decode_chunk(chunk: pb.Chunk, delta: Buffer | None = None) -> bytes:
@@ -249,13 +198,6 @@ class BlobAssembler:
     The sink (a `BlobWriter`) hashes what it is given and checks the SHA-256 on commit; the
     assembler checks order, bounds and each chunk's CRC. `received` starts above zero when a
     broken transfer resumes, and counts the bytes of the chunks accepted so far.
-
-    With `workers` > 1, `add` checks a chunk and hands it to the process's codec threads, up to
-    that many at once (a few more queued), and returns; decoded chunks reach the sink in order
-    during later calls, and `verify` waits for the rest. A chunk that does not decode then raises
-    its CodecError from a later `add` or from `verify`; the sink never sees it or anything after
-    it. Only bytes the sink was given are verified (a resumed transfer starts from the sink's
-    size, not from `received`).
     """
 
     sha256: str
@@ -264,15 +206,9 @@ class BlobAssembler:
     received: int = 0
     #: Bytes of a blob the receiver holds, by SHA-256, for delta chunks (KeyError: not usable).
     delta_source: Callable[[str], Buffer] | None = None
-    #: Chunks decoded at once in the codec threads; 1: each within its `add`, in the caller's thread.
-    workers: int = 1
-    _pending: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
     _spare: list = field(default_factory=list, init=False, repr=False)
-    _failed: CodecError | None = field(default=None, init=False, repr=False)
 
     def add(self, chunk: pb.Chunk) -> None:
-        if self._failed is not None:
-            raise CodecError(f"blob {self.sha256[:12]}: an earlier chunk did not decode") from self._failed
         if chunk.blob_sha256 != self.sha256:
             raise CodecError(f"chunk for blob {chunk.blob_sha256[:12]} while receiving {self.sha256[:12]}")
         if chunk.offset != self.received:
@@ -291,48 +227,17 @@ class BlobAssembler:
         if delta is not None:
             base = memoryview(delta)[chunk.offset : chunk.offset + chunk.raw_size]
         out = self._spare.pop() if self._spare else np.empty(min(self.size, MAX_CHUNK_BYTES), dtype=np.uint8)
-        if self.workers <= 1:
-            raw = _decode(chunk, base, out)
-            self.sink.write(raw)
-            self._spare.append(out)
-            self.received += chunk.raw_size
-            return
-        # A copy of the base: no view of the caller's (memory-mapped) blob outlives this call.
-        base = bytes(base) if base is not None else None
-        self._pending.append((_codec_pool().submit(_decode, chunk, base, out), out))
+        raw = _decode(chunk, base, out)
+        self.sink.write(raw)
+        self._spare.append(out)
         self.received += chunk.raw_size
-        self._drain(_LOOKAHEAD * self.workers)
-
-    def _drain(self, keep: int) -> None:
-        """Hand decoded chunks to the sink, in order, until at most `keep` are in progress."""
-        while self._pending and (len(self._pending) > keep or self._pending[0][0].done()):
-            future, out = self._pending.popleft()
-            try:
-                raw = future.result()
-            except CodecError as exc:
-                self.close()
-                self._failed = exc
-                raise
-            self.sink.write(raw)
-            self._spare.append(out)
-
-    def close(self) -> None:
-        """Drop the chunks still being decoded (after a failure), waiting for those in progress."""
-        futures = [future for future, _ in self._pending]
-        self._pending.clear()
-        for future in futures:
-            future.cancel()
-        concurrent.futures.wait(futures)
 
     @property
     def complete(self) -> bool:
         return self.received == self.size
 
     def verify(self) -> None:
-        """Wait for the chunks still being decoded and write them; raise unless all arrived."""
-        if self._failed is not None:
-            raise CodecError(f"blob {self.sha256[:12]}: a chunk did not decode") from self._failed
-        self._drain(0)
+        """Raise unless all chunks arrived."""
         if not self.complete:
             raise CodecError(f"blob {self.sha256[:12]}: {self.received} of {self.size} bytes received")
 

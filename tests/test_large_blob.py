@@ -4,12 +4,12 @@ A child process (so that its memory is its own) writes a canonical safetensors b
 tensor with more than 2 GiB of weight-like data piece by piece into a BlobStore, then streams it
 as the coordinator and the client do: the blob memory-mapped, `encode_chunks` with the
 byte-grouping codec, every chunk serialized to bytes and parsed back (the wire), `BlobAssembler`
-into another store's `BlobWriter`, SHA-256 checked on commit. Once as a whole blob (the codec in
-the caller's thread), once as the XOR against an older version of the block (codec threads on
-both ends). A thread samples the child's anonymous memory (RssAnon: the heap, not the file
-pages of the memory map or the page cache) every 20 ms; the test requires its peak to stay far
-below the tensor's size, and prints it. It needs about 7 GB of disk in the temporary directory
-for a minute (the two versions of the blob and the received copy).
+into another store's `BlobWriter`, SHA-256 checked on commit. Once as a whole blob, once as the
+XOR against an older version of the block. A thread samples the child's anonymous memory
+(RssAnon: the heap, not the file pages of the memory map or the page cache) every 20 ms; the
+test requires its peak to stay far below the tensor's size, and prints it. It needs about 7 GB
+of disk in the temporary directory for a minute (the two versions of the blob and the received
+copy).
 
     .venv/bin/python tests/test_large_blob.py DIR     # the child alone, figures as JSON
 """
@@ -171,15 +171,15 @@ def _child(tmp: Path) -> dict:
     del base, noise
     figures: dict[str, Any] = {"tensor_bytes": TENSOR_BYTES, "blob_bytes": size, "baseline_rss_anon": sampler.now()}
 
-    def stream(name: str, workers: int, delta: bool) -> None:
+    def stream(name: str, delta: bool) -> None:
         sampler.reset()
         started = time.monotonic()
         chunks = wire = 0
         with sender.open_mmap(new) as blob, sender.open_mmap(old) as older:
             writer = receiver.writer(new, size)
             assembler: BlobAssembler | None  # dropped before the commit
-            assembler = BlobAssembler(new, size, writer, workers=workers, delta_source={old: older}.__getitem__)
-            for chunk in encode_chunks(new, blob, codec=pb.CODEC_BYTEGROUP, word_size=2, workers=workers,
+            assembler = BlobAssembler(new, size, writer, delta_source={old: older}.__getitem__)
+            for chunk in encode_chunks(new, blob, codec=pb.CODEC_BYTEGROUP, word_size=2,
                                        delta=(old, older) if delta else None):
                 message = chunk.SerializeToString()  # what travels
                 del chunk
@@ -193,13 +193,13 @@ def _child(tmp: Path) -> dict:
         with open(receiver.path(new), "rb") as f:
             while piece := f.read(1 << 20):
                 digest.update(piece)
-        figures[name] = {"workers": workers, "chunks": chunks, "wire_bytes": wire,
+        figures[name] = {"chunks": chunks, "wire_bytes": wire,
                          "identical": digest.hexdigest() == new and receiver.size(new) == size,
                          "peak_rss_anon": sampler.peak(), "seconds": round(time.monotonic() - started, 1)}
         receiver.path(new).unlink()
 
-    stream("whole", workers=1, delta=False)
-    stream("delta", workers=2, delta=True)
+    stream("whole", delta=False)
+    stream("delta", delta=True)
     figures["peak_rss_anon"] = sampler.overall()
     return figures
 
