@@ -22,7 +22,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM
 from conftest import (
     ClientProcesses,
     CoordinatorProcess,
+    Metadata,
     assert_matches_reference,
     register,
     state_blob_path,
@@ -170,6 +171,23 @@ def check_reference(model_dir: Path, state_dir: Path, state: SqliteState, data_o
     _, manifest = latest
     assert_matches_reference(model_dir, schedule, training, [data_of_name[names[v.client_id]] for v in state.visits()],
                              manifest, state_blob_path(state_dir), error=WeightsDiffer)
+
+
+class OtherSite(NamedTuple):
+    channel: grpc.Channel
+    stub: pb_grpc.CoordinatorStub
+    metadata: Metadata
+    task: pb.Task
+
+
+def another_site_takes_round_0(coordinator: CoordinatorProcess) -> OtherSite:
+    """A new site registers and asks for work: it must be handed the silent client's round 0."""
+    channel = coordinator.channel()
+    stub = pb_grpc.CoordinatorStub(channel)
+    _, metadata = register(stub, "other-site", device_kind="cpu")
+    taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
+    assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
+    return OtherSite(channel, stub, metadata, taken.task)
 
 
 def all_tasks(state: SqliteState) -> list[TaskRow]:
@@ -515,11 +533,7 @@ def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(
     # Another site asks for work after the task timeout (counted from the restart: the
     # coordinator's downtime is not the client's silence): the silent client's round goes to it.
     time.sleep(max(0.0, max(frozen_at, restarted_at) + TASK_TIMEOUT_S + 0.5 - time.monotonic()))
-    channel = coordinator.channel()
-    stub = pb_grpc.CoordinatorStub(channel)
-    other, metadata = register(stub, "other-site", device_kind="cpu")
-    taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-    assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
+    channel, stub, metadata, handed = another_site_takes_round_0(coordinator)
     # The client wakes up; its download breaks and is retried against the restarted coordinator.
     os.kill(client.pid, signal.SIGCONT)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -568,11 +582,7 @@ def test_client_withdrawn_mid_training_then_given_the_round_again_trains_from_th
     assert not objects(cache) - objects(store), "the client finished training before it was frozen"
     # Stalled past the task timeout (and past the first heartbeat's 5 s): the round goes elsewhere.
     time.sleep(5.5)
-    channel = coordinator.channel()
-    stub = pb_grpc.CoordinatorStub(channel)
-    other, metadata = register(stub, "other-site", device_kind="cpu")
-    taken = stub.GetTask(pb.GetTaskRequest(wait_seconds=0), metadata=metadata, timeout=10)
-    assert taken.WhichOneof("outcome") == "task" and taken.task.round == 0
+    channel, stub, metadata, handed = another_site_takes_round_0(coordinator)
     # The client wakes up, learns from its heartbeat that the task is gone and drops the visit;
     # the other site never comes back, so after the timeout round 0 returns to the client.
     os.kill(client.pid, signal.SIGCONT)
@@ -584,11 +594,11 @@ def test_client_withdrawn_mid_training_then_given_the_round_again_trains_from_th
     assert coordinator.wait(timeout=90) == 0
     state = SqliteState(state_dir / "state.sqlite")
     try:
-        first_task, taken_task = state.task(first.task_id), state.task(taken.task.task_id)
+        first_task, taken_task = state.task(first.task_id), state.task(handed.task_id)
         assert first_task is not None and first_task.status == "expired"
         assert taken_task is not None and taken_task.status == "expired"
         visits = state.visits()
-        assert visits[0].client_id == first.client_id and visits[0].task_id not in (first.task_id, taken.task.task_id)
+        assert visits[0].client_id == first.client_id and visits[0].task_id not in (first.task_id, handed.task_id)
         check_history(state, state_dir, 2)
         check_reference(model_dir, state_dir, state, {"site-0": data[0]}, schedule, training)
     finally:
