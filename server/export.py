@@ -30,6 +30,9 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
         store = ModelStore(state_dir)
         adapter, lora = state.get_meta(f"adapter:{version}"), state.get_meta("lora")
         merge = None
+        if adapter and not lora:
+            raise ValueError(f"version {version} has a LoRA adapter but the run stored no LoRA settings "
+                             "(a state directory from an older release): cannot merge it")
         if adapter and lora:
             tensors = safetensors.torch.load_file(str(store.blobs.path(adapter)))
             settings = lora_from_meta(lora)
