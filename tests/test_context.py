@@ -216,10 +216,13 @@ def test_a_run_with_lossy_context_completes_and_learns(tiny_model_dir, tmp_path,
                                  training=TrainingConfig(local_steps=4, batch_size=2, seq_len=32),
                                  context=ContextConfig(method=method),
                                  eval=EvalConfig(data=str(eval_path), max_sequences=16))
-    procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
-                           "--base-model", str(tiny_model_dir)) for i in range(2)]
-    wait_clients(procs, timeout=240)
     coordinator = running.coordinator
+    # Each site makes half the visits: both train on approximations of the other's blocks, whichever
+    # starts first (one fast site alone would hold every version exactly and never need one).
+    half = str(coordinator.schedule.total_rounds // 2)
+    procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}",
+                           "--base-model", str(tiny_model_dir), "--max-visits", half) for i in range(2)]
+    wait_clients(procs, timeout=240)
     wait_for(lambda: coordinator.finished, 60, "the run to finish")
     status = coordinator.status(pb.GetStatusRequest())
     assert len(status.visits) == status.total_rounds
