@@ -28,7 +28,7 @@ class StatusReport:
         visits = self._state.visits()
         names = {c.id: c.name for c in self._state.clients()}
         in_flight = self._state.tasks_with_status("issued")
-        changed = [(v, self._strategy.blobs_of(v)) for v in visits]
+        changed = [(v, set(self._strategy.trained_blocks(v))) for v in visits]
         blocks = []
         for spec, sha in zip(self._run.specs, manifest, strict=True):
             mine = [v for v, blobs in changed if spec.index in blobs]

@@ -17,6 +17,7 @@ from fedcybgd.server.enrolment import int64
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.history import CompletedRounds
 from fedcybgd.server.metrics import CoordinatorMetrics
+from fedcybgd.server.records import Opening
 from fedcybgd.server.state import ClientRow, CoordinatorState, TaskRow, current_version
 from fedcybgd.server.strategies import Strategy
 
@@ -85,7 +86,7 @@ class TaskBoard:
                     return TaskOffer(wait_reason="all open blocks are being trained")
                 self._lock.wait(timeout=min(remaining, 1.0))
 
-    def _issue(self, client: ClientRow, opening) -> TaskRow:
+    def _issue(self, client: ClientRow, opening: Opening) -> TaskRow:
         latest, _ = current_version(self._state)
         now = time.time()
         task = TaskRow(id=self._strategy.task_id(opening), round=opening.round, block_index=opening.block_index,

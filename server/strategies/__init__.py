@@ -15,10 +15,15 @@ Adding a strategy: one module here with one `Strategy` subclass, one line in `ST
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fedcybgd.server.strategies.base import Strategy, StrategyEnv
 from fedcybgd.server.strategies.block_cycle import BlockCycle, ParallelBlockCycle
 from fedcybgd.server.strategies.fedavg import FedAvgFull
 from fedcybgd.server.strategies.fedlora import FedLoRA
+
+if TYPE_CHECKING:
+    from fedcybgd.server.config import CoordinatorConfig
 
 #: name (the `strategy` setting) -> class
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -31,5 +36,5 @@ STRATEGIES: dict[str, type[Strategy]] = {
 __all__ = ["STRATEGIES", "Strategy", "StrategyEnv", "make_strategy"]
 
 
-def make_strategy(config) -> Strategy:  # config: CoordinatorConfig (imported lazily by it)
+def make_strategy(config: CoordinatorConfig) -> Strategy:
     return STRATEGIES[config.strategy](config)

@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from abc import abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -168,8 +169,8 @@ class FedAvgFamily(Strategy):
             weights = [min(max(c.record.samples, 1), tr.local_steps * tr.batch_size) for c in contributions]
             _, manifest = current_version(env.state)
             average = self.average([(w, c.blobs) for w, c in zip(weights, contributions, strict=True)], manifest)
-            tasks = [env.state.task(c.task_id) for c in contributions]
-            first_issued = min(t.issued_unix for t in tasks if t is not None)
+            tasks = [t for t in (env.state.task(c.task_id) for c in contributions) if t is not None]
+            first_issued = min(t.issued_unix for t in tasks)
             stats = VisitStats.averaged([c.record for c in contributions], lr=self.schedule.lr_of(round_),
                                         visit_seconds=time.time() - first_issued)
             with env.lock:
@@ -178,7 +179,7 @@ class FedAvgFamily(Strategy):
                     env.state.set_meta({k.format(version=latest + 1): v for k, v in average.meta.items()})
                 last = contributions[-1]
                 visit = VisitRow(round=round_, task_id=last.task_id, client_id=last.client_id,
-                                 block_index=ALL_BLOCKS, base_version=tasks[-1].base_version if tasks[-1] else latest,
+                                 block_index=ALL_BLOCKS, base_version=tasks[-1].base_version,
                                  new_version=latest + 1, blob_sha256=average.blob_sha256, committed_unix=time.time(),
                                  record=stats)
                 env.commits.merge(visit, average.manifest, average.changed)
@@ -216,3 +217,6 @@ class FedAvgFull(FedAvgFamily):
 
     def blobs_of(self, visit: VisitRow) -> dict[int, str]:
         return dict(enumerate(self.env.state.manifest(visit.new_version)))
+
+    def trained_blocks(self, visit: VisitRow) -> Iterable[int]:
+        return range(len(self.env.run.specs))  # every block, without reading the round's manifest
