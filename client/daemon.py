@@ -150,7 +150,7 @@ class ClientDaemon:
         for spec in specs:
             self.cache.put(serialize_block(block_tensors(base, spec)))
         del base
-        log.info("seeded the block cache from base weights in %s", self.config.base_model)
+        log.info("seeded the block cache from base weights in %s", base_model)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -181,7 +181,6 @@ class ClientDaemon:
                 except TaskRefused as err:
                     # This client cannot do the run's tasks (a newer coordinator, another strategy): it stops, so
                     # that its heartbeats stop and the coordinator reassigns the task to a client that can.
-                    self.metrics.visits.labels(outcome="refused").inc()
                     log.error("%s; stopping: this client cannot take part in this run", err)
                     raise
                 finally:

@@ -39,7 +39,7 @@ class ClientMetrics:
             gpu.labels(kind=kind).set_function(read if cuda else (lambda: 0))
         if cuda:
             self._add_nvml(device)
-        for outcome in ("completed", "withdrawn", "refused"):
+        for outcome in ("completed", "withdrawn"):
             self.visits.labels(outcome=outcome)
         for direction in ("down", "up"):
             self.transfer_bytes.labels(direction=direction)

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from fedcybgd.client.transfer import OutgoingBlob
+from fedcybgd.client.transfer import UploadBlob
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec
 from fedcybgd.common.codec import serialize_block
@@ -41,7 +41,7 @@ class TrainedUpload:
     """What a trained task sends back: its blobs in upload order, the header fields that announce them, and the
     visit's figures."""
 
-    blobs: list[OutgoingBlob]
+    blobs: list[UploadBlob]
     announced: pb.UploadHeader  # only the blob fields: block_index/blob_sha256/blob_size, or blobs
     result: VisitResult
 
@@ -70,13 +70,13 @@ class VisitContext:
     checkpoint_above: bool = False
     cache_block_inputs: bool = False
 
-    def outgoing(self, data: bytes, words: int, started: str) -> OutgoingBlob:
+    def outgoing(self, data: bytes, words: int, started: str) -> UploadBlob:
         """Keep a trained blob in the cache and describe its upload: as a delta against ``started``, the version the
         visit started from (which the coordinator holds), when the codec groups bytes and the two have the same
         layout. A coordinator that announced no byte grouping gets the plain blob."""
         sha = self.cache.put(data)
         delta = self.upload_codec == pb.CODEC_BYTEGROUP and len(data) == self.cache.size(started)
-        return OutgoingBlob(sha, data, words, started if delta else None)
+        return UploadBlob(sha, data, words, started if delta else None)
 
 
 class TaskHandler(ABC):

@@ -22,7 +22,7 @@ Metadata = Sequence[tuple[str, str]]
 
 
 @dataclass(frozen=True)
-class OutgoingBlob:
+class UploadBlob:
     """One trained blob to upload, already in the client's cache under ``sha256``."""
 
     sha256: str
@@ -120,7 +120,7 @@ def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:
 
 
 def upload_blobs(stub: pb_grpc.CoordinatorStub, metadata: Metadata, header: pb.UploadHeader,
-                 blobs: Sequence[OutgoingBlob], cache: BlobStore, chunk_bytes: int,
+                 blobs: Sequence[UploadBlob], cache: BlobStore, chunk_bytes: int,
                  codec: int) -> tuple[pb.UploadResponse, int]:
     """Send the header, then each blob's chunks, in order. Encoded as it streams, so a whole model's upload is never
     held encoded in memory; returns (the coordinator's answer, bytes on the wire)."""

@@ -1,5 +1,6 @@
 """Checking a stored blob against the block it claims to be: names, shapes, dtypes, finite
-values. Both sides use it on what a peer sent before it is trusted."""
+values. The coordinator checks every uploaded blob with it before the blob is published; it
+lives with the block code because it knows only blocks, not the coordinator."""
 from __future__ import annotations
 
 import math
