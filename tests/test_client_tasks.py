@@ -11,7 +11,8 @@ from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.daemon import ClientDaemon
 from fedcybgd.client.tasks import HANDLERS, TaskRefused, VisitContext, handler_for, visit_hyper_from_proto
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.modeling import TOKENIZER_FILES
+from fedcybgd.server.config import CoordinatorConfig
+from fedcybgd.server.coordinator import Coordinator
 from fedcybgd.training import VisitHyper
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
@@ -31,11 +32,11 @@ def test_a_task_of_unknown_kind_is_refused(kind, named):
 
 def test_a_refused_task_downloads_nothing(tmp_path):
     daemon = ClientDaemon(ClientConfig(coordinator="127.0.0.1:9", data=str(tmp_path / "none.txt"), insecure=True,
-                                       cache_dir=str(tmp_path / "cache")))
+                                       cache_dir=str(tmp_path / "cache"), retry_seconds=0))
     try:
-        with pytest.raises(TaskRefused):
-            daemon.visit(pb.Task(task_id="t-1", kind=pb.TASK_KIND_UNSPECIFIED))  # the stub would fail: no server
-        assert daemon._task_id == "" and daemon._phase == "idle"
+        with pytest.raises(TaskRefused):  # (a download would fail at once: no server, no retries)
+            daemon.visit(pb.Task(task_id="t-1", kind=pb.TASK_KIND_UNSPECIFIED))
+        assert daemon._task_id == "" and daemon._phase == "idle" and list(daemon.cache) == []
     finally:
         daemon.channel.close()
 
@@ -71,17 +72,19 @@ class _InfoStub:
 
 
 def test_a_partition_other_than_the_coordinators_is_refused(tmp_path, tiny_model_dir):
-    files = {name: (tiny_model_dir / name).read_bytes() for name in TOKENIZER_FILES if (tiny_model_dir / name).exists()}
+    coordinator = Coordinator(CoordinatorConfig(insecure=True, model=str(tiny_model_dir),
+                                                state_dir=str(tmp_path / "state")))
+    info = coordinator.model_info()  # the coordinator's real answer, handed over without a server
+    coordinator.close()
     daemon = ClientDaemon(ClientConfig(coordinator="127.0.0.1:9", data=str(tmp_path / "none.txt"), insecure=True,
                                        cache_dir=str(tmp_path / "cache"), device="cpu"))
     try:
-        info = pb.ModelInfo(model_id="m" * 64, config_json=(tiny_model_dir / "config.json").read_text(),
-                            tokenizer_files=files, tokenizer_codec=pb.CODEC_NONE, dtype="float32",
-                            layers_per_block=1, num_blocks=99)
+        assert info.num_blocks == 5  # the tiny llama: 4 decoder layers + embed_head
+        info.num_blocks = 99
         daemon.stub = cast(pb_grpc.CoordinatorStub, _InfoStub(info))  # a test double: GetModelInfo only
         with pytest.raises(ValueError, match="into 99 blocks of 1 decoder layers, this client into"):
             daemon._prepare_model()
-        info.num_blocks = 5  # the tiny llama: 4 decoder layers + embed_head
+        info.num_blocks = 5
         daemon._prepare_model()
         assert daemon.resident is not None and len(daemon.resident.specs) == 5
     finally:

@@ -7,6 +7,7 @@ import random
 import struct
 import tracemalloc
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -526,3 +527,76 @@ def test_tiny_chunks_are_refused_except_a_blobs_last():
     with pytest.raises(ValueError):
         list(encode_chunks(sha, data, chunk_bytes=MIN_CHUNK_BYTES - 1))
 
+
+
+# ------------------------------------------------------------------ serial round trips of every variant
+
+
+def _weights(n: int, seed: int = 0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+
+
+def _variants() -> list[tuple[bytes, dict[str, Any]]]:
+    old = _weights(40_000, seed=1)
+    changed = bytearray(old)
+    changed[::7] = bytes(len(changed[::7]))
+    new = bytes(changed) + _random_bytes(CB) + _compressible(CB + 9)
+    old = old + _random_bytes(CB, seed=9) + _compressible(CB + 9)
+    return [
+        (new, {"codec": pb.CODEC_ZSTD}),
+        (new, {"codec": pb.CODEC_BYTEGROUP, "word_size": 2}),
+        (new, {"codec": pb.CODEC_BYTEGROUP, "word_size": 2, "start": 2 * CB}),
+        (new, {"codec": pb.CODEC_BYTEGROUP, "word_size": 2, "delta": (sha256_hex(old), old)}),
+        (new, {"codec": pb.CODEC_NONE, "delta": (sha256_hex(old), memoryview(old))}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_every_variant_round_trips(case):
+    data, kw = _variants()[case]
+    sha = sha256_hex(data)
+    chunks = list(encode_chunks(sha, data, chunk_bytes=CB, **kw))
+    delta = kw.get("delta")
+    sink = Sink()
+    asm = BlobAssembler(sha, len(data), sink, received=kw.get("start", 0),
+                        delta_source={delta[0]: delta[1]}.__getitem__ if delta else None)
+    for c in chunks:
+        asm.add(c)
+    assert asm.complete
+    asm.verify()
+    assert bytes(sink.buf) == data[kw.get("start", 0):]
+
+
+@pytest.mark.parametrize("bad", [0, 3, 7])
+def test_a_bad_chunk_is_refused_and_nothing_after_it_is_written(bad):
+    data = _weights(12 * CB // 2, seed=4)
+    sha = sha256_hex(data)
+    chunks = list(encode_chunks(sha, data, chunk_bytes=CB, codec=pb.CODEC_BYTEGROUP, word_size=2))
+    chunks[bad].crc32 ^= 1
+    sink = Sink()
+    asm = BlobAssembler(sha, len(data), sink)
+    with pytest.raises(CodecError, match="CRC"):
+        for c in chunks:
+            asm.add(c)
+        asm.verify()
+    assert bytes(sink.buf) == data[: bad * CB]  # the good chunks before it, in order, and nothing else
+    with pytest.raises(CodecError):
+        asm.verify()
+
+
+def test_the_assembler_keeps_order_and_bounds_checks_in_add():
+    data = _weights(5 * CB // 2, seed=2)
+    sha = sha256_hex(data)
+    chunks = list(encode_chunks(sha, data, chunk_bytes=CB, codec=pb.CODEC_BYTEGROUP, word_size=2))
+    asm = BlobAssembler(sha, len(data), Sink())
+    with pytest.raises(CodecError, match="offset"):
+        asm.add(chunks[1])
+    asm.add(chunks[0])
+    with pytest.raises(CodecError, match="offset"):
+        asm.add(chunks[0])
+    other = BlobAssembler(sha, len(data) - 1, Sink())
+    for c in chunks[:-1]:
+        other.add(c)
+    with pytest.raises(CodecError, match="size"):
+        other.add(chunks[-1])

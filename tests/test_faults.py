@@ -533,7 +533,7 @@ def test_client_survives_its_task_reassigned_while_the_coordinator_was_down(
     # Another site asks for work after the task timeout (counted from the restart: the
     # coordinator's downtime is not the client's silence): the silent client's round goes to it.
     time.sleep(max(0.0, max(frozen_at, restarted_at) + TASK_TIMEOUT_S + 0.5 - time.monotonic()))
-    channel, stub, metadata, handed = another_site_takes_round_0(coordinator)
+    channel, stub, metadata, _ = another_site_takes_round_0(coordinator)
     # The client wakes up; its download breaks and is retried against the restarted coordinator.
     os.kill(client.pid, signal.SIGCONT)
     with contextlib.suppress(subprocess.TimeoutExpired):

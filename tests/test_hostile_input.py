@@ -40,7 +40,7 @@ from conftest import Coordinators, bearer, register
 from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.modeling import max_blob_size
-from fedcybgd.server import tasks as coordinator_module
+from fedcybgd.server import tasks as task_board_module
 from fedcybgd.server.app import RunningCoordinator
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -804,15 +804,15 @@ def _get_task_absurd_wait_clamped(w: World) -> Attempt:
     """Client C has no task and none can be issued: an absurd wait must be cut to the server's bound
     (lowered to 1 s here so the test stays fast), and answered with Wait."""
     def call():
-        saved = coordinator_module.MAX_GET_TASK_WAIT_S
-        coordinator_module.MAX_GET_TASK_WAIT_S = 1
+        saved = task_board_module.MAX_GET_TASK_WAIT_S
+        task_board_module.MAX_GET_TASK_WAIT_S = 1
         try:
             t0 = time.monotonic()
             reply = w.stub.GetTask(pb.GetTaskRequest(wait_seconds=2**32 - 1), metadata=w.md["c"],
                                    timeout=CALL_TIMEOUT_S)
             assert time.monotonic() - t0 < 5
         finally:
-            coordinator_module.MAX_GET_TASK_WAIT_S = saved
+            task_board_module.MAX_GET_TASK_WAIT_S = saved
         assert reply.WhichOneof("outcome") == "wait"
         assert reply.wait.retry_after_ms > 0
     return Attempt(call)

@@ -18,9 +18,9 @@ from fedcybgd.server.coordinator import Coordinator
 from fedcybgd.server.downloads import DownloadPlan, DownloadRequest
 from fedcybgd.server.enrolment import Enrolment
 from fedcybgd.server.errors import Refusal, Status
-from fedcybgd.server.records import ALL_BLOCKS, VisitStats
+from fedcybgd.server.records import ALL_BLOCKS, ExpectedUpload, VisitStats
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
-from fedcybgd.server.state import ClientRow, ContributionRow, TaskRow
+from fedcybgd.server.state import ClientRow, TaskRow
 from fedcybgd.server.strategies.fedavg import FedAvgFull
 from fedcybgd.v1 import coordinator_pb2 as pb
 
@@ -61,7 +61,7 @@ def _stats(name: str = "") -> VisitStats:
 
 def test_every_refusal_is_a_grpc_status_of_the_same_name():
     for status in Status:
-        assert grpc.StatusCode[status.name].name == status.name
+        assert status.name in grpc.StatusCode.__members__
 
 
 def test_sequential_cycle_issues_one_visit_at_a_time(make_coordinator: MakeCoordinator):
@@ -88,12 +88,17 @@ def test_a_transfer_names_only_the_callers_open_task(make_coordinator: MakeCoord
     a, b = _client(coordinator, "a"), _client(coordinator, "b")
     offer = coordinator.tasks.get_task(a, 0)
     assert offer.task is not None
+    assert coordinator.tasks.own_issued_task(a, offer.task.id).id == offer.task.id
     with pytest.raises(Refusal) as refused:
         coordinator.tasks.own_issued_task(b, offer.task.id)
     assert refused.value.status is Status.PERMISSION_DENIED
     with pytest.raises(Refusal) as missing:
         coordinator.tasks.own_issued_task(a, "t-nope")
     assert missing.value.status is Status.NOT_FOUND
+    assert coordinator.state.expire_task(offer.task.id)
+    with pytest.raises(Refusal) as closed:
+        coordinator.tasks.own_issued_task(a, offer.task.id)
+    assert closed.value.status is Status.FAILED_PRECONDITION
 
 
 def test_download_plan_sends_only_what_the_client_lacks(make_coordinator: MakeCoordinator):
@@ -131,16 +136,21 @@ def test_context_approximations_are_encoded_once_per_block_however_many_ask(
 
     monkeypatch.setattr(planner, "_encode", counting)
     barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
 
     def ask() -> None:
-        barrier.wait()
-        planner.plan(manifest, {manifest[0]}, set(), {pb.CONTEXT_INT8}, seed=0)
+        try:
+            barrier.wait()
+            planner.plan(manifest, {manifest[0]}, set(), {pb.CONTEXT_INT8}, seed=0)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
 
     threads = [threading.Thread(target=ask) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
     assert sorted(encoded) == sorted(set(manifest) - {manifest[0]})
 
 
@@ -157,12 +167,13 @@ def test_a_fedavg_round_is_averaged_outside_the_scheduling_lock(make_coordinator
         got = threading.Event()
 
         def take() -> None:
-            with strategy.env.lock:
+            if strategy.env.lock.acquire(timeout=10):
                 got.set()
+                strategy.env.lock.release()
         thread = threading.Thread(target=take)
         thread.start()
-        seen.append(got.wait(timeout=10))
-        thread.join()
+        seen.append(got.wait(timeout=15))
+        thread.join(timeout=15)
         return average(self, weighted, manifest)
 
     monkeypatch.setattr(FedAvgFull, "average", observed)
@@ -172,13 +183,11 @@ def test_a_fedavg_round_is_averaged_outside_the_scheduling_lock(make_coordinator
         offer = coordinator.tasks.get_task(_client(coordinator, name), 0)
         assert offer.task is not None and offer.task.block_index == ALL_BLOCKS
         tasks.append(offer.task)
-    for task in tasks:  # each "upload" is the base model itself: the average is the base model
-        blobs = [coordinator.store.blobs.put(coordinator.store.blobs.read(sha)) for sha in manifest]
-        with strategy.env.lock:
-            strategy.env.commits.contribution(task, ContributionRow(
-                task_id=task.id, round=task.round, slot=task.slot, client_id=task.client_id, blobs=blobs,
-                committed_unix=0.0, record=_stats(task.client_id)))
-    assert strategy._merge_if_complete(0) == 1
+    # Each "upload" is the base model itself (already stored and checked): the average is the base model.
+    uploads = [ExpectedUpload(sha256=sha, size=coordinator.store.blobs.size(sha), spec=spec, base=sha)
+               for spec, sha in zip(coordinator.run.specs, manifest, strict=True)]
+    first, last = (strategy.accept(task, uploads, _stats(task.client_id)) for task in tasks)
+    assert first.new_version == 0 and last.new_version == 1  # the round's last upload merged it
     assert seen == [True]
     assert coordinator.state.manifest(1) == manifest and coordinator.rounds.count == 1
 
@@ -186,10 +195,12 @@ def test_a_fedavg_round_is_averaged_outside_the_scheduling_lock(make_coordinator
 def test_history_offers_the_newest_held_version_as_delta_base(make_coordinator: MakeCoordinator):
     coordinator = make_coordinator()
     manifest = coordinator.state.manifest(0)
+    older = coordinator.store.blobs.put(serialize_block({"x": torch.full((4,), 2.0)}))
     newer = coordinator.store.blobs.put(serialize_block({"x": torch.zeros(4)}))
-    coordinator.history.add({0: newer})
     latest = coordinator.store.blobs.put(serialize_block({"x": torch.ones(4)}))
-    coordinator.history.add({0: latest})
-    assert coordinator.history.delta_base(0, latest, {manifest[0], newer}) == newer
+    for sha in (older, newer, latest):
+        coordinator.history.add({0: sha})
+    assert coordinator.history.delta_base(0, latest, {manifest[0], older, newer}) == newer
+    assert coordinator.history.delta_base(0, latest, {older}) == older
     assert coordinator.history.delta_base(0, latest, {manifest[0]}) is None  # other size: no delta
     assert coordinator.history.delta_base(0, latest, set()) is None
