@@ -23,6 +23,9 @@ COORDINATOR_FLAGS = [
     ("--state-dir", "state_dir", str, "where blobs and the SQLite state live; restart with the same to resume"),
     ("--address", "address", str, "host:port to listen on (default 127.0.0.1:50051)"),
     ("--layers-per-block", "layers_per_block", int, "consecutive decoder layers per block (default 1)"),
+    ("--max-block-params", "max_block_params", int,
+     "bound on embedding/head blocks, larger matrices split into row ranges (default: the largest layer block; "
+     "0: none)"),
     ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16 (default auto: as stored)"),
     ("--strategy", "strategy", str, "cybgd (default) | cybgd-parallel | fedavg-full | fedlora"),
     ("--max-concurrent-visits", "max_concurrent_visits", int, "1: sequential (default); K>1: parallel mode"),

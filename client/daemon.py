@@ -134,7 +134,7 @@ class ClientDaemon:
         # The best codec both sides know (an older coordinator announces none: plain zstd).
         self.upload_codec = next((c for c in ACCEPT_CODECS if c in info.upload_codecs), pb.CODEC_ZSTD)
         model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
-        specs = partition_model(model, info.layers_per_block)
+        specs = partition_model(model, info.layers_per_block, info.max_block_params)
         if len(specs) != info.num_blocks:
             raise ValueError(f"the coordinator partitions this model into {info.num_blocks} blocks of "
                              f"{info.layers_per_block} decoder layers, this client into {len(specs)}: "

@@ -38,8 +38,9 @@ class ResidentModel:
             raise ValueError(f"manifest has {len(manifest.blocks)} blocks, this model {len(self.specs)}")
         for entry in manifest.blocks:
             spec = self.specs[entry.index]
-            wire = [(t.name, tuple(t.shape), t.dtype) for t in entry.tensors]
-            if wire != [(t.name, tuple(t.shape), t.dtype) for t in spec.tensors]:
+            wire = [(t.name, tuple(t.shape), t.dtype, (t.rows.start, t.rows.stop) if t.HasField("rows") else None)
+                    for t in entry.tensors]
+            if wire != [(t.name, tuple(t.shape), t.dtype, t.rows) for t in spec.tensors]:
                 raise ValueError(f"block {entry.name}: the coordinator's tensors differ from this model's")
             if not entry.HasField("approx"):
                 if self.loaded.get(entry.index) != entry.sha256:

@@ -18,7 +18,7 @@ from torch import nn
 
 from fedcybgd.client.transfer import UploadBlob
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.common.blocks import BlockSpec, block_values
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.modeling import word_size
 from fedcybgd.training import OnStep, VisitHyper, VisitResult, train_block, train_full, train_lora
@@ -110,7 +110,7 @@ class FullTask(TaskHandler):
               hyper: VisitHyper, on_step: OnStep) -> TrainedUpload:
         ctx.loaded.clear()  # training changes the model in place: until done it holds no known blob
         result = train_full(ctx.model, sequences, hyper, on_step=on_step)
-        blobs = [serialize_block({n: result.tensors[n] for n in spec.names}) for spec in ctx.specs]
+        blobs = [serialize_block(block_values(spec, result.tensors)) for spec in ctx.specs]
         outgoing = [ctx.outgoing(blob, word_size(spec), entry.sha256)
                     for spec, blob, entry in zip(ctx.specs, blobs, manifest.blocks, strict=True)]
         ctx.loaded.update({i: blob.sha256 for i, blob in enumerate(outgoing)})

@@ -8,17 +8,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fedcybgd.common.lm_loss import causal_lm_loss
+
 __all__ = ["model_device", "causal_lm_loss", "mean_loss", "evaluate_loss"]
 
 
 def model_device(model: nn.Module) -> torch.device:
     """The device the model's parameters live on (the model is expected to be on one device)."""
     return next(model.parameters()).device
-
-
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``input_ids`` ``[batch, seq_len]`` (labels = inputs, shifted inside)."""
-    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
 @torch.no_grad()

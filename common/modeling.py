@@ -52,7 +52,8 @@ def load_blob_file(model: nn.Module, spec: BlockSpec, path: Path) -> None:
 def specs_to_json(specs: list[BlockSpec]) -> str:
     return json.dumps([
         {"index": s.index, "name": s.name,
-         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in s.tensors]}
+         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype,
+                      **({"rows": list(t.rows)} if t.rows is not None else {})} for t in s.tensors]}
         for s in specs
     ])
 
@@ -60,7 +61,8 @@ def specs_to_json(specs: list[BlockSpec]) -> str:
 def specs_from_json(text: str) -> list[BlockSpec]:
     return [
         BlockSpec(index=b["index"], name=b["name"],
-                  tensors=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in b["tensors"]))
+                  tensors=tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"],
+                                           tuple(t["rows"]) if "rows" in t else None) for t in b["tensors"]))
         for b in json.loads(text)
     ]
 

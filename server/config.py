@@ -67,6 +67,9 @@ class CoordinatorConfig:
     state_dir: str = "./fedcybgd-state"
     address: str = "127.0.0.1:50051"
     layers_per_block: int = 1
+    # Bound on the parameters of a block outside the decoder layers (embeddings, head; a larger matrix is split into
+    # row ranges): None: the largest decoder-layer block; 0: no bound (one embed_head block).
+    max_block_params: int | None = None
     dtype: str = "auto"                   # "auto" (as stored), "float32", "bfloat16", "float16"
     strategy: str = "cybgd"               # cybgd | cybgd-parallel | fedavg-full | fedlora (server/strategies/)
     max_concurrent_visits: int = 1        # 1: sequential, as in the paper; K > 1: parallel mode
@@ -93,6 +96,8 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.layers_per_block < 1:
             raise ValueError("layers_per_block must be >= 1")
+        if self.max_block_params is not None and self.max_block_params < 0:
+            raise ValueError("max_block_params must be 0 (no bound), a positive number, or unset (automatic)")
         if self.max_concurrent_visits < 1:
             raise ValueError("max_concurrent_visits must be >= 1")
         if self.strategy not in STRATEGIES:

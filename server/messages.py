@@ -69,7 +69,9 @@ def task_offer(offer: TaskOffer, strategy: Strategy, training: TrainingConfig) -
 def block_entry(spec: BlockSpec, sha: str, size: int, approx: Approximation | None = None) -> pb.BlockEntry:
     return pb.BlockEntry(
         index=spec.index, name=spec.name, sha256=sha, size=size,
-        tensors=[pb.TensorEntry(name=t.name, shape=t.shape, dtype=t.dtype) for t in spec.tensors],
+        tensors=[pb.TensorEntry(name=t.name, shape=t.shape, dtype=t.dtype,
+                                rows=pb.RowRange(start=t.rows[0], stop=t.rows[1]) if t.rows is not None else None)
+                 for t in spec.tensors],
         approx=None if approx is None else pb.ContextApprox(
             codec=approx.codec, sha256=approx.sha256, size=approx.size, reference_sha256=approx.reference,
             group_size=approx.group_size))
@@ -90,6 +92,6 @@ def model_info(config: CoordinatorConfig, run: RunInfo, config_json: str,
     return pb.ModelInfo(
         model_id=run.model_id, config_json=config_json, tokenizer_files=tokenizer_files,
         tokenizer_codec=pb.CODEC_ZSTD, upload_codecs=UPLOAD_CODECS, dtype=run.dtype, num_blocks=len(run.specs),
-        layers_per_block=config.layers_per_block, strategy=config.strategy,
+        layers_per_block=config.layers_per_block, max_block_params=run.max_block_params, strategy=config.strategy,
         lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules)))
 

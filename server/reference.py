@@ -45,10 +45,11 @@ def visit_hyper(schedule: CycleSchedule, training: TrainingConfig, round_: int) 
 
 def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config: ScheduleConfig,
                   training: TrainingConfig, data_of_round: Sequence[torch.Tensor], *,
-                  on_visit: OnVisit | None = None) -> PreTrainedModel:
+                  on_visit: OnVisit | None = None, max_block_params: int | None = None) -> PreTrainedModel:
     """Train `model` in place through every visit; `data_of_round[r]` is the data visit r used
-    (in a federated run: the local data of the client that made visit r)."""
-    specs = partition_model(model, layers_per_block)
+    (in a federated run: the local data of the client that made visit r). The blocks are
+    ``partition_model(model, layers_per_block, max_block_params)``, as the run's."""
+    specs = partition_model(model, layers_per_block, max_block_params)
     schedule = CycleSchedule(len(specs), schedule_config)
     if len(data_of_round) != schedule.total_rounds:
         raise ValueError(f"need data for {schedule.total_rounds} rounds, got {len(data_of_round)}")
@@ -63,13 +64,14 @@ def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config
 
 def run_block_cyclic(model: PreTrainedModel, sequences: torch.Tensor, layers_per_block: int,
                      schedule_config: ScheduleConfig, training: TrainingConfig, *,
-                     on_visit: OnVisit | None = None) -> PreTrainedModel:
+                     on_visit: OnVisit | None = None, max_block_params: int | None = None) -> PreTrainedModel:
     """Block-cyclic training in one process on the pooled ``sequences`` ``[n, seq_len]``: every
     visit of the schedule trains its block for ``training.local_steps`` steps with a fresh AdamW
     (BAdam's scheme, with the schedule's block order, learning rates and per-visit data seeds)."""
-    rounds = CycleSchedule(len(partition_model(model, layers_per_block)), schedule_config).total_rounds
+    rounds = CycleSchedule(len(partition_model(model, layers_per_block, max_block_params)),
+                           schedule_config).total_rounds
     return run_reference(model, layers_per_block, schedule_config, training, [sequences] * rounds,
-                         on_visit=on_visit)
+                         on_visit=on_visit, max_block_params=max_block_params)
 
 
 def lr_of_step(schedule: CycleSchedule, local_steps: int, step: int) -> float:

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.common.blocks import BlockSpec, resolved_bound
 from fedcybgd.common.config import to_dict
 from fedcybgd.common.modeling import specs_from_json, specs_to_json
 from fedcybgd.server.model_store import ModelStore
@@ -29,6 +29,7 @@ class RunInfo:
     specs: list[BlockSpec]
     dtype: str
     model_id: str
+    max_block_params: int = 0  # the partition's bound, resolved (0: none; runs from before bounded blocks)
 
     @property
     def model_bytes(self) -> int:
@@ -43,6 +44,8 @@ def run_fingerprint(config: CoordinatorConfig, strategy: Strategy) -> str:
         "schedule": to_dict(config.schedule), "training": to_dict(config.training),
         **strategy.fingerprint(),
     }
+    if config.max_block_params is not None:  # unset (automatic) leaves the fingerprint of earlier runs as it was
+        settings["max_block_params"] = config.max_block_params
     return json.dumps(settings, sort_keys=True)
 
 
@@ -53,10 +56,12 @@ def open_run(config: CoordinatorConfig, state: CoordinatorState, store: ModelSto
         if not config.model:
             raise ValueError("a new run needs a model directory (--model)")
         log.info("importing model %s", config.model)
-        specs, manifest, dtype = store.import_model(config.model, config.layers_per_block, config.dtype)
+        specs, manifest, dtype = store.import_model(config.model, config.layers_per_block, config.dtype,
+                                                    config.max_block_params)
         model_id = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
         state.add_version(0, manifest, None, replace=True)  # a crash mid-import may have left one
         meta = {"blocks": specs_to_json(specs), "dtype": dtype, "model_id": model_id,
+                "max_block_params": str(resolved_bound(specs, config.max_block_params)),
                 **strategy.initial_meta(store, specs, manifest, dtype)}
         # Written last: its presence marks a completely initialised run.
         state.set_meta({**meta, "run_config": fingerprint})
@@ -68,4 +73,5 @@ def open_run(config: CoordinatorConfig, state: CoordinatorState, store: ModelSto
     blocks, stored_dtype, stored_id = state.get_meta("blocks"), state.get_meta("dtype"), state.get_meta("model_id")
     if blocks is None or stored_dtype is None or stored_id is None:
         raise ValueError(f"state directory {config.state_dir} holds an incomplete run")
-    return RunInfo(specs=specs_from_json(blocks), dtype=stored_dtype, model_id=stored_id)
+    return RunInfo(specs=specs_from_json(blocks), dtype=stored_dtype, model_id=stored_id,
+                   max_block_params=int(state.get_meta("max_block_params") or 0))

@@ -85,7 +85,7 @@ def test_find_decoder_layers(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_partition_covers_every_parameter_once(arch, lpb):
     model = make_tiny_model(arch)
-    blocks = partition_model(model, layers_per_block=lpb)
+    blocks = partition_model(model, layers_per_block=lpb, max_block_params=0)  # unbounded: one embed_head
 
     assert [b.name for b in blocks] == _expected_names(N_LAYERS, lpb)
     assert [b.index for b in blocks] == list(range(len(blocks)))
@@ -167,7 +167,7 @@ def test_find_decoder_layers_without_config():
 
     toy = Toy()
     assert find_decoder_layers(toy) == ("blocks", 3)
-    blocks = partition_model(toy, 2)
+    blocks = partition_model(toy, 2, max_block_params=0)
     assert [b.name for b in blocks] == ["layers.0-1", "layers.2", "embed_head"]
     head = {t.name for t in blocks[-1].tensors}
     assert {"embed.weight", "head.weight", "short.0.weight", "mixed.0.weight"} <= head

@@ -31,7 +31,8 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 class TrainingRows:
-    """Records the rows of ``pooled`` every training forward pass (grad enabled) feeds the model."""
+    """Records the rows of ``pooled`` every training forward pass (grad enabled) feeds the model (seen by its input
+    embedding: the loss runs the model's base model, not its top-level forward)."""
 
     def __init__(self, model, pooled):
         self.rows: list[int] = []
@@ -39,10 +40,10 @@ class TrainingRows:
 
         def hook(module, args, kwargs):
             if torch.is_grad_enabled():
-                ids = kwargs.get("input_ids", args[0] if args else None)
+                ids = kwargs.get("input", args[0] if args else None)
                 self.rows += [index[tuple(row.tolist())] for row in ids]  # KeyError: not a row of the data
 
-        self.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        self.handle = model.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def schedule_of(model, layers_per_block=1) -> CycleSchedule:

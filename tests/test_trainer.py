@@ -10,6 +10,7 @@ import torch
 from fedcybgd.common.blocks import EMBED_HEAD, block_params, load_block, partition_model
 from fedcybgd.common.data import Document, pack_sequences, tokenize_documents, visit_batches
 from fedcybgd.common.eval import evaluate_loss as common_evaluate_loss
+from fedcybgd.common.lm_loss import uses_chunked_loss
 from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
 from fedcybgd.training import (
     VisitHyper,
@@ -395,6 +396,13 @@ def test_options_match_the_plain_visit(sequences, arch, dtype):
             assert_clean(model)
 
 
+def checked(model):
+    """``model`` after the loss's one-off check of its head (two forward passes on a few tokens), so that counts of
+    forward passes see the visit's alone."""
+    uses_chunked_loss(model)
+    return model
+
+
 def count_calls(modules):
     counts = [0] * len(modules)
 
@@ -411,7 +419,7 @@ def test_cache_skips_the_layers_below_on_recurring_rows(sequences):
     calls = {}
     variants: tuple[dict[str, Any], ...] = (dict(), dict(cache_block_inputs=True))
     for options in variants:
-        model = make_tiny_model("llama")
+        model = checked(make_tiny_model("llama"))
         layers = model.model.layers
         counts, handles = count_calls([model.model.embed_tokens, *layers])
         try:
@@ -428,14 +436,14 @@ def test_cache_skips_the_layers_below_on_recurring_rows(sequences):
 
 def test_cache_changes_nothing_when_no_row_recurs(sequences):
     seqs, h = sequences[:40], hyper(steps=5)  # 20 rows used once each
-    model = make_tiny_model("llama")
+    model = checked(make_tiny_model("llama"))
     counts, handles = count_calls([model.model.embed_tokens])
     try:
         res = train_block(model, spec_named(model, "layers.3"), seqs, h, cache_block_inputs=True)
     finally:
         handles[0].remove()
     assert counts == [h.steps + 2 * h.eval_batches]
-    plain_model = make_tiny_model("llama")
+    plain_model = checked(make_tiny_model("llama"))
     plain = train_block(plain_model, spec_named(plain_model, "layers.3"), seqs, h)
     assert all(torch.equal(res.tensors[k], plain.tensors[k]) for k in res.tensors)
 
@@ -489,7 +497,7 @@ def test_checkpointing_recomputes_the_layers_above_and_keeps_only_their_inputs(s
     h = hyper(steps=3)
     runs = {}
     for ckpt in (False, True):
-        model = make_tiny_model("llama")
+        model = checked(make_tiny_model("llama"))
         spec = spec_named(model, "layers.1")
         runs[ckpt] = saved_per_layer(model, lambda model=model, spec=spec, ckpt=ckpt:
                                      train_block(model, spec, sequences, h, checkpoint_above=ckpt))

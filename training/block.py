@@ -4,11 +4,12 @@ the shared loop (``training/loop.py``), with the block visit's two memory/comput
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fedcybgd.common.blocks import BlockSpec, block_params, block_tensors
+from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.eval import causal_lm_loss, model_device
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import (
@@ -22,6 +23,7 @@ from fedcybgd.training.layers import (
     layers_above,
 )
 from fedcybgd.training.loop import check_inputs, cpu_copies, fit, visit_rows
+from fedcybgd.training.slices import block_trainables
 
 __all__ = ["train_block"]
 
@@ -54,11 +56,19 @@ def train_block(
       ``decoder_stack`` knows; elsewhere the option changes nothing.
     """
     check_inputs(sequences, hyper)
-    step_loss = None
-    if cache_block_inputs:
-        step_loss = _BlockInputCache.for_visit(model, spec, sequences, visit_rows(sequences, hyper)[1])
-    with checkpoint_layers(layers_above(model, spec)) if checkpoint_above else contextlib.nullcontext():
-        return fit(model, block_params(model, spec), sequences, hyper, what=f"block {spec.name!r}",
+    with contextlib.ExitStack() as stack:
+        trainables = stack.enter_context(block_trainables(model, spec))  # rows of a matrix: trained apart
+        step_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        if trainables.head_rows is not None:
+            head_rows, device = trainables.head_rows, model_device(model)
+
+            def step_loss(step: int, rows: torch.Tensor) -> torch.Tensor:
+                return causal_lm_loss(model, sequences[rows].to(device), head_rows=head_rows)
+        elif cache_block_inputs:
+            step_loss = _BlockInputCache.for_visit(model, spec, sequences, visit_rows(sequences, hyper)[1])
+        if checkpoint_above:
+            stack.enter_context(checkpoint_layers(layers_above(model, spec)))
+        return fit(model, trainables.params, sequences, hyper, what=f"block {spec.name!r}",
                    on_step=on_step, step_loss=step_loss,
                    collect=lambda: cpu_copies(block_tensors(model, spec)))
 

@@ -27,10 +27,10 @@ def train_full(
     ``train_block`` (fresh AdamW, fp32 masters for bf16/fp16 weights, same batches and loss measurement).
 
     ``tensors`` holds every parameter (tied weights once) keyed by the names the block partition uses, so
-    ``{n: tensors[n] for n in spec.names}`` is block ``spec`` for any ``layers_per_block``. ``lr_at(step)``, when
+    ``block_values(spec, tensors)`` is block ``spec`` of any partition. ``lr_at(step)``, when
     given, sets the learning rate of each step (the centralized reference's schedule); else ``hyper.lr`` throughout.
     """
-    specs = partition_model(model)
+    specs = partition_model(model, max_block_params=0)  # whole parameters
     return fit(model, [p for spec in specs for p in block_params(model, spec)], sequences, hyper, what="model",
                on_step=on_step, lr_at=lr_at,
                collect=lambda: {n: t for spec in specs for n, t in cpu_copies(block_tensors(model, spec)).items()})

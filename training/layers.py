@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from fedcybgd.common.blocks import BlockSpec, find_decoder_layers
+from fedcybgd.common.lm_loss import loss_from_hidden, uses_chunked_loss
 
 __all__ = ["DecoderStack", "decoder_stack", "LayerInputCapture", "forward_from_layer", "checkpoint_layers",
            "LayerCall", "decoder_layers", "block_layers", "layers_above"]
@@ -152,6 +153,8 @@ def forward_from_layer(model: nn.Module, stack: DecoderStack, start: int, hidden
     for layer, call in zip(stack.layers[start:], calls, strict=True):
         out = layer(hidden, *call.args, **call.kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
+    if uses_chunked_loss(model):
+        return loss_from_hidden(model, stack.final_norm(hidden), labels)
     logits = stack.head(stack.final_norm(hidden))
     return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
 

@@ -69,7 +69,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs", "strategy", "lora")
+    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs", "strategy", "lora", "max_block_params")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class ModelInfo(_message.Message):
     UPLOAD_CODECS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_PARAMS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
@@ -97,7 +98,8 @@ class ModelInfo(_message.Message):
     upload_codecs: _containers.RepeatedScalarFieldContainer[Codec]
     strategy: str
     lora: LoraSpec
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., strategy: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ...) -> None: ...
+    max_block_params: int
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., strategy: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., max_block_params: _Optional[int] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules")
@@ -274,14 +276,24 @@ class ContextApprox(_message.Message):
     def __init__(self, codec: _Optional[_Union[ContextCodec, str]] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., reference_sha256: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
-    __slots__ = ("name", "shape", "dtype")
+    __slots__ = ("name", "shape", "dtype", "rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    rows: RowRange
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., rows: _Optional[_Union[RowRange, _Mapping]] = ...) -> None: ...
+
+class RowRange(_message.Message):
+    __slots__ = ("start", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    stop: int
+    def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("blob_sha256", "offset", "raw_size", "codec", "data", "crc32", "delta_base")
