@@ -31,7 +31,7 @@ from fedcybgd.common.eval import causal_lm_loss, mean_loss, model_device
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.memory import peak_memory, reset_peak_memory
 
-__all__ = ["fit", "visit_rows", "check_inputs", "cpu_copies"]
+__all__ = ["fit", "visit_rows", "check_inputs", "cpu_copies", "MasterAdamW"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -83,15 +83,10 @@ def fit(
         loss_before = mean_loss(model, sequences, eval_rows)
 
         # 4. Optimize. Low-precision parameters step on fp32 masters; fp32 ones are optimized in place.
-        use_masters = any(p.dtype in _LOW_PRECISION for p in params)
-        masters = [p.detach().to(torch.float32, copy=True) for p in params] if use_masters else params
-        optimizer = torch.optim.AdamW(
-            masters, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay
-        )
+        optimizer = MasterAdamW(params, hyper)
         for step, rows in enumerate(train_rows):
             if lr_at is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step)
+                optimizer.set_lr(lr_at(step))
             # The input ids are integers and every parameter below the trained ones is frozen, so nothing below
             # them requires grad: autograd records no graph and saves no activations for those layers. Only the
             # trained parameters and the layers above them (through which the gradient must flow back) are
@@ -103,22 +98,10 @@ def fit(
                 raise FloatingPointError(f"{what}: training loss is {loss_value} at step {step}")
             loss.backward()
             del loss
-
-            if use_masters:
-                for p, m in zip(params, masters, strict=True):
-                    m.grad = p.grad.to(torch.float32) if p.grad is not None else None
-                    p.grad = None
-            if hyper.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(masters, hyper.max_grad_norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if use_masters:
-                with torch.no_grad():
-                    for p, m in zip(params, masters, strict=True):
-                        p.copy_(m)
             if on_step is not None:
                 on_step(step, loss_value)
-        del optimizer, masters
+        del optimizer
 
         # 5. Loss after, on the same batches as before.
         loss_after = mean_loss(model, sequences, eval_rows)
@@ -141,6 +124,40 @@ def fit(
         samples=samples,
         tokens=samples * sequences.shape[1],
     )
+
+
+class MasterAdamW:
+    """AdamW over the trained parameters, through fp32 master copies when they are low-precision (bf16/fp16): after
+    ``backward()``, ``step()`` moves each gradient to its master (fp32), clips them together, steps, and copies the
+    masters back into the parameters. One class for the visit and the memory planner's simulation of it
+    (``training/planner.py``), so that what the planner counts is what a visit allocates."""
+
+    def __init__(self, params: list[nn.Parameter], hyper: VisitHyper) -> None:
+        self.params = params
+        self.use_masters = any(p.dtype in _LOW_PRECISION for p in params)
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in params] if self.use_masters else params
+        self.max_grad_norm = hyper.max_grad_norm
+        self.optimizer = torch.optim.AdamW(
+            self.masters, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        """One update from the gradients ``backward()`` left on the parameters (which it drops)."""
+        if self.use_masters:
+            for p, m in zip(self.params, self.masters, strict=True):
+                m.grad = p.grad.to(torch.float32) if p.grad is not None else None
+                p.grad = None
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.masters, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.use_masters:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.masters, strict=True):
+                    p.copy_(m)
 
 
 def check_inputs(sequences: torch.Tensor, hyper: VisitHyper) -> None:
