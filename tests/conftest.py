@@ -383,26 +383,28 @@ def state_blob_path(state_dir: Path) -> Callable[[str], Path]:
 # -- the single-process reference ---------------------------------------------------------------------
 
 def replay_reference(model_dir: Path, schedule: ScheduleConfig, training: TrainingConfig,
-                     data_of_visit: Sequence[Path]) -> PreTrainedModel:
+                     data_of_visit: Sequence[Path], max_block_params: int | None = None) -> PreTrainedModel:
     """The single-process reference (`run_reference`) replaying a run's visits in round order,
-    `data_of_visit[r]` being the data file of the client that made visit r."""
+    `data_of_visit[r]` being the data file of the client that made visit r (blocks of one layer,
+    others bounded by `max_block_params` as the run's)."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     packed: dict[Path, torch.Tensor] = {}
     for path in data_of_visit:
         if path not in packed:
             packed[path] = load_packed(path, tokenizer, training.seq_len)
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    run_reference(reference, 1, schedule, training, [packed[path] for path in data_of_visit])
+    run_reference(reference, 1, schedule, training, [packed[path] for path in data_of_visit],
+                  max_block_params=max_block_params)
     return reference
 
 
 def assert_same_weights(model: PreTrainedModel, manifest: Sequence[str], blob_path: Callable[[str], Path], *,
-                        tolerance: dict[str, float] | None = None,
+                        tolerance: dict[str, float] | None = None, max_block_params: int | None = None,
                         error: type[AssertionError] = AssertionError) -> None:
     """Every tensor of every block of `manifest` (one blob per block, one layer per block) equals the
     same tensor of `model`: bit for bit, or within `tolerance` (rtol/atol of assert_close) where the
     computation legitimately differs in rounding. Raises `error` naming the first that differs."""
-    for spec, sha in zip(partition_model(model, 1), manifest, strict=True):
+    for spec, sha in zip(partition_model(model, 1, max_block_params), manifest, strict=True):
         stored = safetensors.torch.load_file(str(blob_path(sha)))
         for name, tensor in block_tensors(model, spec).items():
             if tolerance is not None:
@@ -417,6 +419,6 @@ def assert_matches_reference(model_dir: Path, schedule: ScheduleConfig, training
                              **checks: Any) -> PreTrainedModel:
     """The correctness anchor: a federated run's final weights (`manifest`) are those of the
     single-process reference replaying its visits. `checks`: see `assert_same_weights`."""
-    reference = replay_reference(model_dir, schedule, training, data_of_visit)
+    reference = replay_reference(model_dir, schedule, training, data_of_visit, checks.get("max_block_params"))
     assert_same_weights(reference, manifest, blob_path, **checks)
     return reference

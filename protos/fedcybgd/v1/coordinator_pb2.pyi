@@ -43,18 +43,20 @@ TASK_FULL: TaskKind
 TASK_LORA: TaskKind
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "device_kind", "memory_bytes", "software_version", "join_token")
+    __slots__ = ("name", "device_kind", "memory_bytes", "software_version", "join_token", "checkpoint_above")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ABOVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_kind: str
     memory_bytes: int
     software_version: str
     join_token: str
-    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., join_token: _Optional[str] = ...) -> None: ...
+    checkpoint_above: bool
+    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., join_token: _Optional[str] = ..., checkpoint_above: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("client_id", "token")
@@ -378,7 +380,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, max_visits: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("run_state", "cycle", "round", "total_rounds", "num_blocks", "version", "blocks", "clients", "tasks", "visits", "evals", "total_bytes_down", "total_bytes_up", "model_bytes")
+    __slots__ = ("run_state", "cycle", "round", "total_rounds", "num_blocks", "version", "blocks", "clients", "tasks", "visits", "evals", "total_bytes_down", "total_bytes_up", "model_bytes", "waiting_reason")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     CYCLE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +395,7 @@ class GetStatusResponse(_message.Message):
     TOTAL_BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_UP_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
     run_state: str
     cycle: int
     round: int
@@ -407,7 +410,8 @@ class GetStatusResponse(_message.Message):
     total_bytes_down: int
     total_bytes_up: int
     model_bytes: int
-    def __init__(self, run_state: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., num_blocks: _Optional[int] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., visits: _Optional[_Iterable[_Union[VisitRecord, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., total_bytes_down: _Optional[int] = ..., total_bytes_up: _Optional[int] = ..., model_bytes: _Optional[int] = ...) -> None: ...
+    waiting_reason: str
+    def __init__(self, run_state: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., num_blocks: _Optional[int] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., visits: _Optional[_Iterable[_Union[VisitRecord, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., total_bytes_down: _Optional[int] = ..., total_bytes_up: _Optional[int] = ..., model_bytes: _Optional[int] = ..., waiting_reason: _Optional[str] = ...) -> None: ...
 
 class BlockStatus(_message.Message):
     __slots__ = ("index", "name", "sha256", "last_version", "times_trained", "size")
@@ -426,7 +430,7 @@ class BlockStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., last_version: _Optional[int] = ..., times_trained: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes")
+    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes", "checkpoint_above", "fits_blocks", "memory_note")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -437,6 +441,9 @@ class ClientStatus(_message.Message):
     GPU_PEAK_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_PEAK_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ABOVE_FIELD_NUMBER: _ClassVar[int]
+    FITS_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     name: str
     device_kind: str
@@ -447,7 +454,10 @@ class ClientStatus(_message.Message):
     gpu_peak_allocated_bytes: int
     gpu_peak_reserved_bytes: int
     host_rss_bytes: int
-    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ...) -> None: ...
+    checkpoint_above: bool
+    fits_blocks: int
+    memory_note: str
+    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ..., checkpoint_above: _Optional[bool] = ..., fits_blocks: _Optional[int] = ..., memory_note: _Optional[str] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix", "phase", "step", "steps", "block_name", "whole_model")

@@ -96,7 +96,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Long poll for work: a task, or wait, or done.
+        """Long poll for work: a task, or wait, or done. RESOURCE_EXHAUSTED: the client's memory holds
+        no block's visit (the message names the smallest predicted peak and the client's memory).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
