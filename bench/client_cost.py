@@ -8,9 +8,17 @@ Configurations (``--configs`` picks some):
 
 * ``fedavg-full``   every parameter trained (``train_full``: FedAvg-full's client);
 * ``fedavg-lora``   a rank-8 LoRA adapter on every decoder-layer projection (``train_lora``);
-* ``fedcybgd-lpbN`` one visit of every block of a cycle (``train_block``), N decoder layers per block;
+* ``fedcybgd-lpbN`` one visit of every block of a cycle (``train_block``), N decoder layers per block, the
+                    embedding/head blocks bounded by the largest layer block (row ranges of the vocabulary);
 * ``...+ckpt``      with activation checkpointing of the frozen layers above the block;
-* ``...+cache``     with the block's inputs kept across steps for recurring rows.
+* ``...+cache``     with the block's inputs kept across steps for recurring rows;
+* ``...+legacy``    as before bounded blocks and the chunked loss: one unbounded ``embed_head`` block and the
+                    model's own loss (full-vocabulary logits for the whole batch), the "before" of the table.
+
+``--model`` takes a model directory, ``tiny``, or a ``config.json`` (a random-initialised model of that shape in
+bf16: large vocabularies without downloading weights). ``--slice-sample K`` measures only the first K row-range
+visits of each split matrix (same-shaped ranges of one matrix need the same memory); ``--per-visit`` prints
+every visit's peak.
 
 Every visit runs ``--steps`` AdamW steps on ``--rows`` sequences of the sonnets (default: 16 rows for 8
 steps of 4 = two local epochs, so ``+cache`` replays the second epoch; the other configurations do not
@@ -40,7 +48,9 @@ import torch
 
 DEFAULT_MODEL = Path.home() / ".cache" / "fedcybgd" / "models" / "smollm2-135m-instruct-bfloat16"
 CONFIGS = ("fedavg-full", "fedavg-lora", "fedcybgd-lpb6", "fedcybgd-lpb1", "fedcybgd-lpb6+ckpt",
-           "fedcybgd-lpb6+cache", "fedcybgd-lpb1+ckpt", "fedcybgd-lpb1+cache")
+           "fedcybgd-lpb6+cache", "fedcybgd-lpb1+ckpt", "fedcybgd-lpb1+cache", "fedcybgd-lpb1+legacy",
+           "fedcybgd-lpb6+legacy")
+DEFAULT_CONFIGS = CONFIGS[:8]
 
 
 # ------------------------------------------------------------------------------------------ one process
@@ -55,6 +65,14 @@ def _load(model_arg: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_arg)
+    if path.is_file():  # a config.json: random-initialised weights of that shape
+        from fedcybgd.common.modeling import config_from_json
+
+        config = config_from_json(path.read_text())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)  # type: ignore[arg-type]
+        return model.eval(), make_byte_tokenizer()
     if not (path / "config.json").is_file() and path == DEFAULT_MODEL:
         from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
 
@@ -92,8 +110,14 @@ def worker(args: argparse.Namespace) -> dict:
     elif base == "fedavg-lora":
         visits = [("lora", lambda on_step: train_lora(model, sequences, hyper, on_step=on_step))]
     else:
-        options = {"": {}, "ckpt": {"checkpoint_above": True}, "cache": {"cache_block_inputs": True}}[option]
-        specs = partition_model(model, int(base.removeprefix("fedcybgd-lpb")))
+        options = {"": {}, "ckpt": {"checkpoint_above": True}, "cache": {"cache_block_inputs": True},
+                   "legacy": {}}[option]
+        if option == "legacy":  # before bounded blocks: one embed_head block, the model's own (full-logits) loss
+            from fedcybgd.common import lm_loss
+
+            lm_loss._CHECKED[model] = False
+        specs = partition_model(model, int(base.removeprefix("fedcybgd-lpb")), 0 if option == "legacy" else None)
+        specs = _sampled(specs, args.slice_sample)
         visits = [(spec.name, lambda on_step, spec=spec: train_block(model, spec, sequences, hyper,
                                                                        on_step=on_step, **options))
                   for spec in specs]
@@ -113,6 +137,22 @@ def worker(args: argparse.Namespace) -> dict:
             "load_average": os.getloadavg()[0]}
 
 
+def _sampled(specs: list, keep: int) -> list:
+    """Every block, but only the first ``keep`` row ranges of each split matrix (0: all of them)."""
+    if keep <= 0:
+        return specs
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        if spec.sliced:
+            name = spec.tensors[0].name
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > keep:
+                continue
+        out.append(spec)
+    return out
+
+
 def _rss() -> int | None:
     """The process's resident set size now (Linux), or the CUDA memory allocated on a GPU run."""
     from fedcybgd.common.procfs import status_field
@@ -128,7 +168,7 @@ def _rss() -> int | None:
 def run_config(args: argparse.Namespace, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--model", str(args.model), "--batch-size",
            str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rows", str(args.rows),
-           "--device", args.device, "--threads", str(args.threads)]
+           "--device", args.device, "--threads", str(args.threads), "--slice-sample", str(args.slice_sample)]
     # Passive OpenMP threads sleep at once when they wait for each other instead of spinning: on a
     # machine other processes share, spinning threads wait for a descheduled sibling and a step
     # takes many times longer (measured: 50x on the tiny model at load average 6).
@@ -154,6 +194,19 @@ def report(results: list[dict]) -> str:
                      f"{layers:>12} {r['step_mean_s']:>7.3f} {r['step_median_s']:>8.3f} {r['step_cpu_s']:>7.3f} "
                      f"{ratio(r, 'peak_bytes'):>9} {ratio(r, 'step_mean_s'):>9} {ratio(r, 'step_cpu_s'):>9} "
                      f"{r['load_average']:>5.1f}")
+    return "\n".join(lines)
+
+
+def per_visit_report(results: list[dict]) -> str:
+    """Every visit's peak per configuration, and the largest visit against the largest decoder-layer visit."""
+    lines = []
+    for r in results:
+        visits = r["visits"]
+        layers = max((v["peak_bytes"] for v in visits if v["block"].startswith("layers.")), default=None)
+        largest = max(visits, key=lambda v: v["peak_bytes"])
+        ratio = f"{largest['peak_bytes'] / layers:.2f}x the largest layer visit" if layers else ""
+        lines.append(f"{r['config']}: largest visit {largest['block']} {largest['peak_bytes'] / 2**20:.0f} MiB {ratio}")
+        lines += [f"    {v['block']:<40} {v['peak_bytes'] / 2**20:>8.0f} MiB" for v in visits]
     return "\n".join(lines)
 
 
@@ -189,7 +242,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="processes per configuration; the one with the shortest mean step counts (other "
                              "processes on the machine only ever slow a run down)")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS))
+    parser.add_argument("--slice-sample", type=int, default=0,
+                        help="measure only the first K row-range visits of each split matrix (0: all)")
+    parser.add_argument("--per-visit", action="store_true", help="print every visit's peak")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG (needs matplotlib)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -209,6 +265,8 @@ def main() -> None:
                f"{args.threads} threads")
     print(setting)
     print(report(results))
+    if args.per_visit:
+        print(per_visit_report(results))
     if args.out:
         args.out.write_text(json.dumps({"setting": setting, "results": results}, indent=2))
     if args.plot:

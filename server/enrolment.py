@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fedcybgd.common.transport import OPERATOR_NAME
 from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.errors import Refusal, Status
+from fedcybgd.server.memory_fit import MemoryFit, format_bytes
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.state import ClientRow, CoordinatorState
 
@@ -27,13 +28,15 @@ MAX_NAME_CHARS = 128
 
 @dataclass(frozen=True)
 class Enrolment:
-    """A registration request: what the client says about itself."""
+    """A registration request: what the client says about itself (its memory, device and options decide
+    which blocks it is given: `fedcybgd.server.memory_fit`)."""
 
     name: str
     device_kind: str
     memory_bytes: int
     software_version: str
     join_token: str
+    checkpoint_above: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,12 @@ class Credentials:
 
 
 class Enroller:
-    def __init__(self, config: CoordinatorConfig, state: CoordinatorState, metrics: CoordinatorMetrics) -> None:
+    def __init__(self, config: CoordinatorConfig, state: CoordinatorState, metrics: CoordinatorMetrics,
+                 memory: MemoryFit | None = None) -> None:
         self._config = config
         self._state = state
         self._metrics = metrics
+        self._memory = memory
 
     def register(self, request: Enrolment, peer_name: str | None = None) -> Credentials:
         cfg = self._config
@@ -67,11 +72,16 @@ class Enroller:
         token = secrets.token_urlsafe(32)
         now = time.time()
         client = ClientRow(id=f"c-{secrets.token_hex(6)}", name=name, device_kind=printable(request.device_kind),
-                           memory_bytes=int64(request.memory_bytes), registered_unix=now, last_seen_unix=now)
+                           memory_bytes=int64(request.memory_bytes), registered_unix=now, last_seen_unix=now,
+                           checkpoint_above=bool(request.checkpoint_above))
         self._state.add_client(client, token_hash(token))
         self._metrics.clients_registered.inc()
-        log.info("registered client %s (%s, %s, fedcybgd %s)", client.id, name, client.device_kind,
+        log.info("registered client %s (%s, %s, memory %s%s, fedcybgd %s)", client.id, name, client.device_kind,
+                 format_bytes(client.memory_bytes) if client.memory_bytes else "unknown",
+                 ", checkpoint_above" if client.checkpoint_above else "",
                  printable(request.software_version) or "unknown")
+        if self._memory is not None:
+            self._memory.warm(client)  # its visits' predictions, ready by its first GetTask
         return Credentials(client_id=client.id, token=token)
 
     def authenticate(self, metadata: dict[str, str], peer_name: str | None = None) -> ClientRow:

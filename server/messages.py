@@ -22,7 +22,8 @@ UPLOAD_CODECS = (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE)
 # -- requests ----------------------------------------------------------------------------------
 def enrolment(req: pb.RegisterRequest) -> Enrolment:
     return Enrolment(name=req.name, device_kind=req.device_kind, memory_bytes=req.memory_bytes,
-                     software_version=req.software_version, join_token=req.join_token)
+                     software_version=req.software_version, join_token=req.join_token,
+                     checkpoint_above=req.checkpoint_above)
 
 
 def beat(req: pb.HeartbeatRequest) -> Beat:

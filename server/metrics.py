@@ -22,6 +22,9 @@ DIRECTIONS = ("down", "up")
 KINDS = ("block", "context", "full")
 VISIT_OUTCOMES = ("completed", "failed", "reassigned")
 REJECTION_REASONS = ("task", "data", "stale")
+#: memory: a GetTask answered Wait because the open block's visit does not fit the client's memory;
+#: no_block_fits: a GetTask refused (RESOURCE_EXHAUSTED) because no block of the run fits it.
+WITHHELD_REASONS = ("memory", "no_block_fits")
 
 
 class CoordinatorMetrics:
@@ -48,6 +51,9 @@ class CoordinatorMetrics:
         self.visits = Counter("fedcybgd_visits_total", "Visits by outcome", ["outcome"], registry=r)
         self.rejections = Counter("fedcybgd_upload_rejections_total", "Rejected uploads by reason", ["reason"],
                                   registry=r)
+        self.tasks_withheld = Counter("fedcybgd_tasks_withheld_total",
+                                      "GetTask calls given no task for a reason other than a busy schedule",
+                                      ["reason"], registry=r)
         self.visit_seconds = Histogram("fedcybgd_visit_duration_seconds", "Task issue to commit",
                                        buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
         self.round = Gauge("fedcybgd_round", "Rounds (visits) committed so far", registry=r)
@@ -76,6 +82,8 @@ class CoordinatorMetrics:
             self.visits.labels(outcome=outcome)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        for reason in WITHHELD_REASONS:
+            self.tasks_withheld.labels(reason=reason)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> tuple[Any, Any]:
         return start_http_server(port, addr=address, registry=self.registry)

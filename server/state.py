@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS clients (
     device_kind TEXT NOT NULL, memory_bytes INTEGER NOT NULL,
     registered_unix REAL NOT NULL, last_seen_unix REAL NOT NULL,
     gpu_peak_allocated_bytes INTEGER NOT NULL DEFAULT 0, gpu_peak_reserved_bytes INTEGER NOT NULL DEFAULT 0,
-    host_rss_bytes INTEGER NOT NULL DEFAULT 0);
+    host_rss_bytes INTEGER NOT NULL DEFAULT 0, checkpoint_above INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, manifest TEXT NOT NULL, round INTEGER, created_unix REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
@@ -47,6 +47,12 @@ CREATE TABLE IF NOT EXISTS evals (
     version INTEGER PRIMARY KEY, rounds_done INTEGER NOT NULL, loss REAL NOT NULL, created_unix REAL NOT NULL);
 """
 
+#: Columns added since the first release: (table, column, definition). A state directory made by an older
+#: version gets them at start (`ALTER TABLE ... ADD COLUMN`), with the default that means what older clients did.
+ADDED_COLUMNS = (
+    ("clients", "checkpoint_above", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 
 @dataclass(frozen=True)
 class ClientRow:
@@ -59,6 +65,7 @@ class ClientRow:
     gpu_peak_allocated_bytes: int = 0
     gpu_peak_reserved_bytes: int = 0
     host_rss_bytes: int = 0
+    checkpoint_above: bool = False  # recomputes activations above the block: changes its visits' memory
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,20 @@ class SqliteState:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older version up to `SCHEMA` (CREATE TABLE IF NOT EXISTS leaves an
+        existing table as it was). Writes nothing, and takes no write lock, when nothing is missing."""
+        for table, column, definition in ADDED_COLUMNS:
+            if column in self._columns(table):
+                continue
+            with self._tx() as db:
+                if column not in self._columns(table):  # another process may have added it meanwhile
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+    def _columns(self, table: str) -> set[str]:
+        return {row["name"] for row in self._query(f"PRAGMA table_info({table})")}
 
     def close(self) -> None:
         with self._lock:
@@ -187,14 +208,16 @@ class SqliteState:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO clients (id, name, token_sha256, device_kind, memory_bytes, registered_unix,"
-                " last_seen_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " last_seen_unix, checkpoint_above) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (client.id, client.name, token_sha256, client.device_kind, client.memory_bytes,
-                 client.registered_unix, client.last_seen_unix),
+                 client.registered_unix, client.last_seen_unix, int(client.checkpoint_above)),
             )
 
     @staticmethod
     def _client(row: sqlite3.Row) -> ClientRow:
-        return ClientRow(**{k: row[k] for k in ClientRow.__dataclass_fields__})
+        values = {k: row[k] for k in ClientRow.__dataclass_fields__}
+        values["checkpoint_above"] = bool(values["checkpoint_above"])  # SQLite keeps 0 / 1
+        return ClientRow(**values)
 
     def client_by_token(self, token_sha256: str) -> ClientRow | None:
         rows = self._query("SELECT * FROM clients WHERE token_sha256 = ?", (token_sha256,))

@@ -215,6 +215,31 @@ def test_training_a_row_range_gives_the_rows_of_the_full_gradient(arch, which, s
     assert not any(h for m in model.modules() for h in m._forward_hooks.values())  # hooks removed
 
 
+def test_gemma3_scaled_tied_embedding_rows(sequences):
+    """Gemma 3 scales its embedding inside the embedding module and soft-caps its logits: a row range of its tied
+    embedding gets the rows of the full gradient, and the chunked loss is the model's own."""
+    config = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=1000,
+                                  final_logit_softcapping=30.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert uses_chunked_loss(model)
+    ids = sequences[:2]
+    torch.testing.assert_close(causal_lm_loss(model, ids), model(input_ids=ids, labels=ids).loss.detach())
+    param = model.get_input_embeddings().weight
+    block = next(b for b in partition_model(model, 1) if b.sliced)
+    (t,) = block.tensors
+    assert t.rows == (0, 500)
+    param.requires_grad_(True)
+    causal_lm_loss(model, ids).backward()
+    want = param.grad[:500].clone()
+    param.grad = None
+    param.requires_grad_(False)
+    with block_trainables(model, block) as trainables:
+        causal_lm_loss(model, ids, head_rows=trainables.head_rows).backward()
+        torch.testing.assert_close(trainables.params[0].grad, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_a_row_range_visit_changes_only_its_rows(arch, sequences):
     model = make_tiny_model(arch, dtype=torch.bfloat16)

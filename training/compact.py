@@ -6,7 +6,10 @@ never their weights). On a memory-poor client those frozen linear weights domina
 may be held quantized instead, 8 or 4 bits per weight, while the trained block stays in full precision:
 
 - ``"int8"``: torchao ``Int8Tensor`` (what ``Int8WeightOnlyConfig`` makes): symmetric per-row int8, one fp32 scale
-  and one int8 zero point per output row. Its ``F.linear`` is ``x @ qdata.T.to(x.dtype) * scale``, plain autograd.
+  and one int8 zero point per output row. Its ``F.linear`` is ``x @ qdata.T.to(x.dtype) * scale`` in plain autograd,
+  which saves that full-precision copy of the weight for backward: every frozen layer would be resident twice at the
+  peak. So a compact int8 linear runs ``_FrozenInt8Linear`` instead (an instance ``forward``), which calls torchao's
+  linear without recording and saves only the int8 weight, dequantizing it again in backward, as ``LinearNF4`` does.
 - ``"nf4"``: torchao ``NF4Tensor`` (QLoRA's NormalFloat4, what ``to_nf4`` / ``NF4WeightOnlyConfig`` make): two 4-bit
   codes per byte, an int8 scaler per 64 weights, double-quantized. Its ``F.linear`` runs ``LinearNF4``, whose
   backward returns ``grad @ W`` for the input and nothing for the weight. A weight whose size is not a multiple of
@@ -24,13 +27,16 @@ the exact weights into them before the layers are trained or shipped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["COMPACT_METHODS", "CompactFormat", "COMPACT_FORMATS", "compact_bytes_per_param", "compact_linear_bytes",
@@ -89,6 +95,7 @@ def compact_linear_bytes(out_features: int, in_features: int, method: str, dtype
     return numel // 2 + n_blocks + (n_scaler_blocks + 1 + 16) * itemsize
 
 
+@functools.cache
 def _torchao() -> Any:
     """Import torchao quietly (its CUDA-only extensions log load failures on a CPU-only install)."""
     log = logging.getLogger("torchao")
@@ -159,6 +166,36 @@ def _quantize(weight: torch.Tensor, method: str) -> torch.Tensor:
     return tq.Int8Tensor.from_hp(weight, granularity=PerRow())
 
 
+class _FrozenInt8Linear(torch.autograd.Function):
+    """``F.linear`` with a frozen ``Int8Tensor`` weight that keeps only the int8 weight for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)  # torchao's int8 weight-only matmul; grad mode is off in here
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        (weight,) = ctx.saved_tensors
+        grad_x = grad @ weight.dequantize(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
+
+
+def _int8_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(self.weight, _torchao().Int8Tensor):
+        return _FrozenInt8Linear.apply(x, self.weight, self.bias)
+    return F.linear(x, self.weight, self.bias)
+
+
+def _set_int8_forward(linear: nn.Linear, on: bool) -> None:
+    ours = getattr(linear.__dict__.get("forward"), "__func__", None) is _int8_forward
+    if on and "forward" not in linear.__dict__:  # leave a forward someone else installed (accelerate hooks) alone
+        linear.forward = types.MethodType(_int8_forward, linear)  # type: ignore[method-assign]
+    elif not on and ours:
+        del linear.forward
+
+
 def compact_layers(modules: Iterable[nn.Module], method: str) -> int:
     """Quantize, in place, the weight of every ``nn.Linear`` inside ``modules``; returns the bytes saved.
 
@@ -178,6 +215,7 @@ def compact_layers(modules: Iterable[nn.Module], method: str) -> int:
             done[id(weight)] = nn.Parameter(_quantize(weight, method), requires_grad=False)
             saved += weight.numel() * weight.element_size() - tensor_bytes(done[id(weight)])
         linear.weight = done[id(weight)]
+        _set_int8_forward(linear, isinstance(linear.weight, _torchao().Int8Tensor))
     return saved
 
 
@@ -199,3 +237,4 @@ def restore_layers(modules: Iterable[nn.Module], dtype: torch.dtype) -> None:
         if id(weight) not in done:
             done[id(weight)] = nn.Parameter(_dequantize(weight, dtype), requires_grad=False)
         linear.weight = done[id(weight)]
+        _set_int8_forward(linear, False)
