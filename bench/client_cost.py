@@ -71,7 +71,7 @@ def _load(model_arg: str, device: str):
         config = config_from_json(path.read_text())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)  # type: ignore[arg-type]
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)
         return model.eval(), make_byte_tokenizer()
     if not (path / "config.json").is_file() and path == DEFAULT_MODEL:
         from fedcybgd.cli.prepare import packaged_smollm2, prepare_model

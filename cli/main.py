@@ -7,6 +7,7 @@
   fedcybgd demo          a coordinator and N clients on loopback, end to end
   fedcybgd prepare-model GGUF or Hugging Face model -> cached safetensors directory
   fedcybgd partition     split a corpus into per-client data and a held-out split
+  fedcybgd plan          predict each block visit's peak memory: does every visit fit a client?
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ CLIENT_FLAGS = [
     ("--checkpoint-above", "checkpoint_above", bool,
      "block visits: recompute activations above the block (less memory)"),
     ("--cache-block-inputs", "cache_block_inputs", bool, "block visits: keep the block's inputs when rows recur"),
+    ("--memory", "memory", str,
+     "memory to train in, e.g. 24GiB (default: GPU memory on CUDA, MemAvailable on CPU; 0: don't say); the "
+     "coordinator gives this client only blocks predicted to fit, and it exits (code 3) if none does"),
     ("--metrics-port", "metrics_port", int, "Prometheus endpoint port (0: off)"),
     ("--metrics-address", "metrics_address", str, "Prometheus endpoint address (default 127.0.0.1)"),
     ("--insecure", "insecure", bool, "plaintext: tests and trusted networks only"),
@@ -92,6 +96,9 @@ def _add_flags(parser: argparse.ArgumentParser, flags) -> None:
         else:
             parser.add_argument(flag, dest=key, type=type_, default=None, help=help_)
 
+
+#: `fedcybgd client`'s exit status when the coordinator predicts that no block of the run fits its memory.
+EXIT_NOT_ENOUGH_MEMORY = 3
 
 #: Secrets may come from the environment rather than the command line (visible in `ps`).
 SECRET_ENV = {"join_token": "FEDCYBGD_JOIN_TOKEN", "operator_token": "FEDCYBGD_OPERATOR_TOKEN"}
@@ -122,10 +129,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     from fedcybgd.client.config import ClientConfig
-    from fedcybgd.client.daemon import ClientDaemon
+    from fedcybgd.client.daemon import ClientDaemon, NotEnoughMemory
     from fedcybgd.common.config import load_config
 
-    ClientDaemon(load_config(ClientConfig, args.config, _overrides(args, CLIENT_FLAGS))).run()
+    try:
+        ClientDaemon(load_config(ClientConfig, args.config, _overrides(args, CLIENT_FLAGS))).run()
+    except NotEnoughMemory as exc:  # its own exit code: restarting as it is would fail the same way
+        print(f"fedcybgd client: error: {exc}", file=sys.stderr)
+        return EXIT_NOT_ENOUGH_MEMORY
     return 0
 
 
@@ -152,9 +163,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"run {status.run_state}: round {status.round}/{status.total_rounds}, cycle {status.cycle}, "
           f"model version {status.version}, {status.num_blocks} blocks")
     print(f"bytes down {status.total_bytes_down:,}  up {status.total_bytes_up:,}  (model {status.model_bytes:,} bytes)")
+    if status.waiting_reason:
+        print(f"waiting: {status.waiting_reason}")
     for c in status.clients:
+        memory = f"{c.memory_bytes / 2**30:.2f} GiB, fits {c.fits_blocks}/{status.num_blocks}" if c.memory_bytes \
+            else "memory unknown"
         print(f"  client {c.client_id} {c.name:<16} {c.device_kind:<10} visits {c.visits_completed:>4}  "
-              f"task {c.current_task or '-'}")
+              f"task {c.current_task or '-'}  ({memory})")
+        if c.memory_note:
+            print(f"    {c.memory_note}")
     for e in status.evals:
         print(f"  eval: version {e.version} after {e.rounds_done} rounds: loss {e.loss:.4f}")
     return 0
@@ -217,6 +234,16 @@ def cmd_partition(args: argparse.Namespace) -> int:
         print(f"{split}: {len(works)} works")
     print(f"written to {args.out} (client-<i>/ per client, eval/ held out, partition.json)")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedcybgd.cli.plan import PlanRequest, parse_size, run_plan
+    from fedcybgd.common.modeling import DTYPES
+
+    return run_plan(PlanRequest(
+        model=args.model, memory_bytes=parse_size(args.memory), batch_size=args.batch_size, seq_len=args.seq_len,
+        layers_per_block=args.layers_per_block, max_block_params=args.max_block_params, dtype=DTYPES[args.dtype],
+        device_type=args.device, checkpoint_above=args.checkpoint_above, alternatives=args.alternatives))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", dest="eval_fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("plan", help="predict each block visit's peak memory from a model config, and what fits")
+    p.add_argument("--model", required=True, help="Hugging Face model directory or config.json (no weights read)")
+    p.add_argument("--memory", required=True, help="the client's memory: 24GiB, 24G, 500MiB, 16GB or bytes")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=2048)
+    p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
+    p.add_argument("--max-block-params", dest="max_block_params", type=int, default=None,
+                   help="bound on embedding/head blocks (default: the largest layer block; 0: none)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda: peak allocated; cpu: peak RSS, the process's own memory included")
+    p.add_argument("--checkpoint-above", dest="checkpoint_above", action="store_true",
+                   help="the client recomputes activations above the block")
+    p.add_argument("--no-alternatives", dest="alternatives", action="store_false",
+                   help="leave out the summary of other partitions and checkpoint_above (it plans each of them)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

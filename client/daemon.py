@@ -30,7 +30,7 @@ from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.modeling import DTYPES, TOKENIZER_FILES, config_from_json, model_from_config
-from fedcybgd.common.procfs import rss_bytes
+from fedcybgd.common.procfs import mem_available_bytes, rss_bytes
 from fedcybgd.common.transport import client_channel
 from fedcybgd.training import OnStep
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -44,6 +44,11 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 class TaskWithdrawn(RuntimeError):
     """The coordinator reassigned our task (or the run ended) while we worked on it."""
+
+
+class NotEnoughMemory(RuntimeError):
+    """The coordinator predicts that no block of the run fits the memory this client announced
+    (GetTask answered RESOURCE_EXHAUSTED): the daemon stops, since waiting would not give it more."""
 
 
 class ClientDaemon:
@@ -70,6 +75,8 @@ class ClientDaemon:
         self._step = 0
         self._withdrawn = False
         self.visits_done = 0
+        # What decides which blocks the coordinator gives us, announced at registration.
+        self.memory_bytes = config.memory_bytes if config.memory_bytes is not None else _memory_bytes(self.device)
         self.metrics = ClientMetrics(self.device)
         if config.metrics_port:
             self.metrics.serve(config.metrics_port, config.metrics_address)
@@ -89,12 +96,24 @@ class ClientDaemon:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _profile(self) -> dict[str, object]:
+        """What the coordinator knows of this client's memory from its registration: a change (another
+        device, --memory, --checkpoint-above) needs a new registration. A measured default memory is left
+        out: it moves a little at every start."""
+        return {"device_kind": _device_kind(self.device), "checkpoint_above": self.config.checkpoint_above,
+                "memory": self.memory_bytes if self.config.memory_bytes is not None else "measured"}
+
     def connect(self) -> None:
-        """Reuse the identity stored in the cache when the coordinator still knows it, else register."""
+        """Reuse the identity stored in the cache when the coordinator still knows it and our memory
+        profile is unchanged, else register."""
         identity_file = self.cache_dir / "identity.json"
         if identity_file.is_file():
             identity = json.loads(identity_file.read_text())
-            if identity.get("coordinator") == self.config.coordinator:
+            same_run = identity.get("coordinator") == self.config.coordinator
+            changed = identity.get("profile", self._profile()) != self._profile()  # (none stored: older client)
+            if same_run and changed:
+                log.info("device, memory or checkpoint_above changed since registration: registering anew")
+            if same_run and not changed:
                 self.client_id = identity["client_id"]
                 self.metadata = (("authorization", f"Bearer {identity['token']}"),)
                 try:
@@ -106,14 +125,17 @@ class ClientDaemon:
                     if err.code() != grpc.StatusCode.UNAUTHENTICATED:
                         raise
         request = pb.RegisterRequest(name=self.config.name, device_kind=_device_kind(self.device),
-                                     memory_bytes=_memory_bytes(self.device), software_version=_version(),
-                                     join_token=self.config.join_token or "")
+                                     memory_bytes=self.memory_bytes, software_version=_version(),
+                                     join_token=self.config.join_token or "",
+                                     checkpoint_above=self.config.checkpoint_above)
         reply = self._call("register", lambda: self.stub.Register(request))
         self.client_id = reply.client_id
         self.metadata = (("authorization", f"Bearer {reply.token}"),)
         _write_private(identity_file, json.dumps({"coordinator": self.config.coordinator,
-                                                  "client_id": reply.client_id, "token": reply.token}))
-        log.info("registered as %s", self.client_id)
+                                                  "client_id": reply.client_id, "token": reply.token,
+                                                  "profile": self._profile()}))
+        log.info("registered as %s (memory %s)", self.client_id,
+                 f"{self.memory_bytes / 2**30:.2f} GiB" if self.memory_bytes else "not announced")
 
     def _prepare_model(self) -> None:
         """Build the coordinator's model (architecture, tokenizer, dtype, partition) on this device, untrained:
@@ -160,19 +182,22 @@ class ClientDaemon:
         stop_heartbeat = threading.Event()
         heartbeat = threading.Thread(target=self._heartbeat_loop, args=(stop_heartbeat,), daemon=True)
         heartbeat.start()
+        last_wait = ""
         try:
             while not self.config.max_visits or self.visits_done < self.config.max_visits:
-                reply = self._call("get task", lambda: self.stub.GetTask(
-                    pb.GetTaskRequest(wait_seconds=self.config.poll_seconds), metadata=self.metadata,
-                    timeout=self.config.poll_seconds + 30))
+                reply = self._get_task()
                 outcome = reply.WhichOneof("outcome")
                 if outcome == "done":
                     log.info("run complete (final version %d); %d visits by this client", reply.done.final_version,
                              self.visits_done)
                     break
                 if outcome == "wait":
+                    if reply.wait.reason != last_wait:
+                        log.info("no task for now: %s", reply.wait.reason or "nothing open")
+                        last_wait = reply.wait.reason
                     time.sleep(reply.wait.retry_after_ms / 1000)
                     continue
+                last_wait = ""
                 try:
                     self.visit(reply.task)
                 except TaskWithdrawn as err:
@@ -191,6 +216,18 @@ class ClientDaemon:
             heartbeat.join(timeout=15)  # never close the channel under a call in flight
             self.channel.close()
         return self.visits_done
+
+    def _get_task(self) -> pb.GetTaskResponse:
+        """Long-poll for work. Raises `NotEnoughMemory` when the coordinator predicts no block fits us."""
+        try:
+            return self._call("get task", lambda: self.stub.GetTask(
+                pb.GetTaskRequest(wait_seconds=self.config.poll_seconds), metadata=self.metadata,
+                timeout=self.config.poll_seconds + 30))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                log.error("the coordinator gives this client no task: %s", err.details())
+                raise NotEnoughMemory(err.details() or "no block of the run fits this client's memory") from err
+            raise
 
     def visit(self, task: pb.Task) -> pb.UploadResponse:
         """Download what the task needs, train it (its kind's handler), upload the result. Raises ``TaskRefused``
@@ -301,9 +338,12 @@ def _device_kind(device: torch.device) -> str:
 
 
 def _memory_bytes(device: torch.device) -> int:
+    """The memory a visit may use when none is configured: the GPU's on CUDA; on CPU what the host has
+    available now (MemAvailable: not what is installed, since other processes hold part of it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = mem_available_bytes()
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _gpu_peaks(device: torch.device) -> dict[str, int]:

@@ -25,6 +25,7 @@ import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +76,10 @@ def loss_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
                      head_rows: HeadRows | None = None) -> torch.Tensor:
     """The loss of the final hidden states ``hidden`` ``[batch, seq_len, hidden]`` (after the final norm), computed
     chunk by chunk through the model's head."""
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    head = output_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no linear LM head; its loss cannot be computed in chunks")
+    weight, bias = head.weight, head.bias
     post = _post_processing(model)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
@@ -88,7 +91,10 @@ def loss_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], step):
         args = (h[s:s + step], y[s:s + step], weight, bias, rows, post)
-        part = checkpoint(_chunk_loss_sum, *args, use_reentrant=False) if needs_grad else _chunk_loss_sum(*args)
+        # No RNG to replay (no dropout in a visit); preserving it would set torch's process-wide generator state
+        # during the recomputation, under any other thread drawing from it (the coordinator's memory planner).
+        part = (checkpoint(_chunk_loss_sum, *args, use_reentrant=False, preserve_rng_state=False) if needs_grad
+                else _chunk_loss_sum(*args))
         total = total + part
     return total / max(count, 1)
 
@@ -111,7 +117,8 @@ def _chunk_loss_sum(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias
 
 
 def _final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model.base_model(input_ids=input_ids, use_cache=False)
+    base = cast(nn.Module, model.base_model)
+    out = base(input_ids=input_ids, use_cache=False)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
@@ -145,6 +152,13 @@ def _post_processing(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """``model``'s LM head (Hugging Face ``get_output_embeddings``) when it is a plain linear layer, else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
 def uses_chunked_loss(model: nn.Module) -> bool:
     """Whether ``model``'s loss is computed in chunks: it must have a linear head and a base model giving the final
     hidden states, and a one-off check on a few tokens must find the chunked loss equal to the model's own (within
@@ -152,10 +166,10 @@ def uses_chunked_loss(model: nn.Module) -> bool:
     known = _CHECKED.get(model)
     if known is not None:
         return known
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     base = getattr(model, "base_model", model)
-    ok = isinstance(head, nn.Linear) and base is not model
-    if ok and head.weight.device.type != "meta":
+    ok = head is not None and base is not model
+    if head is not None and ok and head.weight.device.type != "meta":
         ok = _agrees_with_model(model, head)
     _CHECKED[model] = ok
     return ok

@@ -7,6 +7,7 @@ both see exactly the same parameter names and block partition.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import safetensors.torch
@@ -33,11 +34,25 @@ def config_from_json(config_json: str) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **values)
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def model_from_config(config: PretrainedConfig, dtype: torch.dtype,
                       device: str | torch.device = "cpu") -> PreTrainedModel:
-    """An empty-weights model of the right structure; its blocks are then loaded from blobs."""
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    """An empty-weights model of the right structure; its blocks are then loaded from blobs.
+
+    ``from_config(dtype=)`` sets torch's *process-wide* default dtype while it builds and restores it after: two
+    threads doing so at once (the coordinator's evaluator and its memory planner) could leave the default at bf16
+    for good, and any thread creating tensors meanwhile gets the wrong dtype. So builds are serialised, and a meta
+    model (planning: no memory either way) is built at the default dtype and cast, without touching the default."""
+    with _BUILD_LOCK:
+        if torch.device(device).type == "meta":
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            model.to(dtype)
+        else:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()  # no dropout anywhere: a visit is a deterministic function of its inputs
     return model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["status", "status_field", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "cpu_seconds",
-           "machine_busy_seconds"]
+           "machine_busy_seconds", "mem_available_bytes"]
 
 #: Clock ticks per second, the unit of /proc/<pid>/stat's and /proc/stat's CPU times.
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -74,3 +74,18 @@ def machine_busy_seconds() -> float:
         fields = [int(x) for x in fh.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def mem_available_bytes() -> int | None:
+    """The memory the kernel estimates new work can use without swapping (``MemAvailable`` of ``/proc/meminfo``,
+    in bytes), or None where it cannot be read. A CPU client's default for the memory it trains in."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                fields = value.split()
+                if key == "MemAvailable" and len(fields) == 2 and fields[1] == "kB" and fields[0].isdigit():
+                    return int(fields[0]) * 1024
+    except OSError:
+        return None
+    return None

@@ -5,6 +5,7 @@ Each part has one job and is testable without gRPC (they raise `Refusal`, never 
 =====================  =====================================================================
 ``enrolment``          who may register; which client a call comes from; operator access
 ``tasks``              the task board: long-polled GetTask, issuing, heartbeats, expiry
+``memory_fit``         which blocks a client's memory holds (the planner's predictions, cached)
 ``downloads``          a task's download planned (manifest, delta bases) and streamed
 ``context_plan``       lossy approximations of frozen blocks (when configured)
 ``uploads``            an upload received, reassembled and checked before it is stored
@@ -38,6 +39,7 @@ from fedcybgd.server.enrolment import Enroller, int64, printable
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.evaluation import Evaluator
 from fedcybgd.server.history import BlockHistory, CompletedRounds
+from fedcybgd.server.memory_fit import MemoryFit, PlannerPredictor, Predictor
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.records import UploadClaim, VisitStats
@@ -54,7 +56,9 @@ log = logging.getLogger("fedcybgd.coordinator")
 
 class Coordinator:
     def __init__(self, config: CoordinatorConfig, state: CoordinatorState | None = None,
-                 metrics: CoordinatorMetrics | None = None) -> None:
+                 metrics: CoordinatorMetrics | None = None, memory_predictor: Predictor | None = None) -> None:
+        """`memory_predictor`: the visits' predicted memory per client profile; by default the memory planner's
+        (for strategies whose tasks it predicts, `Strategy.memory_planned`)."""
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -84,14 +88,20 @@ class Coordinator:
         for visit in visits:
             self.history.add(self.strategy.blobs_of(visit))
 
-        self.enroller = Enroller(config, self.state, self.metrics)
-        self.tasks = TaskBoard(config, self.state, self.strategy, self.rounds, self.accounts, self.metrics, self._lock)
+        if memory_predictor is None and self.strategy.memory_planned:
+            memory_predictor = PlannerPredictor(self.store.config_json(), self.run, config.layers_per_block,
+                                                config.training)
+        self.memory = MemoryFit(memory_predictor)
+        self.enroller = Enroller(config, self.state, self.metrics, self.memory)
+        self.tasks = TaskBoard(config, self.state, self.strategy, self.rounds, self.accounts, self.metrics, self._lock,
+                               self.memory)
         self.context = ContextPlanner(config.context, self.store.blobs, self.run, self.history,
                                       self.state_dir / "context-blobs")
         self.downloads = Downloads(config, self.state, self.store.blobs, self.run, self.strategy, self.history,
                                    self.context, self.accounts, self.metrics)
         self.receiver = UploadReceiver(self.store.blobs, self.metrics)
-        self.report = StatusReport(config, self.state, self.store, self.run, self.strategy, self.rounds, self.accounts)
+        self.report = StatusReport(config, self.state, self.store, self.run, self.strategy, self.rounds, self.accounts,
+                                   self.memory, self.tasks)
         self.evaluator = (Evaluator(config.eval, config.training.seq_len, self.state, self.store, self.run,
                                     self.strategy, self.rounds, self.metrics, config.clients_per_round)
                           if config.eval.data else None)

@@ -19,7 +19,8 @@ No constraint (every block fits) when:
 - the run has no predictor: its strategy's tasks are not block visits (`Strategy.memory_planned` is false:
   fedavg-full and fedlora train the whole model or an adapter, which the planner does not simulate);
 - the task trains the whole model (block index `ALL_BLOCKS`);
-- the planner cannot simulate this profile or model (logged once; scheduling then behaves as before).
+- the planner cannot simulate this profile or model (logged once; scheduling then behaves as before). A
+  profile with `checkpoint_above` it cannot simulate gets the predictions without it, an upper bound.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 from fedcybgd.common.modeling import DTYPES, config_from_json
 from fedcybgd.server.records import ALL_BLOCKS
 from fedcybgd.server.state import ClientRow
+from fedcybgd.training.planner import PlanSettings, plan_visits
 
 if TYPE_CHECKING:
     from fedcybgd.server.config import TrainingConfig
@@ -82,13 +84,11 @@ class PlannerPredictor:
         self._training = training
 
     def __call__(self, profile: MemoryProfile) -> list[PredictedVisit]:
-        from fedcybgd.training.planner import PlanSettings, plan_visits  # heavy: only once a profile asks
-
         run, training = self._run, self._training
         settings = PlanSettings(batch_size=training.batch_size, seq_len=training.seq_len, dtype=DTYPES[run.dtype],
                                 device_type=profile.device_type, checkpoint_above=profile.checkpoint_above,
                                 layers_per_block=self._layers_per_block,
-                                max_block_params=run.max_block_params or None)
+                                max_block_params=run.max_block_params)  # resolved: 0 is "no bound", as clients
         plans = plan_visits(config_from_json(self._config_json), settings)
         names = [spec.name for spec in run.specs]
         if [p.block for p in plans] != names:
@@ -126,7 +126,9 @@ class MemoryFit:
         with self._index_lock:
             if profile in self._predicted or profile in self._profile_locks:
                 return
-        threading.Thread(target=self._predictions, args=(profile,), name="memory-fit", daemon=True).start()
+        # Not a daemon thread: it ends by itself, and a thread still inside torch when the interpreter exits
+        # would abort the process.
+        threading.Thread(target=self._predictions, args=(profile,), name="memory-fit", daemon=False).start()
 
     def predictions(self, client: ClientRow) -> list[PredictedVisit] | None:
         """Every block's predicted visit for this client, or None when its memory is not constrained."""
@@ -152,6 +154,11 @@ class MemoryFit:
         try:
             visits = self._predict(profile)
         except Exception as exc:  # noqa: BLE001 - a planner that cannot predict must not stop the run
+            if profile.checkpoint_above:
+                # Checkpointing only lowers a visit's peak: the plain visit's prediction is a safe upper bound.
+                log.warning("memory planner: no prediction for %s (%s: %s); using the visits without it",
+                            profile.describe(), type(exc).__name__, exc)
+                return self._predictions(MemoryProfile(profile.device_type, checkpoint_above=False))
             log.warning("memory planner: no prediction for %s (%s: %s); clients of this profile are not "
                         "constrained by memory", profile.describe(), type(exc).__name__, exc)
             return None

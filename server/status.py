@@ -1,20 +1,24 @@
-"""Operator status: the run's progress, blocks, clients, tasks in flight, visits, evaluations."""
+"""Operator status: the run's progress, blocks, clients, tasks in flight, visits, evaluations, and
+what memory keeps from whom (blocks each client holds, why it waits, why the run stalls)."""
 from __future__ import annotations
 
 from fedcybgd.server.accounting import TaskAccounts
 from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.history import CompletedRounds
+from fedcybgd.server.memory_fit import MemoryFit
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.records import ALL_BLOCKS
 from fedcybgd.server.run import RunInfo
 from fedcybgd.server.state import CoordinatorState, VisitRow, current_version
 from fedcybgd.server.strategies import Strategy
+from fedcybgd.server.tasks import TaskBoard
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 
 class StatusReport:
     def __init__(self, config: CoordinatorConfig, state: CoordinatorState, store: ModelStore, run: RunInfo,
-                 strategy: Strategy, rounds: CompletedRounds, accounts: TaskAccounts) -> None:
+                 strategy: Strategy, rounds: CompletedRounds, accounts: TaskAccounts,
+                 memory: MemoryFit | None = None, board: TaskBoard | None = None) -> None:
         self._config = config
         self._state = state
         self._store = store
@@ -22,12 +26,15 @@ class StatusReport:
         self._strategy = strategy
         self._rounds = rounds
         self._accounts = accounts
+        self._memory = memory or MemoryFit(None)
+        self._board = board
 
     def build(self, max_visits: int, finished: bool) -> pb.GetStatusResponse:
         latest, manifest = current_version(self._state)
         visits = self._state.visits()
         names = {c.id: c.name for c in self._state.clients()}
         in_flight = self._state.tasks_with_status("issued")
+        memory_waits = self._board.memory_waits() if self._board is not None else {}
         changed = [(v, set(self._strategy.trained_blocks(v))) for v in visits]
         blocks = []
         for spec, sha in zip(self._run.specs, manifest, strict=True):
@@ -40,7 +47,10 @@ class StatusReport:
                             current_task=next((t.id for t in in_flight if t.client_id == c.id), ""),
                             visits_completed=sum(1 for v in visits if v.client_id == c.id),
                             memory_bytes=c.memory_bytes, gpu_peak_allocated_bytes=c.gpu_peak_allocated_bytes,
-                            gpu_peak_reserved_bytes=c.gpu_peak_reserved_bytes, host_rss_bytes=c.host_rss_bytes)
+                            gpu_peak_reserved_bytes=c.gpu_peak_reserved_bytes, host_rss_bytes=c.host_rss_bytes,
+                            checkpoint_above=c.checkpoint_above,
+                            fits_blocks=self._memory.fitting_blocks(c, len(self._run.specs)),
+                            memory_note=memory_waits.get(c.id, ""))
             for c in self._state.clients()
         ]
         tasks = []
@@ -64,6 +74,7 @@ class StatusReport:
             total_bytes_down=sum(v.record.bytes_down for v in visits),
             total_bytes_up=sum(v.record.bytes_up for v in visits),
             model_bytes=self._run.model_bytes,
+            waiting_reason=self._board.memory_stall() if self._board is not None and not finished else "",
         )
 
     def _visit(self, v: VisitRow, client_name: str) -> pb.VisitRecord:

@@ -3,12 +3,18 @@ offers, heartbeats, and reassigning tasks whose client went silent.
 
 Everything here runs under the scheduling lock (a `threading.Condition`): a commit notifies it,
 which wakes the clients waiting for work.
+
+Memory: a client gets only blocks it is predicted to hold (`fedcybgd.server.memory_fit`). The
+strategy picks among them through the predicate the board hands to `next_opening`; a client that
+cannot hold the open block waits and is told which block, its predicted peak and its own memory;
+a client that holds no block of the run is refused (RESOURCE_EXHAUSTED): waiting would not help.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcybgd.server.accounting import TaskAccounts
@@ -16,6 +22,7 @@ from fedcybgd.server.config import CoordinatorConfig
 from fedcybgd.server.enrolment import int64
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.history import CompletedRounds
+from fedcybgd.server.memory_fit import MemoryFit
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.records import Opening
 from fedcybgd.server.state import ClientRow, CoordinatorState, TaskRow, current_version
@@ -50,7 +57,7 @@ class Beat:
 class TaskBoard:
     def __init__(self, config: CoordinatorConfig, state: CoordinatorState, strategy: Strategy,
                  rounds: CompletedRounds, accounts: TaskAccounts, metrics: CoordinatorMetrics,
-                 lock: threading.Condition) -> None:
+                 lock: threading.Condition, memory: MemoryFit | None = None) -> None:
         self._config = config
         self._state = state
         self._strategy = strategy
@@ -58,15 +65,22 @@ class TaskBoard:
         self._accounts = accounts
         self._metrics = metrics
         self._lock = lock
+        self._memory = memory or MemoryFit(None)
         self._started_unix = time.time()
         self._last_expiry_scan = 0.0
         self.clients_told_done: set[str] = set()
+        self._memory_waits: dict[str, str] = {}  # client id -> why it last waited for memory (lock held)
+        self._logged_withheld: set[tuple[str, int]] = set()  # (client id, block): logged once each
+        self._logged_refused: set[str] = set()  # client ids refused for memory: logged once each
 
     def get_task(self, client: ClientRow, wait_seconds: int) -> TaskOffer:
         """The client's open task (a retried GetTask gets it back), a new one, or after at most
-        `wait_seconds` (capped) a request to come back later."""
+        `wait_seconds` (capped) a request to come back later. Only blocks the client is predicted to hold
+        in its memory are issued to it; Refusal(RESOURCE_EXHAUSTED) when it holds none of the run's."""
         self._state.touch_client(client.id)
+        self._memory.prepare(client)  # slow once per memory profile: never under the scheduling lock
         deadline = time.monotonic() + min(wait_seconds, MAX_GET_TASK_WAIT_S)
+        withheld_counted = False
         with self._lock:
             while True:
                 self._expire_stalled_tasks()
@@ -78,13 +92,69 @@ class TaskBoard:
                     self.clients_told_done.add(client.id)
                     latest, _ = current_version(self._state)
                     return TaskOffer(final_version=latest)
-                opening = self._strategy.next_opening(client.id, in_flight)
+                self._refuse_if_too_small(client)
+                withheld: list[int] = []
+                opening = self._strategy.next_opening(client.id, in_flight, self._can_hold(client, withheld))
                 if opening is not None:
+                    self._memory_waits.pop(client.id, None)
                     return TaskOffer(task=self._issue(client, opening))
+                if withheld:
+                    reason = self._memory.too_small_for(client, withheld[0])
+                    self._note_withheld(client, withheld[0], reason, count=not withheld_counted)
+                    withheld_counted = True
+                else:
+                    self._memory_waits.pop(client.id, None)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return TaskOffer(wait_reason="all open blocks are being trained")
+                    return TaskOffer(wait_reason=self._memory_waits.get(client.id, "all open blocks are being trained"))
                 self._lock.wait(timeout=min(remaining, 1.0))
+
+    def _can_hold(self, client: ClientRow, withheld: list[int]) -> Callable[[int], bool]:
+        """The predicate the strategy filters its openings with; the blocks it said no to go to `withheld`."""
+        def can_hold(block_index: int) -> bool:
+            fits = self._memory.fits(client, block_index)
+            if not fits:
+                withheld.append(block_index)
+            return fits
+        return can_hold
+
+    def _refuse_if_too_small(self, client: ClientRow) -> None:
+        """A client whose memory holds no block's visit is told so, not told to wait (lock held)."""
+        why = self._memory.holds_nothing(client)
+        if why is None:
+            return
+        self._metrics.tasks_withheld.labels(reason="no_block_fits").inc()
+        if client.id not in self._logged_refused:
+            self._logged_refused.add(client.id)
+            log.warning("client %s (%s) refused: %s", client.name, client.id, why)
+        raise Refusal(Status.RESOURCE_EXHAUSTED, why)
+
+    def _note_withheld(self, client: ClientRow, block_index: int, reason: str, count: bool) -> None:
+        """A block withheld from a client for memory: for its Wait, status, the metric (once per GetTask) and the
+        log (once per client and block). Lock held."""
+        self._memory_waits[client.id] = reason
+        if count:
+            self._metrics.tasks_withheld.labels(reason="memory").inc()
+        if (client.id, block_index) not in self._logged_withheld:
+            self._logged_withheld.add((client.id, block_index))
+            log.info("client %s (%s) waits: %s", client.name, client.id, reason)
+
+    def memory_waits(self) -> dict[str, str]:
+        """Client id -> why it last waited for memory, for clients whose last GetTask found no block they hold."""
+        with self._lock:
+            return dict(self._memory_waits)
+
+    def memory_stall(self) -> str:
+        """Why the run does not progress, when it is for memory: rounds remain, nothing is in flight, and every
+        active client was last told that the open block does not fit it ("" otherwise)."""
+        with self._lock:
+            if self._rounds.all_done or self._state.tasks_with_status("issued"):
+                return ""
+            active = self._active_client_ids()
+            notes = [self._memory_waits[c] for c in active if c in self._memory_waits]
+            if not active or len(notes) < len(active):
+                return ""
+            return f"every connected client is too small for the next block ({len(active)} waiting): {notes[0]}"
 
     def _issue(self, client: ClientRow, opening: Opening) -> TaskRow:
         latest, _ = current_version(self._state)
@@ -126,8 +196,11 @@ class TaskBoard:
 
     def active_clients(self) -> int:
         """Clients heard from within three heartbeat intervals."""
+        return len(self._active_client_ids())
+
+    def _active_client_ids(self) -> set[str]:
         horizon = time.time() - 3 * self._config.heartbeat_interval_s
-        return sum(1 for c in self._state.clients() if c.last_seen_unix >= horizon)
+        return {c.id for c in self._state.clients() if c.last_seen_unix >= horizon}
 
     def _expire_stalled_tasks(self) -> None:
         """Reassign tasks whose client shows no sign of life: no heartbeat and no transfer progress

@@ -17,7 +17,14 @@ from fedcybgd.common.blocks import (
     row_pieces,
 )
 from fedcybgd.common.eval import model_device
-from fedcybgd.common.lm_loss import HeadRows, causal_lm_loss, chunk_tokens, loss_from_hidden, uses_chunked_loss
+from fedcybgd.common.lm_loss import (
+    HeadRows,
+    causal_lm_loss,
+    chunk_tokens,
+    loss_from_hidden,
+    output_head,
+    uses_chunked_loss,
+)
 from fedcybgd.common.modeling import specs_from_json, specs_to_json
 from fedcybgd.common.tiny import TINY_ARCHS, make_tiny_model, tiny_config
 from fedcybgd.training import VisitHyper, train_block
@@ -187,9 +194,11 @@ def test_training_a_row_range_gives_the_rows_of_the_full_gradient(arch, which, s
     """The gradient a row range receives is the same rows of the gradient of the whole matrix, and the visit's
     optimizer holds tensors of the range's size only."""
     model = make_tiny_model(arch)
-    head = model.get_output_embeddings().weight
-    embedding = model.get_input_embeddings().weight
-    param = head if which == "head" else embedding
+    head = output_head(model)
+    assert head is not None
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, nn.Embedding)
+    param = head.weight if which == "head" else embedding.weight
     name = next(n for n, p in model.named_parameters() if p is param)
     block = next(b for b in partition_model(model, 1, 3000) if b.sliced and b.tensors[0].name == name)
     (t,) = block.tensors
@@ -199,6 +208,7 @@ def test_training_a_row_range_gives_the_rows_of_the_full_gradient(arch, which, s
 
     param.requires_grad_(True)
     causal_lm_loss(model, ids).backward()
+    assert param.grad is not None
     want = param.grad[start:stop].clone()
     param.grad = None
     param.requires_grad_(False)

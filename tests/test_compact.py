@@ -106,13 +106,55 @@ def test_restore_gives_back_plain_parameters_under_the_same_names(method, dtype)
     assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+@pytest.mark.parametrize("method", COMPACT_METHODS)
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt_neox"])
-def test_other_architectures_backprop_through_nf4(arch):
+def test_other_architectures_backprop_through_compact_layers(arch, method):
     model, layers = _setup(arch, torch.float32)
-    assert compact_layers(layers[1:], "nf4") > 0
+    assert compact_layers(layers[1:], method) > 0
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
     _, grads = _loss_and_grads(model, layers, ids)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("method", COMPACT_METHODS)
+def test_no_full_precision_weight_copy_is_kept_for_backward(method):
+    # torchao's own int8 linear saves qdata.to(x.dtype) for backward; compact layers must keep only what an exact
+    # frozen layer keeps (activations), else every frozen weight is resident a second time at the peak.
+    def saved_bytes(model, ids):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters() if not hasattr(p, "__tensor_flatten__")}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            if not hasattr(t, "__tensor_flatten__") and t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids).loss.backward()
+        return sum(saved.values())
+
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(4))
+    exact, _ = _setup("llama", torch.bfloat16)
+    model, layers = _setup("llama", torch.bfloat16)
+    compact_layers(layers[1:], method)
+    assert saved_bytes(model, ids) <= saved_bytes(exact, ids)
+
+
+def test_int8_backward_matches_the_dequantized_weight():
+    linear = nn.Linear(128, 32, bias=True)
+    compact_layers([linear], "int8")
+    linear.bias.requires_grad_(True)
+    weight = linear.weight.dequantize()
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    bias_ref = linear.bias.detach().clone().requires_grad_(True)
+    (linear(x) ** 2).sum().backward()
+    (nn.functional.linear(x_ref, weight, bias_ref) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(linear.bias.grad, bias_ref.grad)
+    assert linear.weight.grad is None
+    restore_layers([linear], torch.float32)
+    assert "forward" not in vars(linear) and torch.equal(linear.weight, weight)
 
 
 def test_unknown_method_is_rejected():

@@ -48,7 +48,7 @@ def make_coordinator(tiny_model_dir: Path, tmp_path: Path) -> Iterator[MakeCoord
 
 
 def _client(coordinator: Coordinator, name: str) -> ClientRow:
-    credentials = coordinator.enroller.register(Enrolment(name=name, device_kind="cpu", memory_bytes=1,
+    credentials = coordinator.enroller.register(Enrolment(name=name, device_kind="cpu", memory_bytes=0,
                                                           software_version="test", join_token=""))
     return coordinator.enroller.authenticate({"authorization": f"Bearer {credentials.token}"})
 

@@ -172,7 +172,9 @@ def checkpoint_layers(layers: Sequence[nn.Module]) -> Iterator[None]:
             def run(*args, _forward=forward, **kwargs):
                 if not torch.is_grad_enabled():
                     return _forward(*args, **kwargs)
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                # preserve_rng_state=False: no dropout to replay, and replaying would set the process-wide RNG
+                # state under other threads (see common/lm_loss.py).
+                return checkpoint(_forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
             layer.forward = run  # an instance attribute shadows the class's forward
             wrapped.append(layer)

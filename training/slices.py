@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcybgd.common.blocks import BlockSpec, block_params
-from fedcybgd.common.lm_loss import HeadRows
+from fedcybgd.common.lm_loss import HeadRows, output_head
 
 __all__ = ["BlockTrainables", "block_trainables"]
 
@@ -43,7 +43,7 @@ def block_trainables(model: nn.Module, spec: BlockSpec) -> Iterator[BlockTrainab
     if not spec.sliced:
         yield BlockTrainables(whole)
         return
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     params: list[nn.Parameter] = []
     head_rows: HeadRows | None = None
     hooks = []

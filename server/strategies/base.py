@@ -4,7 +4,9 @@ The coordinator's core (task board, downloads, uploads, commits, evaluation, sta
 for every strategy and never asks which one it runs. It asks the strategy instead:
 
 - **configure** — `next_opening`: what the next task trains (a round, a block or the whole model,
-  a slot), given what is in flight and done; `seed_of`, `scope_name`, `schedule`.
+  a slot), given what is in flight and done and what the asking client can hold in its memory
+  (`can_hold`; `memory_planned` says whether the planner predicts this strategy's tasks);
+  `seed_of`, `scope_name`, `schedule`.
 - **transfer** — `trainable_blobs`: which blobs of a download are the trained part (the rest is
   context, which may be approximated when `context_compression` is true); `extra_blob` /
   `extra_spec`: a blob beyond the blocks that a version consists of (fedlora's adapter).
@@ -23,7 +25,7 @@ import re
 import secrets
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -44,6 +46,15 @@ from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
     from fedcybgd.server.config import CoordinatorConfig
+
+
+#: Block index -> whether the asking client can hold that block's visit (the task board's memory check).
+BlockFilter = Callable[[int], bool]
+
+
+def any_block(block_index: int) -> bool:
+    """The filter of a client without memory constraint."""
+    return True
 
 
 @dataclass
@@ -72,6 +83,9 @@ class Strategy(ABC):
     transfer_kind: ClassVar[str] = "block"
     #: frozen blocks may be sent as lossy approximations ([context] compression)
     context_compression: ClassVar[bool] = False
+    #: its tasks are visits of one block, whose memory the planner predicts (training/planner.py): clients are
+    #: given only blocks that fit them. False: tasks are not predicted, memory puts no constraint on them.
+    memory_planned: ClassVar[bool] = False
 
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
@@ -118,8 +132,10 @@ class Strategy(ABC):
 
     # -- configure -----------------------------------------------------------------------------
     @abstractmethod
-    def next_opening(self, client_id: str, in_flight: list[TaskRow]) -> Opening | None:
-        """The next task for this client, or None when it has to wait (scheduling lock held)."""
+    def next_opening(self, client_id: str, in_flight: list[TaskRow],
+                     can_hold: BlockFilter = any_block) -> Opening | None:
+        """The next task for this client, or None when it has to wait (scheduling lock held). Only an opening
+        whose block index `can_hold` accepts (it fits the client's memory; ALL_BLOCKS for a whole-model task)."""
 
     def task_id(self, opening: Opening) -> str:
         """A fresh id for a task of this opening (unguessable: it is also a capability)."""

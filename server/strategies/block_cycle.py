@@ -16,7 +16,7 @@ from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.records import Accepted, ExpectedUpload, Opening, UploadClaim, VisitStats
 from fedcybgd.server.scheduler import CycleSchedule
 from fedcybgd.server.state import TaskRow, VisitRow, current_version
-from fedcybgd.server.strategies.base import Strategy, expect_blob
+from fedcybgd.server.strategies.base import BlockFilter, Strategy, any_block, expect_blob
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ class BlockCycle(Strategy):
     task_kind = pb.TASK_BLOCK
     transfer_kind = "block"
     context_compression = True
+    memory_planned = True
 
     _schedule: CycleSchedule | None = None
 
@@ -43,9 +44,11 @@ class BlockCycle(Strategy):
         return self._schedule
 
     # -- configure -----------------------------------------------------------------------------
-    def next_opening(self, client_id: str, in_flight: list[TaskRow]) -> Opening | None:
-        """The earliest round that may start now: at most K in flight, each on a block that no
-        earlier unfinished round still has to train."""
+    def next_opening(self, client_id: str, in_flight: list[TaskRow],
+                     can_hold: BlockFilter = any_block) -> Opening | None:
+        """The earliest round that may start now and whose block the client can hold: at most K in
+        flight, each on a block that no earlier unfinished round still has to train. Sequential: the
+        next round or nothing; parallel: a later open block when the client cannot hold an earlier one."""
         if len(in_flight) >= self.config.max_concurrent_visits:
             return None
         rounds, schedule = self.env.rounds, self.schedule
@@ -54,11 +57,14 @@ class BlockCycle(Strategy):
             return None
         blocked = {t.block_index for t in in_flight}
         busy_rounds = {t.round for t in in_flight}
-        for round_ in range(first_open, min(first_open + schedule.num_blocks, schedule.total_rounds)):
+        # Sequential: the first open round or nothing (a client that cannot hold its block must not make a later
+        # round overtake it). Parallel: any round of the window whose block is free.
+        window = schedule.num_blocks if self.config.max_concurrent_visits > 1 else 1
+        for round_ in range(first_open, min(first_open + window, schedule.total_rounds)):
             if round_ in rounds or round_ in busy_rounds:
                 continue
             block = schedule.block_of(round_)
-            if block not in blocked:
+            if block not in blocked and can_hold(block):
                 return Opening(round=round_, block_index=block)
             blocked.add(block)
         return None

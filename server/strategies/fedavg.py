@@ -21,7 +21,7 @@ from fedcybgd.server.records import ALL_BLOCKS, Accepted, ExpectedUpload, Openin
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 from fedcybgd.server.state import ContributionRow, TaskRow, VisitRow, current_version
 from fedcybgd.server.strategies.averaging import average_blocks
-from fedcybgd.server.strategies.base import Strategy, expect_blob
+from fedcybgd.server.strategies.base import BlockFilter, Strategy, any_block, expect_blob
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -102,11 +102,12 @@ class FedAvgFamily(Strategy):
         return self._schedule
 
     # -- configure -----------------------------------------------------------------------------
-    def next_opening(self, client_id: str, in_flight: list[TaskRow]) -> Opening | None:
+    def next_opening(self, client_id: str, in_flight: list[TaskRow],
+                     can_hold: BlockFilter = any_block) -> Opening | None:
         """A free slot of the earliest unmerged round, for a client that has no part in it yet
         (a round's C tasks go to C distinct clients, all from the same version)."""
         round_ = self.env.rounds.first_open()
-        if round_ is None:
+        if round_ is None or not can_hold(ALL_BLOCKS):
             return None
         taken = [(t.slot, t.client_id) for t in in_flight if t.round == round_]
         taken += [(c.slot, c.client_id) for c in self.env.state.contributions(round_)]
