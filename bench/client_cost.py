@@ -12,6 +12,7 @@ Configurations (``--configs`` picks some):
                     embedding/head blocks bounded by the largest layer block (row ranges of the vocabulary);
 * ``...+ckpt``      with activation checkpointing of the frozen layers above the block;
 * ``...+cache``     with the block's inputs kept across steps for recurring rows;
+* ``...+int8``, ``...+nf4``  the frozen decoder layers held quantized (``compact_frozen``, needs torchao);
 * ``...+legacy``    as before bounded blocks and the chunked loss: one unbounded ``embed_head`` block and the
                     model's own loss (full-vocabulary logits for the whole batch), the "before" of the table.
 
@@ -49,7 +50,8 @@ import torch
 DEFAULT_MODEL = Path.home() / ".cache" / "fedcybgd" / "models" / "smollm2-135m-instruct-bfloat16"
 CONFIGS = ("fedavg-full", "fedavg-lora", "fedcybgd-lpb6", "fedcybgd-lpb1", "fedcybgd-lpb6+ckpt",
            "fedcybgd-lpb6+cache", "fedcybgd-lpb1+ckpt", "fedcybgd-lpb1+cache", "fedcybgd-lpb1+legacy",
-           "fedcybgd-lpb6+legacy")
+           "fedcybgd-lpb6+legacy", "fedcybgd-lpb1+int8", "fedcybgd-lpb1+nf4", "fedcybgd-lpb6+int8",
+           "fedcybgd-lpb6+nf4")
 DEFAULT_CONFIGS = CONFIGS[:8]
 
 
@@ -110,8 +112,10 @@ def worker(args: argparse.Namespace) -> dict:
     elif base == "fedavg-lora":
         visits = [("lora", lambda on_step: train_lora(model, sequences, hyper, on_step=on_step))]
     else:
-        options = {"": {}, "ckpt": {"checkpoint_above": True}, "cache": {"cache_block_inputs": True},
-                   "legacy": {}}[option]
+        by_option: dict[str, dict[str, Any]] = {
+            "": {}, "ckpt": {"checkpoint_above": True}, "cache": {"cache_block_inputs": True}, "legacy": {},
+            "int8": {"compact_frozen": "int8"}, "nf4": {"compact_frozen": "nf4"}}
+        options = by_option[option]
         if option == "legacy":  # before bounded blocks: one embed_head block, the model's own (full-logits) loss
             from fedcybgd.common import lm_loss
 

@@ -74,6 +74,8 @@ CLIENT_FLAGS = [
     ("--checkpoint-above", "checkpoint_above", bool,
      "block visits: recompute activations above the block (less memory)"),
     ("--cache-block-inputs", "cache_block_inputs", bool, "block visits: keep the block's inputs when rows recur"),
+    ("--compact-frozen", "compact_frozen", str,
+     "block visits: hold the frozen decoder layers quantized, int8 or nf4 (needs torchao; lossy: less memory)"),
     ("--memory", "memory", str,
      "memory to train in, e.g. 24GiB (default: GPU memory on CUDA, MemAvailable on CPU; 0: don't say); the "
      "coordinator gives this client only blocks predicted to fit, and it exits (code 3) if none does"),
@@ -241,9 +243,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fedcybgd.common.modeling import DTYPES
 
     return run_plan(PlanRequest(
-        model=args.model, memory_bytes=parse_size(args.memory), batch_size=args.batch_size, seq_len=args.seq_len,
+        model=args.model, memory_bytes=parse_size(args.memory, positive=True), batch_size=args.batch_size,
+        seq_len=args.seq_len,
         layers_per_block=args.layers_per_block, max_block_params=args.max_block_params, dtype=DTYPES[args.dtype],
-        device_type=args.device, checkpoint_above=args.checkpoint_above, alternatives=args.alternatives))
+        device_type=args.device, checkpoint_above=args.checkpoint_above, compact_frozen=args.compact_frozen,
+        alternatives=args.alternatives))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda: peak allocated; cpu: peak RSS, the process's own memory included")
     p.add_argument("--checkpoint-above", dest="checkpoint_above", action="store_true",
                    help="the client recomputes activations above the block")
+    p.add_argument("--compact-frozen", dest="compact_frozen", choices=["int8", "nf4"], default=None,
+                   help="the client holds the frozen decoder layers quantized (client --compact-frozen)")
     p.add_argument("--no-alternatives", dest="alternatives", action="store_false",
                    help="leave out the summary of other partitions and checkpoint_above (it plans each of them)")
     p.set_defaults(func=cmd_plan)

@@ -3,17 +3,19 @@
 ``checkpoint_above`` settings would fit, so an operator can size clients and choose settings before a run starts.
 
     fedcybgd plan --model DIR_OR_CONFIG_JSON --memory 24GiB [--batch-size 1] [--seq-len 2048] [--layers-per-block 1]
-        [--max-block-params N] [--dtype bfloat16] [--device cuda|cpu] [--checkpoint-above] [--no-alternatives]
+        [--max-block-params N] [--dtype bfloat16] [--device cuda|cpu] [--checkpoint-above] [--compact-frozen int8|nf4]
+        [--no-alternatives]
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+
+from fedcybgd.common.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -24,34 +26,6 @@ __all__ = ["PlanRequest", "parse_size", "format_size", "run_plan", "ALTERNATIVE_
 
 #: Partitions the summary compares (decoder layers per block), each with and without checkpoint_above.
 ALTERNATIVE_LAYERS_PER_BLOCK = (1, 2, 4)
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
-          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a memory size: a number of bytes, or a number with a unit (``24GiB``, ``24G`` (= GiB), ``500MiB``,
-    ``16GB`` (decimal)). Raises ValueError for anything else."""
-    match = _SIZE.fullmatch(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"not a memory size: {text!r} (examples: 24GiB, 24G, 500MiB, 16GB, 1073741824)")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"a memory size must be positive, got {text!r}")
-    return size
-
-
-def format_size(size: int) -> str:
-    """A size in binary units, two decimals ("19.02 GiB")."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} TiB"
-
 
 @dataclass(frozen=True)
 class PlanRequest:
@@ -66,6 +40,7 @@ class PlanRequest:
     dtype: torch.dtype = torch.bfloat16
     device_type: str = "cuda"
     checkpoint_above: bool = False
+    compact_frozen: str | None = None
     alternatives: bool = True
 
 
@@ -77,7 +52,8 @@ def run_plan(request: PlanRequest) -> int:
     config = plan_model_dir_or_config(request.model)
     settings = PlanSettings(batch_size=request.batch_size, seq_len=request.seq_len, dtype=request.dtype,
                             device_type=request.device_type, checkpoint_above=request.checkpoint_above,
-                            layers_per_block=request.layers_per_block, max_block_params=request.max_block_params)
+                            layers_per_block=request.layers_per_block, max_block_params=request.max_block_params,
+                            compact_frozen=request.compact_frozen)
     start = time.perf_counter()
     plans = plan_visits(config, settings)
     _progress(f"planned {len(plans)} visits in {time.perf_counter() - start:.1f} s")
@@ -85,7 +61,8 @@ def run_plan(request: PlanRequest) -> int:
     dtype = str(request.dtype).removeprefix("torch.")
     print(f"{config.model_type} model from {request.model}: {sum(p.params for p in plans) / 1e9:.2f}B parameters, "
           f"{len(plans)} blocks; {request.device_type}, {dtype}, batch {request.batch_size} x {request.seq_len}, "
-          f"{request.layers_per_block} layer(s) per block, checkpoint_above {_on(request.checkpoint_above)}; "
+          f"{request.layers_per_block} layer(s) per block, checkpoint_above {_on(request.checkpoint_above)}, "
+          f"frozen layers {request.compact_frozen or 'exact'}; "
           f"memory {format_size(memory)}")
     print(f"{'#':>4}  {'block':<40} {'params':>8} {'weights':>10} {'trained':>10} {'activ.':>10} {'runtime':>10} "
           f"{'peak':>10}  fits")

@@ -1,9 +1,14 @@
 """The client daemon's configuration: one typed object (see `fedcybgd client --help`)."""
 from __future__ import annotations
 
-import re
+import importlib.util
 import socket
 from dataclasses import dataclass, field
+
+from fedcybgd.common.sizes import parse_size
+from fedcybgd.training.compact import COMPACT_METHODS
+
+__all__ = ["ClientConfig", "parse_size"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,9 @@ class ClientConfig:
     # Memory/compute options of a block visit (docs/benchmarks.md, "Client memory and compute"):
     checkpoint_above: bool = False         # recompute activations of the layers above the block: less memory, slower
     cache_block_inputs: bool = False       # keep the block's inputs when rows recur within a visit (local epochs)
+    # Frozen decoder layers held quantized during a block visit: "int8" or "nf4" (needs torchao); "" (default):
+    # exact. Less memory, but the block's gradients pass through approximated layers (a lossy option).
+    compact_frozen: str = ""
     # Memory this client trains in, told to the coordinator, which then gives it only blocks predicted to fit:
     # a size ("24GiB", "16G", "8000MB") or bytes; "" (default): the device's total memory on CUDA, the host's
     # MemAvailable at start on CPU; "0": unknown (no constraint).
@@ -40,6 +48,11 @@ class ClientConfig:
         if not self.insecure and not self.tls_ca:
             raise ValueError("TLS is on by default: give tls_ca (the coordinator's CA certificate), "
                              "or set insecure = true on a trusted network")
+        if self.compact_frozen not in ("", *COMPACT_METHODS):
+            raise ValueError(f"compact_frozen must be one of {', '.join(COMPACT_METHODS)} (or empty: off), "
+                             f"not {self.compact_frozen!r}")
+        if self.compact_frozen and importlib.util.find_spec("torchao") is None:
+            raise ValueError("compact_frozen needs torchao: pip install --no-deps torchao==0.18.0")
         if self.memory != "":
             parse_size(self.memory)  # a typo fails at start, not at registration
 
@@ -47,21 +60,3 @@ class ClientConfig:
     def memory_bytes(self) -> int | None:
         """The configured memory in bytes, or None when the daemon should measure it."""
         return None if self.memory == "" else parse_size(self.memory)
-
-
-#: Size suffixes: IEC (KiB, ...) and the bare letters (K, ...) are powers of 1024; SI (kB, MB, ...) of 1000.
-_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-          "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(size: str | int) -> int:
-    """Bytes of a size such as "24GiB", "1.5G", "8000MB" or 1073741824 (ValueError when it is none)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size < 0:
-            raise ValueError(f"memory must not be negative, not {size}")
-        return size
-    match = _SIZE.match(str(size))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"memory: {size!r} is not a size (e.g. 24GiB, 16G, 8000MB, or bytes)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])

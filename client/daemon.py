@@ -282,7 +282,8 @@ class ClientDaemon:
         return VisitContext(model=resident.model, specs=resident.specs, loaded=resident.loaded, cache=self.cache,
                             lora=self.model_info.lora, upload_codec=self.upload_codec,
                             checkpoint_above=self.config.checkpoint_above,
-                            cache_block_inputs=self.config.cache_block_inputs)
+                            cache_block_inputs=self.config.cache_block_inputs,
+                            compact_frozen=self.config.compact_frozen or None)
 
     def _training_sequences(self, seq_len: int) -> torch.Tensor:
         """The local data packed into rows of ``seq_len`` tokens, once per length (tokenizing is slow)."""

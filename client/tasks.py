@@ -22,6 +22,7 @@ from fedcybgd.common.blocks import BlockSpec, block_values
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.modeling import word_size
 from fedcybgd.training import OnStep, VisitHyper, VisitResult, train_block, train_full, train_lora
+from fedcybgd.training.layers import block_layers
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 __all__ = ["TrainedUpload", "VisitContext", "TaskHandler", "BlockTask", "FullTask", "LoraTask",
@@ -69,6 +70,7 @@ class VisitContext:
     upload_codec: int
     checkpoint_above: bool = False
     cache_block_inputs: bool = False
+    compact_frozen: str | None = None
 
     def outgoing(self, data: bytes, words: int, started: str) -> UploadBlob:
         """Keep a trained blob in the cache and describe its upload: as a delta against ``started``, the version the
@@ -96,7 +98,12 @@ class BlockTask(TaskHandler):
         spec = ctx.specs[task.block_index]
         ctx.loaded.pop(task.block_index, None)  # training changes it in place: until done it is no known blob
         result = train_block(ctx.model, spec, sequences, hyper, on_step=on_step,
-                             checkpoint_above=ctx.checkpoint_above, cache_block_inputs=ctx.cache_block_inputs)
+                             checkpoint_above=ctx.checkpoint_above, cache_block_inputs=ctx.cache_block_inputs,
+                             compact_frozen=ctx.compact_frozen)
+        if ctx.compact_frozen is not None:  # the frozen layers came back dequantized: reloaded at the next manifest
+            for index, other in enumerate(ctx.specs):
+                if index != task.block_index and block_layers(ctx.model, other) is not None:
+                    ctx.loaded.pop(index, None)
         blob = ctx.outgoing(serialize_block(result.tensors), word_size(spec), manifest.blocks[task.block_index].sha256)
         ctx.loaded[task.block_index] = blob.sha256
         return TrainedUpload([blob], pb.UploadHeader(block_index=task.block_index, blob_sha256=blob.sha256,

@@ -7,21 +7,30 @@ import gc
 import weakref
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from fedcybgd.client.resident import ResidentModel
+from fedcybgd.client.tasks import BlockTask, VisitContext
+from fedcybgd.common.blobstore import BlobStore
+from fedcybgd.common.blocks import block_tensors, partition_model
+from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.tiny import make_tiny_model, tiny_config
+from fedcybgd.training import VisitHyper, train_block
 from fedcybgd.training.compact import (
     COMPACT_METHODS,
     compact_bytes_per_param,
     compact_layers,
     compact_linear_bytes,
+    frozen_layers_compacted,
     is_compact,
     module_bytes,
     restore_layers,
     tensor_bytes,
 )
+from fedcybgd.v1 import coordinator_pb2 as pb
 
 TQ = pytest.importorskip("torchao.quantization", reason="torchao is optional (pip install --no-deps torchao==0.18.0)")
 
@@ -185,3 +194,72 @@ def test_bytes_held_match_the_formula_and_shrink(method):
     # int8: 1 byte + 5 bytes a row (fp32 scale, int8 zero point) -> just over half of bf16; nf4: ~0.258 of bf16.
     assert (0.5 < ratio < 0.51) if method == "int8" else (0.25 < ratio < 0.26)
     assert sum(held) / n_params == pytest.approx(compact_bytes_per_param(method, torch.bfloat16, 512), rel=0.02)
+
+
+# -- a block visit with compact frozen layers (train_block(compact_frozen=), the client's --compact-frozen) -------
+
+HYPER = VisitHyper(lr=3e-3, steps=2, batch_size=2, seq_len=24, seed=0)
+
+
+def _sequences() -> torch.Tensor:
+    return torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("method", COMPACT_METHODS)
+def test_a_visit_with_compact_frozen_layers_trains_the_block_close_to_the_exact_visit(method):
+    exact_model, model = make_tiny_model("llama"), make_tiny_model("llama")
+    specs = partition_model(model, 1)
+    spec = next(s for s in specs if s.name == "layers.0")
+    start = block_tensors(model, spec)
+    start = {k: v.clone() for k, v in start.items()}
+    exact = train_block(exact_model, spec, _sequences(), HYPER)
+    compact = train_block(model, spec, _sequences(), HYPER, compact_frozen=method)
+    assert abs(compact.loss_before - exact.loss_before) < LOSS_TOL[method]
+    for name, value in exact.tensors.items():
+        update, error = value - start[name], compact.tensors[name] - value
+        assert error.norm() < 0.5 * update.norm(), name  # the block moved as the exact visit moved it, roughly
+    # Afterwards every layer holds plain parameters again (the frozen ones dequantized, for the caller to reload).
+    assert not any(is_compact(layer) for layer in model.get_decoder().layers)
+    assert all(not hasattr(p, "__tensor_flatten__") for p in model.parameters())
+
+
+def test_the_planner_puts_the_original_weights_back():
+    model = make_tiny_model("llama")
+    spec = partition_model(model, 1)[0]
+    before = {n: p for n, p in model.named_parameters()}
+    with frozen_layers_compacted(model, spec, "int8", keep_originals=True) as frozen:
+        assert frozen == list(range(1, len(model.get_decoder().layers)))
+        assert is_compact(model.get_decoder().layers[1]) and not is_compact(model.get_decoder().layers[0])
+    assert all(p is before[n] for n, p in model.named_parameters())
+
+
+def test_the_client_reloads_the_exact_frozen_blocks_after_a_compact_visit(tmp_path):
+    """A compact visit leaves the frozen layers dequantized in the resident model; the client must not take them
+    for the versions it holds: at the next manifest they are exact again, so the next visit trains from the exact
+    model (a block trained from its dequantized copy would carry the quantization error into the global model)."""
+    model = make_tiny_model("llama")
+    specs = partition_model(model, 1)
+    cache = BlobStore(tmp_path / "cache")
+    blobs = [cache.put(serialize_block(block_tensors(model, spec))) for spec in specs]
+    manifest = pb.Manifest(version=1, blocks=[
+        pb.BlockEntry(index=i, name=s.name, sha256=sha, tensors=[
+            pb.TensorEntry(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in s.tensors])
+        for i, (s, sha) in enumerate(zip(specs, blobs, strict=True))])
+    resident = ResidentModel(model, specs, cache)
+    resident.load_manifest(manifest)
+    ctx = VisitContext(model=model, specs=specs, loaded=resident.loaded, cache=cache, lora=pb.LoraSpec(),
+                       upload_codec=pb.CODEC_ZSTD, compact_frozen="int8")
+    trained = next(i for i, s in enumerate(specs) if s.name == "layers.0")
+    BlockTask().train(ctx, pb.Task(block_index=trained), manifest, _sequences(), HYPER, lambda step, loss: None)
+    frozen = next(i for i, s in enumerate(specs) if s.name == "layers.1")
+    assert frozen not in resident.loaded and trained in resident.loaded
+    assert any(not torch.equal(v, block_tensors(model, specs[frozen])[k])
+               for k, v in _blob(cache, blobs[frozen]).items())  # dequantized now
+    resident.load_manifest(manifest)
+    for i, spec in enumerate(specs):
+        if i != trained:
+            assert all(torch.equal(v, block_tensors(model, spec)[k]) for k, v in _blob(cache, blobs[i]).items())
+
+
+def _blob(cache: BlobStore, sha: str) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(cache.path(sha)))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fedcybgd.cli.main import main
-from fedcybgd.cli.plan import format_size, parse_size
 from fedcybgd.common.blocks import partition_model
 from fedcybgd.common.modeling import model_from_config
+from fedcybgd.common.sizes import format_size, parse_size
 from fedcybgd.common.tiny import tiny_config
 from fedcybgd.training.live_memory import LiveMemory
 from fedcybgd.training.planner import (
@@ -163,7 +163,7 @@ def test_sizes():
     assert parse_size("1073741824") == 2**30
     for bad in ("", "lots", "24XB", "-1G", "0"):
         with pytest.raises(ValueError):
-            parse_size(bad)
+            parse_size(bad, positive=True)
     assert format_size(19 * 2**30 + 2**28) == "19.25 GiB"
 
 
@@ -195,7 +195,7 @@ def test_plan_command_says_what_does_not_fit(config_json, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "MISSING", "--memory", "24GiB"], "no model config"),
-    (["--memory", "24 potatoes"], "not a memory size"),
+    (["--memory", "24 potatoes"], "is not a size"),
 ])
 def test_plan_command_refuses_bad_input(config_json, capsys, args, message):
     argv = ["plan", *args] if "--model" in args else ["plan", "--model", str(config_json), *args]

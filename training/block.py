@@ -37,6 +37,7 @@ def train_block(
     on_step: OnStep | None = None,
     checkpoint_above: bool = False,
     cache_block_inputs: bool = False,
+    compact_frozen: str | None = None,
 ) -> VisitResult:
     """Train the block ``spec`` of ``model`` (already on its device) on rows of ``sequences`` ``[n, seq_len]``.
 
@@ -54,6 +55,13 @@ def train_block(
       visit (local epochs: ``steps * batch_size > n``) and dropped after their last use; a step whose rows are all
       kept runs from the block upward only (``training/layers.py``). Decoder-layer blocks of the architectures
       ``decoder_stack`` knows; elsewhere the option changes nothing.
+
+    And one whose result is *not* within float tolerance, a lossy option (``docs/benchmarks.md`` measures it):
+
+    * ``compact_frozen`` ("int8" | "nf4", needs torchao): the decoder layers outside the block hold their linear
+      weights quantized for the visit (``training/compact.py``). The block itself trains in full precision, but
+      its gradients pass through approximated layers; afterwards those layers hold *dequantized* weights, which
+      the caller must replace by the exact ones before anything else uses the model.
     """
     check_inputs(sequences, hyper)
     with contextlib.ExitStack() as stack:
@@ -68,6 +76,10 @@ def train_block(
             step_loss = _BlockInputCache.for_visit(model, spec, sequences, visit_rows(sequences, hyper)[1])
         if checkpoint_above:
             stack.enter_context(checkpoint_layers(layers_above(model, spec)))
+        if compact_frozen is not None:
+            from fedcybgd.training.compact import frozen_layers_compacted  # torchao: an optional dependency
+
+            stack.enter_context(frozen_layers_compacted(model, spec, compact_frozen))
         return fit(model, trainables.params, sequences, hyper, what=f"block {spec.name!r}",
                    on_step=on_step, step_loss=step_loss,
                    collect=lambda: cpu_copies(block_tensors(model, spec)))

@@ -27,6 +27,7 @@ the exact weights into them before the layers are trained or shipped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -39,8 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.training.layers import block_layers, decoder_layers
+
 __all__ = ["COMPACT_METHODS", "CompactFormat", "COMPACT_FORMATS", "compact_bytes_per_param", "compact_linear_bytes",
-           "compact_layers", "restore_layers", "is_compact", "tensor_bytes", "module_bytes"]
+           "compact_layers", "restore_layers", "frozen_layers_compacted", "is_compact", "tensor_bytes", "module_bytes"]
 
 COMPACT_METHODS: tuple[str, ...] = ("int8", "nf4")
 NF4_BLOCK = 64  # weights per NF4 absmax block (one int8 scaler each)
@@ -238,3 +242,40 @@ def restore_layers(modules: Iterable[nn.Module], dtype: torch.dtype) -> None:
             done[id(weight)] = nn.Parameter(_dequantize(weight, dtype), requires_grad=False)
         linear.weight = done[id(weight)]
         _set_int8_forward(linear, False)
+
+
+@contextlib.contextmanager
+def frozen_layers_compacted(model: nn.Module, spec: BlockSpec, method: str | None, *,
+                            keep_originals: bool = False) -> Iterator[list[int]]:
+    """Within the context, the decoder layers outside block ``spec`` hold their linear weights quantized
+    (``method``: "int8" | "nf4"; None: nothing changes), so that a visit of the block holds the frozen layers in
+    about a half (int8) or a quarter (nf4) of their bf16 bytes; gradients still flow through them to the block.
+    Yields the indices of the compacted decoder layers.
+
+    On exit the layers get plain parameters back. With ``keep_originals`` (planning on the meta device, tests) they
+    are the very tensors they held before; without it (a real visit, where keeping them would defeat the purpose)
+    the full-precision weights are released on entry and come back *dequantized*: approximate, so the caller must
+    reload the exact frozen weights before they serve anything but this visit (the client reloads those blocks from
+    its blob cache at the next manifest)."""
+    if method is None:
+        yield []
+        return
+    _check_method(method)
+    own = block_layers(model, spec)
+    layers = decoder_layers(model)
+    indices = [i for i in range(len(layers)) if own is None or i not in own]
+    frozen = [layers[i] for i in indices]
+    linears = list(_linears(frozen))
+    dtype = linears[0].weight.dtype if linears else torch.float32
+    originals = [(m, m.weight) for m in linears] if keep_originals else []
+    del linears
+    try:
+        compact_layers(frozen, method)
+        yield indices
+    finally:
+        if keep_originals:
+            for module, weight in originals:
+                module.weight = weight
+                _set_int8_forward(module, False)
+        else:
+            restore_layers(frozen, dtype)

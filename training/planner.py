@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import threading
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ from fedcybgd.common.blocks import BlockSpec, partition_model
 from fedcybgd.common.lm_loss import causal_lm_loss
 from fedcybgd.common.modeling import config_from_json, model_from_config
 from fedcybgd.training.hyper import VisitHyper
-from fedcybgd.training.layers import block_layers, checkpoint_layers, decoder_layers, layers_above
+from fedcybgd.training.layers import checkpoint_layers, decoder_layers, layers_above
 from fedcybgd.training.live_memory import LiveMemory
 from fedcybgd.training.loop import MasterAdamW
 from fedcybgd.training.slices import block_trainables
@@ -82,8 +81,8 @@ class PlanSettings:
     (``"cpu"``: peak RSS; ``"cuda"``: peak allocated), the partition, and the visit's options.
 
     ``compact_frozen``: every frozen decoder layer held quantized during the visit (``training/compact.py``'s
-    ``compact_layers``: ``"int8"`` | ``"nf4"``; None: as they are); the visit does not offer it yet, so such a plan
-    is what it would need once it does. ``runtime_bytes``: the process's own memory on top of its tensors
+    ``compact_layers``: ``"int8"`` | ``"nf4"``; None: as they are), as ``train_block(compact_frozen=)`` holds them.
+    ``runtime_bytes``: the process's own memory on top of its tensors
     (None: ``CPU_RUNTIME_BYTES + CPU_ALLOCATOR_BYTES`` on CPU, 0 on CUDA)."""
 
     batch_size: int
@@ -264,25 +263,15 @@ def _parts(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
 
 @contextlib.contextmanager
 def _compacted(model: nn.Module, spec: BlockSpec, method: str | None) -> Iterator[None]:
-    """Within the context, the decoder layers outside the block hold their linear weights quantized with
-    ``training/compact.py`` (``method``); the original weights are put back afterwards."""
+    """Within the context, the decoder layers outside the block hold their linear weights quantized as a visit with
+    ``compact_frozen`` holds them (``training/compact.py``); the original (meta) weights are put back after."""
     if method is None:
         yield
         return
-    if importlib.util.find_spec("fedcybgd.training.compact") is None:
-        raise NotImplementedError("compact_frozen needs fedcybgd.training.compact (compact_layers), which this "
-                                  "installation does not have")
-    from fedcybgd.training.compact import compact_layers
+    from fedcybgd.training.compact import frozen_layers_compacted  # torchao is optional: imported when asked for
 
-    own = block_layers(model, spec)
-    frozen = [layer for i, layer in enumerate(decoder_layers(model)) if own is None or i not in own]
-    originals = {id(m): (m, m.weight) for layer in frozen for m in layer.modules() if isinstance(m, nn.Linear)}
-    try:
-        compact_layers(frozen, method)
+    with frozen_layers_compacted(model, spec, method, keep_originals=True):
         yield
-    finally:
-        for module, weight in originals.values():
-            module.weight = weight
 
 
 # -------------------------------------------------------------------------------------------------- attention
