@@ -95,10 +95,12 @@ def _data(tokenizer, rows: int, seq_len: int) -> torch.Tensor:
 
 def worker(args: argparse.Namespace) -> dict:
     """Run one configuration in this process and return its figures."""
+    from fedcybgd.common.allocator import return_freed_memory
     from fedcybgd.common.blocks import partition_model
     from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
 
     torch.set_num_threads(args.threads)
+    return_freed_memory()  # as the client daemon does
     model, tokenizer = _load(args.model, args.device)
     sequences = _data(tokenizer, args.rows, args.seq_len)
     loaded = _rss()

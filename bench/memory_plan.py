@@ -81,8 +81,12 @@ class Measured:
 
 
 def _client_process_imports() -> None:
-    """Import what a client process holds, so that its runtime is in the measurement as it is in a client's."""
+    """Import what a client process holds, and set its allocator up as the daemon does, so that its runtime is in
+    the measurement as it is in a client's."""
     import fedcybgd.client.daemon  # noqa: F401
+    from fedcybgd.common.allocator import return_freed_memory
+
+    return_freed_memory()
 
 
 def _build(arch: str, device: str) -> torch.nn.Module:

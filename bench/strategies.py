@@ -29,7 +29,8 @@ FEDERATED = [
     ("fedavg-full (2/round)", ["--strategy", "fedavg-full", "--clients-per-round", "2"]),
     ("fedlora r8 (2/round, lr x5)", ["--strategy", "fedlora", "--clients-per-round", "2", "--lr-factor", "5"]),
 ]
-CENTRALIZED = ["centralized full FT", "centralized block-cyclic"]
+CENTRALIZED = ["centralized full FT", "centralized block-cyclic", "centralized block-cyclic int8",
+               "centralized block-cyclic nf4"]
 
 
 def _slug(label: str) -> str:
@@ -112,7 +113,8 @@ def centralized_main(args: argparse.Namespace) -> None:
         schedule = CycleSchedule(len(partition_model(model, options.layers_per_block)), schedule_config)
         run_centralized_full(model, pooled, training, schedule)
     else:
-        run_block_cyclic(model, pooled, options.layers_per_block, schedule_config, training)
+        compact = args.centralized.removeprefix("centralized block-cyclic").strip() or None  # frozen layers int8/nf4
+        run_block_cyclic(model, pooled, options.layers_per_block, schedule_config, training, compact_frozen=compact)
     seconds = time.perf_counter() - started
     peak = peak_memory(torch.device("cpu"))
     after = evaluate_loss(model, eval_sequences, evaluation.batch_size)

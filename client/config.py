@@ -52,7 +52,7 @@ class ClientConfig:
             raise ValueError(f"compact_frozen must be one of {', '.join(COMPACT_METHODS)} (or empty: off), "
                              f"not {self.compact_frozen!r}")
         if self.compact_frozen and importlib.util.find_spec("torchao") is None:
-            raise ValueError("compact_frozen needs torchao: pip install --no-deps torchao==0.18.0")
+            raise ValueError("compact_frozen needs torchao: pip install 'fedcybgd[compact]' (torchao==0.18.0)")
         if self.memory != "":
             parse_size(self.memory)  # a typo fails at start, not at registration
 

@@ -25,6 +25,7 @@ from fedcybgd.client.metrics import ClientMetrics
 from fedcybgd.client.resident import ResidentModel
 from fedcybgd.client.tasks import TaskRefused, VisitContext, handler_for, visit_hyper_from_proto
 from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_blobs
+from fedcybgd.common.allocator import return_freed_memory
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
@@ -63,6 +64,7 @@ class ClientDaemon:
         self.device = torch.device(config.device if config.device != "auto" else auto)
         if config.threads:
             torch.set_num_threads(config.threads)
+        return_freed_memory()  # a visit's freed host memory goes back to the system (common/allocator.py)
         self.channel = client_channel(config.coordinator, insecure=config.insecure, tls_ca=config.tls_ca,
                                       tls_cert=config.tls_cert, tls_key=config.tls_key, server_name=config.server_name)
         self.stub = pb_grpc.CoordinatorStub(self.channel)

@@ -45,10 +45,13 @@ def visit_hyper(schedule: CycleSchedule, training: TrainingConfig, round_: int) 
 
 def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config: ScheduleConfig,
                   training: TrainingConfig, data_of_round: Sequence[torch.Tensor], *,
-                  on_visit: OnVisit | None = None, max_block_params: int | None = None) -> PreTrainedModel:
+                  on_visit: OnVisit | None = None, max_block_params: int | None = None,
+                  compact_frozen: str | None = None) -> PreTrainedModel:
     """Train `model` in place through every visit; `data_of_round[r]` is the data visit r used
     (in a federated run: the local data of the client that made visit r). The blocks are
-    ``partition_model(model, layers_per_block, max_block_params)``, as the run's."""
+    ``partition_model(model, layers_per_block, max_block_params)``, as the run's. ``compact_frozen``: the
+    visits hold their frozen layers quantized (``train_block``); the frozen weights are put back exact after
+    each visit, as the client reloads them."""
     specs = partition_model(model, layers_per_block, max_block_params)
     schedule = CycleSchedule(len(specs), schedule_config)
     if len(data_of_round) != schedule.total_rounds:
@@ -56,7 +59,12 @@ def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config
     model.eval()
     for round_ in range(schedule.total_rounds):
         spec = specs[schedule.block_of(round_)]
-        result = train_block(model, spec, data_of_round[round_], visit_hyper(schedule, training, round_))
+        exact = _frozen_copy(model, spec) if compact_frozen is not None else {}
+        result = train_block(model, spec, data_of_round[round_], visit_hyper(schedule, training, round_),
+                             compact_frozen=compact_frozen)
+        with torch.no_grad():
+            for name, value in exact.items():
+                model.get_parameter(name).copy_(value)
         if on_visit is not None:
             on_visit(round_, spec, result)
     return model
@@ -64,14 +72,21 @@ def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config
 
 def run_block_cyclic(model: PreTrainedModel, sequences: torch.Tensor, layers_per_block: int,
                      schedule_config: ScheduleConfig, training: TrainingConfig, *,
-                     on_visit: OnVisit | None = None, max_block_params: int | None = None) -> PreTrainedModel:
+                     on_visit: OnVisit | None = None, max_block_params: int | None = None,
+                     compact_frozen: str | None = None) -> PreTrainedModel:
     """Block-cyclic training in one process on the pooled ``sequences`` ``[n, seq_len]``: every
     visit of the schedule trains its block for ``training.local_steps`` steps with a fresh AdamW
     (BAdam's scheme, with the schedule's block order, learning rates and per-visit data seeds)."""
     rounds = CycleSchedule(len(partition_model(model, layers_per_block, max_block_params)),
                            schedule_config).total_rounds
     return run_reference(model, layers_per_block, schedule_config, training, [sequences] * rounds,
-                         on_visit=on_visit, max_block_params=max_block_params)
+                         on_visit=on_visit, max_block_params=max_block_params, compact_frozen=compact_frozen)
+
+
+def _frozen_copy(model: nn.Module, spec: BlockSpec) -> dict[str, torch.Tensor]:
+    """Copies of the parameters a ``compact_frozen`` visit of ``spec`` approximates (the other blocks')."""
+    own = set(spec.names)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if name not in own}
 
 
 def lr_of_step(schedule: CycleSchedule, local_steps: int, step: int) -> float:

@@ -32,7 +32,7 @@ from fedcybgd.training.compact import (
 )
 from fedcybgd.v1 import coordinator_pb2 as pb
 
-TQ = pytest.importorskip("torchao.quantization", reason="torchao is optional (pip install --no-deps torchao==0.18.0)")
+TQ = pytest.importorskip("torchao.quantization", reason="torchao is optional: pip install 'fedcybgd[compact]'")
 
 DTYPES = (torch.float32, torch.bfloat16)
 #: |loss(compact) - loss(exact)| on the tiny llama (loss ~5.5), observed over a few batches in fp32 and bf16:

@@ -19,7 +19,7 @@ Both run forward and backward on CPU in fp32 and bf16 (dequantize-on-the-fly mat
 tensor-level constructors are called directly rather than ``quantize_``: that keeps torchao from changing the global
 inductor config and from patching ``extra_repr``, and lets the NF4 scaler block fit small (test-sized) weights.
 torchao is an optional dependency, imported only when a method is used:
-``pip install --no-deps torchao==0.18.0``.
+``pip install "fedcybgd[compact]"`` (torchao==0.18.0).
 
 ``restore_layers`` puts plain parameters (the dequantized values) back under the same names, so a caller can copy
 the exact weights into them before the layers are trained or shipped.
@@ -49,7 +49,7 @@ __all__ = ["COMPACT_METHODS", "CompactFormat", "COMPACT_FORMATS", "compact_bytes
 COMPACT_METHODS: tuple[str, ...] = ("int8", "nf4")
 NF4_BLOCK = 64  # weights per NF4 absmax block (one int8 scaler each)
 NF4_SCALER_BLOCK = 256  # NF4 scalers per second-level block (one scale of the weight's dtype each), at most
-_INSTALL_HINT = "weight-only quantization needs torchao: pip install --no-deps torchao==0.18.0"
+_INSTALL_HINT = "weight-only quantization needs torchao: pip install 'fedcybgd[compact]' (torchao==0.18.0)"
 
 
 @dataclass(frozen=True)
