@@ -96,7 +96,7 @@ def _data(tokenizer, rows: int, seq_len: int) -> torch.Tensor:
 def worker(args: argparse.Namespace) -> dict:
     """Run one configuration in this process and return its figures."""
     from fedcybgd.common.allocator import return_freed_memory
-    from fedcybgd.common.blocks import partition_model
+    from fedcybgd.common.partition import partition_model
     from fedcybgd.training import VisitHyper, train_block, train_full, train_lora
 
     torch.set_num_threads(args.threads)

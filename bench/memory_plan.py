@@ -110,7 +110,7 @@ def _now_bytes(device: str) -> int:
 
 def visit_worker(args: argparse.Namespace) -> Measured:
     """Run one visit of block ``args.block`` of a fresh ``args.arch`` model in this process."""
-    from fedcybgd.common.blocks import partition_model
+    from fedcybgd.common.partition import partition_model
     from fedcybgd.training import VisitHyper, train_block
 
     _client_process_imports()

@@ -84,9 +84,9 @@ def centralized_main(args: argparse.Namespace) -> None:
 
     from fedcybgd.cli.demo import DemoOptions, prepare_inputs
     from fedcybgd.cli.main import DEMO_DEFAULTS
-    from fedcybgd.common.blocks import partition_model
     from fedcybgd.common.data import load_packed
     from fedcybgd.common.eval import evaluate_loss, spread_sample
+    from fedcybgd.common.partition import partition_model
     from fedcybgd.server.config import EvalConfig, TrainingConfig
     from fedcybgd.server.reference import run_block_cyclic, run_centralized_full
     from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig

@@ -27,10 +27,11 @@ from fedcybgd.client.tasks import TaskRefused, VisitContext, handler_for, visit_
 from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_blobs
 from fedcybgd.common.allocator import return_freed_memory
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
+from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.modeling import DTYPES, TOKENIZER_FILES, config_from_json, model_from_config
+from fedcybgd.common.partition import partition_model
 from fedcybgd.common.procfs import mem_available_bytes, rss_bytes
 from fedcybgd.common.transport import client_channel
 from fedcybgd.training import OnStep

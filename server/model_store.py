@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
+from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.modeling import (
     DTYPES,
@@ -25,6 +25,7 @@ from fedcybgd.common.modeling import (
     load_blob_file,
     model_from_config,
 )
+from fedcybgd.common.partition import partition_model
 
 #: Bound on the tokenizer files sent with the model info (before compression).
 MAX_TOKENIZER_BYTES = 32 * 1024 * 1024

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedcybgd.common.blocks import BlockSpec, partition_model
+from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.common.partition import partition_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 from fedcybgd.training import VisitHyper, VisitResult, train_block, train_full

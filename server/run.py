@@ -8,9 +8,10 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedcybgd.common.blocks import BlockSpec, resolved_bound
+from fedcybgd.common.blocks import BlockSpec
 from fedcybgd.common.config import to_dict
 from fedcybgd.common.modeling import specs_from_json, specs_to_json
+from fedcybgd.common.partition import resolved_bound
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.state import CoordinatorState
 

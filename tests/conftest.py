@@ -25,8 +25,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedcybgd.cli.demo import free_port  # noqa: F401  (re-exported: the tests' one free_port)
-from fedcybgd.common.blocks import block_tensors, partition_model
+from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.data import load_packed
+from fedcybgd.common.partition import partition_model
 from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig

@@ -11,12 +11,11 @@ from fedcybgd.common.blocks import (
     TensorSpec,
     block_params,
     block_tensors,
-    find_decoder_layers,
     load_block,
-    partition_model,
     st_dtype_to_torch,
     torch_dtype_to_st,
 )
+from fedcybgd.common.partition import find_decoder_layers, partition_model
 from fedcybgd.common.tiny import (
     BYTE_VOCAB_SIZE,
     TINY_ARCHS,

@@ -8,14 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fedcybgd.common.blocks import (
-    BlockSpec,
-    block_tensors,
-    load_block,
-    partition_model,
-    resolved_bound,
-    row_pieces,
-)
+from fedcybgd.common.blocks import BlockSpec, block_tensors, load_block
 from fedcybgd.common.eval import model_device
 from fedcybgd.common.lm_loss import (
     HeadRows,
@@ -26,6 +19,7 @@ from fedcybgd.common.lm_loss import (
     uses_chunked_loss,
 )
 from fedcybgd.common.modeling import specs_from_json, specs_to_json
+from fedcybgd.common.partition import partition_model, resolved_bound, row_pieces
 from fedcybgd.common.tiny import TINY_ARCHS, make_tiny_model, tiny_config
 from fedcybgd.training import VisitHyper, train_block
 from fedcybgd.training.slices import block_trainables

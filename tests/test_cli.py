@@ -19,8 +19,9 @@ from conftest import PROCESS_ENV, Coordinators, address_of, free_port, wait_for,
 from fedcybgd.cli.main import CLIENT_FLAGS, COORDINATOR_FLAGS, _overrides, build_parser
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.daemon import ClientDaemon
-from fedcybgd.common.blocks import block_tensors, partition_model
+from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.config import from_dict, load_config
+from fedcybgd.common.partition import partition_model
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.coordinator import Coordinator
 from fedcybgd.server.scheduler import ScheduleConfig

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 from fedcybgd.client.resident import ResidentModel
 from fedcybgd.client.tasks import BlockTask, VisitContext
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import block_tensors, partition_model
+from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import serialize_block
+from fedcybgd.common.partition import partition_model
 from fedcybgd.common.tiny import make_tiny_model, tiny_config
 from fedcybgd.training import VisitHyper, train_block
 from fedcybgd.training.compact import (

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ClientProcesses, Coordinators, address_of, register, wait_clients, wait_for, write_data
 from fedcybgd.common import context
-from fedcybgd.common.blocks import TensorSpec, block_tensors, partition_model, torch_dtype_to_st
+from fedcybgd.common.blocks import TensorSpec, block_tensors, torch_dtype_to_st
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks, serialize_block, sha256_hex
+from fedcybgd.common.partition import partition_model
 from fedcybgd.server.config import ContextConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb

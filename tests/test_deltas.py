@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import Coordinators, register
-from fedcybgd.common.blocks import block_tensors, partition_model
+from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks, serialize_block, sha256_hex
+from fedcybgd.common.partition import partition_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb

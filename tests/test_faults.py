@@ -41,7 +41,8 @@ from conftest import (
     wait_for,
     write_data,
 )
-from fedcybgd.common.blocks import block_tensors, partition_model
+from fedcybgd.common.blocks import block_tensors
+from fedcybgd.common.partition import partition_model
 from fedcybgd.common.tiny import make_byte_tokenizer, tiny_config
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig

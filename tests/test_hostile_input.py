@@ -37,9 +37,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from conftest import Coordinators, bearer, register
-from fedcybgd.common.blocks import BlockSpec, block_tensors, partition_model
+from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.codec import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.modeling import max_blob_size
+from fedcybgd.common.partition import partition_model
 from fedcybgd.server import tasks as task_board_module
 from fedcybgd.server.app import RunningCoordinator
 from fedcybgd.server.config import TrainingConfig

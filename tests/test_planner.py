@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fedcybgd.cli.main import main
-from fedcybgd.common.blocks import partition_model
 from fedcybgd.common.modeling import model_from_config
+from fedcybgd.common.partition import partition_model
 from fedcybgd.common.sizes import format_size, parse_size
 from fedcybgd.common.tiny import tiny_config
 from fedcybgd.training.live_memory import LiveMemory

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcybgd.common.blocks import partition_model
 from fedcybgd.common.data import Document, pack_sequences, tokenize_documents
 from fedcybgd.common.eval import evaluate_loss
+from fedcybgd.common.partition import partition_model
 from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.reference import lr_of_step, run_block_cyclic, run_centralized_full, run_reference

@@ -22,9 +22,10 @@ from conftest import (
     wait_for,
     write_data,
 )
-from fedcybgd.common.blocks import block_tensors, partition_model
+from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import encode_chunks, serialize_block, sha256_hex
 from fedcybgd.common.data import load_packed
+from fedcybgd.common.partition import partition_model
 from fedcybgd.server.config import ContextConfig, CoordinatorConfig, EvalConfig, TrainingConfig
 from fedcybgd.server.export import export_version
 from fedcybgd.server.records import VisitStats

@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from fedcybgd.common.blocks import EMBED_HEAD, block_params, load_block, partition_model
+from fedcybgd.common.blocks import EMBED_HEAD, block_params, load_block
 from fedcybgd.common.data import Document, pack_sequences, tokenize_documents, visit_batches
 from fedcybgd.common.eval import evaluate_loss as common_evaluate_loss
 from fedcybgd.common.lm_loss import uses_chunked_loss
+from fedcybgd.common.partition import partition_model
 from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
 from fedcybgd.training import (
     VisitHyper,

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedcybgd.common.blocks import block_params, block_tensors, partition_model
+from fedcybgd.common.blocks import block_params, block_tensors
+from fedcybgd.common.partition import partition_model
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.loop import cpu_copies, fit
 

@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from fedcybgd.common.blocks import BlockSpec, find_decoder_layers
+from fedcybgd.common.blocks import BlockSpec
 from fedcybgd.common.lm_loss import loss_from_hidden, uses_chunked_loss
+from fedcybgd.common.partition import find_decoder_layers
 
 __all__ = ["DecoderStack", "decoder_stack", "LayerInputCapture", "forward_from_layer", "checkpoint_layers",
            "LayerCall", "decoder_layers", "block_layers", "layers_above"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedcybgd.common.blocks import find_decoder_layers
+from fedcybgd.common.partition import find_decoder_layers
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import decoder_layers
 from fedcybgd.training.loop import cpu_copies, fit

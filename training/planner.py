@@ -46,9 +46,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import PretrainedConfig
 
-from fedcybgd.common.blocks import BlockSpec, partition_model
+from fedcybgd.common.blocks import BlockSpec
 from fedcybgd.common.lm_loss import causal_lm_loss
 from fedcybgd.common.modeling import config_from_json, model_from_config
+from fedcybgd.common.partition import partition_model
 from fedcybgd.training.hyper import VisitHyper
 from fedcybgd.training.layers import checkpoint_layers, decoder_layers, layers_above
 from fedcybgd.training.live_memory import LiveMemory
