@@ -66,14 +66,13 @@ DEVICE_TYPES = ("cpu", "cuda")
 #: buffers. Measured by ``bench/memory_plan.py --calibrate`` on four architectures (365-367 MiB each).
 CPU_RUNTIME_BYTES = 367 * 2**20
 
-#: What glibc's heap keeps resident during a CPU visit beyond the live tensors: tensors under its mmap threshold
-#: (which it raises to 32 MiB as the visit frees larger ones) come from the heap, whose holes a later tensor of the
-#: same size cannot reuse (posix_memalign asks for more than the hole, and small allocations take the remainders), so
-#: the heap grows while hundreds of MiB of it are free (mallinfo2). A constant is an approximation: it depends on
-#: how many such tensors a visit cycles through. Measured by ``bench/memory_plan.py --calibrate``: the median of
-#: (peak RSS - RSS at the visit's start - simulated peak of the live tensors) over 22 visits of two architectures at
-#: batch shapes 1 x 512 and 4 x 128 (range 51-265 MiB), not the shapes the benchmark validates at (2 x 256).
-CPU_ALLOCATOR_BYTES = 175 * 2**20
+#: What the C allocator keeps resident during a CPU visit beyond the live tensors. Client processes map every
+#: allocation of 1 MiB or more on its own (``common/allocator.py``), so freed tensors leave the resident set; what
+#: remains is the heap of smaller allocations and its holes. Measured by ``bench/memory_plan.py --calibrate``: the
+#: median of (peak RSS - RSS at the visit's start - simulated peak of the live tensors) over 22 visits of two
+#: architectures at batch shapes 1 x 512 and 4 x 128 (range 30-53 MiB), not the shapes the benchmark validates at
+#: (2 x 256). (Before that setting glibc raised its mmap threshold to 32 MiB and this was 175 MiB, range 51-265.)
+CPU_ALLOCATOR_BYTES = 42 * 2**20
 
 
 @dataclass(frozen=True)
