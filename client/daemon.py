@@ -104,6 +104,7 @@ class ClientDaemon:
         device, --memory, --checkpoint-above) needs a new registration. A measured default memory is left
         out: it moves a little at every start."""
         return {"device_kind": _device_kind(self.device), "checkpoint_above": self.config.checkpoint_above,
+                "compact_frozen": self.config.compact_frozen,
                 "memory": self.memory_bytes if self.config.memory_bytes is not None else "measured"}
 
     def connect(self) -> None:
@@ -115,7 +116,7 @@ class ClientDaemon:
             same_run = identity.get("coordinator") == self.config.coordinator
             changed = identity.get("profile", self._profile()) != self._profile()  # (none stored: older client)
             if same_run and changed:
-                log.info("device, memory or checkpoint_above changed since registration: registering anew")
+                log.info("device, memory or memory options changed since registration: registering anew")
             if same_run and not changed:
                 self.client_id = identity["client_id"]
                 self.metadata = (("authorization", f"Bearer {identity['token']}"),)
@@ -130,7 +131,8 @@ class ClientDaemon:
         request = pb.RegisterRequest(name=self.config.name, device_kind=_device_kind(self.device),
                                      memory_bytes=self.memory_bytes, software_version=_version(),
                                      join_token=self.config.join_token or "",
-                                     checkpoint_above=self.config.checkpoint_above)
+                                     checkpoint_above=self.config.checkpoint_above,
+                                     compact_frozen=self.config.compact_frozen)
         reply = self._call("register", lambda: self.stub.Register(request))
         self.client_id = reply.client_id
         self.metadata = (("authorization", f"Bearer {reply.token}"),)

@@ -20,10 +20,13 @@ from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.memory_fit import MemoryFit, format_bytes
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.state import ClientRow, CoordinatorState
+from fedcybgd.training.compact import COMPACT_METHODS
 
 log = logging.getLogger("fedcybgd.coordinator")
 
 MAX_NAME_CHARS = 128
+#: What a client may hold its frozen layers as (RegisterRequest.compact_frozen): exact, or a compact method.
+COMPACT_FROZEN = ("", *COMPACT_METHODS)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Enrolment:
     software_version: str
     join_token: str
     checkpoint_above: bool = False
+    compact_frozen: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,16 +73,21 @@ class Enroller:
         name = name.strip()
         if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
             raise Refusal(Status.INVALID_ARGUMENT, f"client name must be 1-{MAX_NAME_CHARS} printable characters")
+        if request.compact_frozen not in COMPACT_FROZEN:
+            raise Refusal(Status.INVALID_ARGUMENT, f"compact_frozen must be one of {', '.join(COMPACT_FROZEN[1:])} "
+                                                   f"or empty, not {printable(request.compact_frozen)[:20]!r}")
         token = secrets.token_urlsafe(32)
         now = time.time()
         client = ClientRow(id=f"c-{secrets.token_hex(6)}", name=name, device_kind=printable(request.device_kind),
                            memory_bytes=int64(request.memory_bytes), registered_unix=now, last_seen_unix=now,
-                           checkpoint_above=bool(request.checkpoint_above))
+                           checkpoint_above=bool(request.checkpoint_above),
+                           compact_frozen=request.compact_frozen)
         self._state.add_client(client, token_hash(token))
         self._metrics.clients_registered.inc()
         log.info("registered client %s (%s, %s, memory %s%s, fedcybgd %s)", client.id, name, client.device_kind,
                  format_bytes(client.memory_bytes) if client.memory_bytes else "unknown",
-                 ", checkpoint_above" if client.checkpoint_above else "",
+                 (", checkpoint_above" if client.checkpoint_above else "")
+                 + (f", frozen layers {client.compact_frozen}" if client.compact_frozen else ""),
                  printable(request.software_version) or "unknown")
         if self._memory is not None:
             self._memory.warm(client)  # its visits' predictions, ready by its first GetTask

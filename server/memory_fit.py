@@ -49,14 +49,16 @@ class MemoryProfile:
 
     device_type: str
     checkpoint_above: bool
+    compact_frozen: str = ""  # frozen decoder layers held quantized ("int8" | "nf4"; "": exact)
 
     @classmethod
     def of(cls, client: ClientRow) -> MemoryProfile:
         return cls(device_type=client.device_kind.split(":", 1)[0].strip().lower() or "cpu",
-                   checkpoint_above=client.checkpoint_above)
+                   checkpoint_above=client.checkpoint_above, compact_frozen=client.compact_frozen)
 
     def describe(self) -> str:
-        return f"{self.device_type}, checkpoint_above {'on' if self.checkpoint_above else 'off'}"
+        return (f"{self.device_type}, checkpoint_above {'on' if self.checkpoint_above else 'off'}, frozen layers "
+                f"{self.compact_frozen or 'exact'}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class PlannerPredictor:
         run, training = self._run, self._training
         settings = PlanSettings(batch_size=training.batch_size, seq_len=training.seq_len, dtype=DTYPES[run.dtype],
                                 device_type=profile.device_type, checkpoint_above=profile.checkpoint_above,
+                                compact_frozen=profile.compact_frozen or None,
                                 layers_per_block=self._layers_per_block,
                                 max_block_params=run.max_block_params)  # resolved: 0 is "no bound", as clients
         plans = plan_visits(config_from_json(self._config_json), settings)
@@ -154,9 +157,9 @@ class MemoryFit:
         try:
             visits = self._predict(profile)
         except Exception as exc:  # noqa: BLE001 - a planner that cannot predict must not stop the run
-            if profile.checkpoint_above:
-                # Checkpointing only lowers a visit's peak: the plain visit's prediction is a safe upper bound.
-                log.warning("memory planner: no prediction for %s (%s: %s); using the visits without it",
+            if profile.checkpoint_above or profile.compact_frozen:
+                # Both options only lower a visit's peak: the plain visit's prediction is a safe upper bound.
+                log.warning("memory planner: no prediction for %s (%s: %s); using the plain visits' instead",
                             profile.describe(), type(exc).__name__, exc)
                 return self._predictions(MemoryProfile(profile.device_type, checkpoint_above=False))
             log.warning("memory planner: no prediction for %s (%s: %s); clients of this profile are not "

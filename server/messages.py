@@ -23,7 +23,7 @@ UPLOAD_CODECS = (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD, pb.CODEC_NONE)
 def enrolment(req: pb.RegisterRequest) -> Enrolment:
     return Enrolment(name=req.name, device_kind=req.device_kind, memory_bytes=req.memory_bytes,
                      software_version=req.software_version, join_token=req.join_token,
-                     checkpoint_above=req.checkpoint_above)
+                     checkpoint_above=req.checkpoint_above, compact_frozen=req.compact_frozen)
 
 
 def beat(req: pb.HeartbeatRequest) -> Beat:

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS clients (
     device_kind TEXT NOT NULL, memory_bytes INTEGER NOT NULL,
     registered_unix REAL NOT NULL, last_seen_unix REAL NOT NULL,
     gpu_peak_allocated_bytes INTEGER NOT NULL DEFAULT 0, gpu_peak_reserved_bytes INTEGER NOT NULL DEFAULT 0,
-    host_rss_bytes INTEGER NOT NULL DEFAULT 0, checkpoint_above INTEGER NOT NULL DEFAULT 0);
+    host_rss_bytes INTEGER NOT NULL DEFAULT 0, checkpoint_above INTEGER NOT NULL DEFAULT 0,
+    compact_frozen TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, manifest TEXT NOT NULL, round INTEGER, created_unix REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS evals (
 #: version gets them at start (`ALTER TABLE ... ADD COLUMN`), with the default that means what older clients did.
 ADDED_COLUMNS = (
     ("clients", "checkpoint_above", "INTEGER NOT NULL DEFAULT 0"),
+    ("clients", "compact_frozen", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -66,6 +68,7 @@ class ClientRow:
     gpu_peak_reserved_bytes: int = 0
     host_rss_bytes: int = 0
     checkpoint_above: bool = False  # recomputes activations above the block: changes its visits' memory
+    compact_frozen: str = ""  # frozen decoder layers held quantized ("int8" | "nf4"): changes its visits' memory
 
 
 @dataclass(frozen=True)
@@ -208,9 +211,9 @@ class SqliteState:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO clients (id, name, token_sha256, device_kind, memory_bytes, registered_unix,"
-                " last_seen_unix, checkpoint_above) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " last_seen_unix, checkpoint_above, compact_frozen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (client.id, client.name, token_sha256, client.device_kind, client.memory_bytes,
-                 client.registered_unix, client.last_seen_unix, int(client.checkpoint_above)),
+                 client.registered_unix, client.last_seen_unix, int(client.checkpoint_above), client.compact_frozen),
             )
 
     @staticmethod

@@ -48,7 +48,7 @@ class StatusReport:
                             visits_completed=sum(1 for v in visits if v.client_id == c.id),
                             memory_bytes=c.memory_bytes, gpu_peak_allocated_bytes=c.gpu_peak_allocated_bytes,
                             gpu_peak_reserved_bytes=c.gpu_peak_reserved_bytes, host_rss_bytes=c.host_rss_bytes,
-                            checkpoint_above=c.checkpoint_above,
+                            checkpoint_above=c.checkpoint_above, compact_frozen=c.compact_frozen,
                             fits_blocks=self._memory.fitting_blocks(c, len(self._run.specs)),
                             memory_note=memory_waits.get(c.id, ""))
             for c in self._state.clients()

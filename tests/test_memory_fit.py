@@ -68,9 +68,10 @@ class Table:
         return [PredictedVisit(i, name, peak) for i, (name, peak) in enumerate(zip(BLOCKS, peaks, strict=True))]
 
 
-def client_row(memory: int, device_kind: str = "cpu", checkpoint_above: bool = False, id: str = "c-1") -> ClientRow:
+def client_row(memory: int, device_kind: str = "cpu", checkpoint_above: bool = False, id: str = "c-1",
+               compact_frozen: str = "") -> ClientRow:
     return ClientRow(id=id, name=id, device_kind=device_kind, memory_bytes=memory, registered_unix=0.0,
-                     last_seen_unix=0.0, checkpoint_above=checkpoint_above)
+                     last_seen_unix=0.0, checkpoint_above=checkpoint_above, compact_frozen=compact_frozen)
 
 
 # -- the part ----------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ def test_the_profile_is_the_device_type_and_the_checkpoint_option():
     assert MemoryProfile.of(client_row(1, device_kind="cuda:NVIDIA H100 80GB HBM3")) == MemoryProfile("cuda", False)
     assert MemoryProfile.of(client_row(1, checkpoint_above=True)) == MemoryProfile("cpu", True)
     assert MemoryProfile.of(client_row(1, device_kind="")) == CPU
+    assert MemoryProfile.of(client_row(1, compact_frozen="nf4")) == MemoryProfile("cpu", False, "nf4")
     cuda = MemoryProfile("cuda", False)
     fit = MemoryFit(Table({CPU: PEAKS, cuda: [p // 10 for p in PEAKS]}))
     assert not fit.fits(client_row(100 * MiB), 3)
@@ -170,9 +172,9 @@ def test_checkpoint_above_is_stored_with_the_client_and_added_to_an_older_databa
     try:
         assert state.client_by_token("h-old") == ClientRow(id="c-old", name="old", device_kind="cpu",
                                                            memory_bytes=1024, registered_unix=1.0, last_seen_unix=1.0)
-        state.add_client(client_row(350 * MiB, checkpoint_above=True, id="c-new"), "h-new")
+        state.add_client(client_row(350 * MiB, checkpoint_above=True, id="c-new", compact_frozen="int8"), "h-new")
         new = state.client_by_token("h-new")
-        assert new is not None and new.checkpoint_above is True
+        assert new is not None and new.checkpoint_above is True and new.compact_frozen == "int8"
     finally:
         state.close()
     again = SqliteState(path)  # migrated once; opening again changes nothing
@@ -184,8 +186,8 @@ def test_checkpoint_above_is_stored_with_the_client_and_added_to_an_older_databa
 
 def test_the_register_request_carries_the_memory_profile():
     enrolment = messages.enrolment(pb.RegisterRequest(name="a", device_kind="cuda:A100", memory_bytes=24 * 2**30,
-                                                      checkpoint_above=True))
-    assert enrolment.checkpoint_above and enrolment.memory_bytes == 24 * 2**30
+                                                      checkpoint_above=True, compact_frozen="nf4"))
+    assert enrolment.checkpoint_above and enrolment.memory_bytes == 24 * 2**30 and enrolment.compact_frozen == "nf4"
 
 
 # -- the coordinator's parts, without gRPC ------------------------------------------------------------
@@ -214,10 +216,12 @@ def make_coordinator(tiny_model_dir: Path, tmp_path: Path) -> Iterator[MakeCoord
         coordinator.close()
 
 
-def enrol(coordinator: Coordinator, name: str, memory: int, checkpoint_above: bool = False) -> ClientRow:
+def enrol(coordinator: Coordinator, name: str, memory: int, checkpoint_above: bool = False,
+          compact_frozen: str = "") -> ClientRow:
     credentials = coordinator.enroller.register(Enrolment(name=name, device_kind="cpu", memory_bytes=memory,
                                                           software_version="test", join_token="",
-                                                          checkpoint_above=checkpoint_above))
+                                                          checkpoint_above=checkpoint_above,
+                                                          compact_frozen=compact_frozen))
     return coordinator.enroller.authenticate({"authorization": f"Bearer {credentials.token}"})
 
 
@@ -462,3 +466,22 @@ def test_a_client_registers_anew_when_its_memory_profile_changes(tmp_path, coord
     rows = {c.id: c for c in running.coordinator.state.clients()}
     assert rows[second].checkpoint_above and rows[third].memory_bytes == 32 * 2**30
     assert not rows[first].checkpoint_above and rows[first].memory_bytes == 64 * 2**30
+
+
+def test_a_client_holding_its_frozen_layers_compact_is_predicted_smaller_visits(make_coordinator: MakeCoordinator):
+    """The real planner behind the coordinator: a client registered with compact frozen layers gets the predictions
+    of that visit (smaller for every decoder-layer block but the one trained alone), and an unknown method is
+    refused at registration."""
+    pytest.importorskip("torchao.quantization", reason="compact frozen layers need torchao")
+    coordinator = make_coordinator()
+    exact = enrol(coordinator, "exact", 10 * 2**30)
+    compact_row = enrol(coordinator, "compact", 10 * 2**30, compact_frozen="int8")
+    assert compact_row.compact_frozen == "int8"
+    plain, small = coordinator.memory.predictions(exact), coordinator.memory.predictions(compact_row)
+    assert plain is not None and small is not None
+    layers = [(p, s) for p, s in zip(plain, small, strict=True) if p.block.startswith("layers.")]
+    assert layers and all(s.peak_bytes < p.peak_bytes for p, s in layers)
+    with pytest.raises(Refusal) as refused:
+        coordinator.enroller.register(Enrolment(name="odd", device_kind="cpu", memory_bytes=1, software_version="",
+                                                join_token="", compact_frozen="fp2"))
+    assert refused.value.status == Status.INVALID_ARGUMENT and "fp2" in str(refused.value)

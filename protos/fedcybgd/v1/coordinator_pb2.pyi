@@ -43,20 +43,22 @@ TASK_FULL: TaskKind
 TASK_LORA: TaskKind
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "device_kind", "memory_bytes", "software_version", "join_token", "checkpoint_above")
+    __slots__ = ("name", "device_kind", "memory_bytes", "software_version", "join_token", "checkpoint_above", "compact_frozen")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ABOVE_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FROZEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     device_kind: str
     memory_bytes: int
     software_version: str
     join_token: str
     checkpoint_above: bool
-    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., join_token: _Optional[str] = ..., checkpoint_above: _Optional[bool] = ...) -> None: ...
+    compact_frozen: str
+    def __init__(self, name: _Optional[str] = ..., device_kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., join_token: _Optional[str] = ..., checkpoint_above: _Optional[bool] = ..., compact_frozen: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("client_id", "token")
@@ -430,7 +432,7 @@ class BlockStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., last_version: _Optional[int] = ..., times_trained: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes", "checkpoint_above", "fits_blocks", "memory_note")
+    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes", "checkpoint_above", "fits_blocks", "memory_note", "compact_frozen")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -444,6 +446,7 @@ class ClientStatus(_message.Message):
     CHECKPOINT_ABOVE_FIELD_NUMBER: _ClassVar[int]
     FITS_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FROZEN_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     name: str
     device_kind: str
@@ -457,7 +460,8 @@ class ClientStatus(_message.Message):
     checkpoint_above: bool
     fits_blocks: int
     memory_note: str
-    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ..., checkpoint_above: _Optional[bool] = ..., fits_blocks: _Optional[int] = ..., memory_note: _Optional[str] = ...) -> None: ...
+    compact_frozen: str
+    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ..., checkpoint_above: _Optional[bool] = ..., fits_blocks: _Optional[int] = ..., memory_note: _Optional[str] = ..., compact_frozen: _Optional[str] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix", "phase", "step", "steps", "block_name", "whole_model")
