@@ -4,6 +4,7 @@ are int8 / NF4 weight-only, and the loss still backpropagates through them to la
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from conftest import address_of, wait_clients, wait_for, write_data
 from fedcybgd.client.resident import ResidentModel
 from fedcybgd.client.tasks import BlockTask, VisitContext
 from fedcybgd.common.blobstore import BlobStore
@@ -19,6 +21,8 @@ from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.partition import partition_model
 from fedcybgd.common.tiny import make_tiny_model, tiny_config
+from fedcybgd.server.config import TrainingConfig
+from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.training import VisitHyper, train_block
 from fedcybgd.training.compact import (
     COMPACT_METHODS,
@@ -264,3 +268,20 @@ def test_the_client_reloads_the_exact_frozen_blocks_after_a_compact_visit(tmp_pa
 
 def _blob(cache: BlobStore, sha: str) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(cache.path(sha)))
+
+
+@pytest.mark.multiprocess
+def test_a_client_with_compact_frozen_layers_takes_part_in_a_run(tmp_path, coordinators, clients):
+    """`fedcybgd client --compact-frozen int8` as a process: it registers the option, trains every block of a cycle
+    (reloading the exact frozen blocks between visits) and the run finishes with finite losses that went down."""
+    running = coordinators.start(schedule=ScheduleConfig(cycles=1, order="ascending", lr=3e-3),
+                                 training=TrainingConfig(local_steps=2, batch_size=2, seq_len=32))
+    coordinator = running.coordinator
+    data, _ = write_data(tmp_path, clients=1)
+    wait_clients([clients.start(address_of(running), data[0], tmp_path / "caches" / "c", "c",
+                                "--compact-frozen", "int8")])
+    wait_for(lambda: coordinator.status(pb.GetStatusRequest()).run_state == "done", 60, "the run's end")
+    status = coordinator.status(pb.GetStatusRequest())
+    assert [c.compact_frozen for c in status.clients] == ["int8"]
+    assert len(status.visits) == len(coordinator.run.specs)
+    assert all(math.isfinite(v.loss_after) and v.loss_after < v.loss_before for v in status.visits)
