@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from workers import run_json_worker
 
 DEFAULT_MODEL = Path.home() / ".cache" / "fedcybgd" / "models" / "smollm2-135m-instruct-bfloat16"
 CONFIGS = ("fedavg-full", "fedavg-lora", "fedcybgd-lpb6", "fedcybgd-lpb1", "fedcybgd-lpb6+ckpt",
@@ -187,15 +187,7 @@ def run_config(args: argparse.Namespace, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--model", str(args.model), "--batch-size",
            str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rows", str(args.rows),
            "--device", args.device, "--threads", str(args.threads), "--slice-sample", str(args.slice_sample)]
-    # Passive OpenMP threads sleep at once when they wait for each other instead of spinning: on a
-    # machine other processes share, spinning threads wait for a descheduled sibling and a step
-    # takes many times longer (measured: 50x on the tiny model at load average 6).
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_worker(cmd, args.threads, name)
 
 
 def report(results: list[dict]) -> str:

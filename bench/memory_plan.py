@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from workers import run_json_worker
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 GIB, MIB = 2**30, 2**20
@@ -144,13 +143,7 @@ def _worker(args: argparse.Namespace, *extra: str) -> Any:
            "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--threads", str(args.threads), *extra]
     if args.checkpoint_above:
         cmd.append("--checkpoint-above")
-    # One thread pool of --threads threads that sleeps when idle (as bench/client_cost.py: a shared machine).
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise SystemExit(f"worker {extra} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_worker(cmd, args.threads, f"worker {extra}")
 
 
 def chosen_blocks(names: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.eval import causal_lm_loss, model_device
+from fedcybgd.training.compact import frozen_layers_compacted
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import (
     DecoderStack,
@@ -76,10 +77,7 @@ def train_block(
             step_loss = _BlockInputCache.for_visit(model, spec, sequences, visit_rows(sequences, hyper)[1])
         if checkpoint_above:
             stack.enter_context(checkpoint_layers(layers_above(model, spec)))
-        if compact_frozen is not None:
-            from fedcybgd.training.compact import frozen_layers_compacted  # torchao: an optional dependency
-
-            stack.enter_context(frozen_layers_compacted(model, spec, compact_frozen))
+        stack.enter_context(frozen_layers_compacted(model, spec, compact_frozen))  # None: nothing changes
         return fit(model, trainables.params, sequences, hyper, what=f"block {spec.name!r}",
                    on_step=on_step, step_loss=step_loss,
                    collect=lambda: cpu_copies(block_tensors(model, spec)))

@@ -50,6 +50,7 @@ from fedcybgd.common.blocks import BlockSpec
 from fedcybgd.common.lm_loss import causal_lm_loss
 from fedcybgd.common.modeling import config_from_json, model_from_config
 from fedcybgd.common.partition import partition_model
+from fedcybgd.training.compact import frozen_layers_compacted
 from fedcybgd.training.hyper import VisitHyper
 from fedcybgd.training.layers import checkpoint_layers, decoder_layers, layers_above
 from fedcybgd.training.live_memory import LiveMemory
@@ -173,7 +174,7 @@ def _plans(config_json: str, settings: PlanSettings) -> tuple[VisitPlan, ...]:
 
 
 def _plan_visit(model: nn.Module, spec: BlockSpec, settings: PlanSettings) -> VisitPlan:
-    with _compacted(model, spec, settings.compact_frozen):
+    with frozen_layers_compacted(model, spec, settings.compact_frozen, keep_originals=True):
         weights = _weights_bytes(model)
         visit = simulate_visit(model, spec, settings)
     runtime = settings.runtime
@@ -259,19 +260,6 @@ def _parts(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
             yield from _parts(getattr(tensor, name))
     else:
         yield tensor
-
-
-@contextlib.contextmanager
-def _compacted(model: nn.Module, spec: BlockSpec, method: str | None) -> Iterator[None]:
-    """Within the context, the decoder layers outside the block hold their linear weights quantized as a visit with
-    ``compact_frozen`` holds them (``training/compact.py``); the original (meta) weights are put back after."""
-    if method is None:
-        yield
-        return
-    from fedcybgd.training.compact import frozen_layers_compacted  # torchao is optional: imported when asked for
-
-    with frozen_layers_compacted(model, spec, method, keep_originals=True):
-        yield
 
 
 # -------------------------------------------------------------------------------------------------- attention
