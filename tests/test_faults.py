@@ -315,7 +315,10 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
     ids: dict[str, str] = {}
     kills: list[dict] = []
     coordinator.start()
-    procs: dict[str, subprocess.Popen] = {n: clients.start(coordinator.address, data_of[n], caches[n], n)
+    # --memory 0: no memory constraint, so the coordinator runs no memory planner at enrolment; its simulation
+    # holds the GIL for seconds and slows the status polling this test times its kills by.
+    procs: dict[str, subprocess.Popen] = {n: clients.start(coordinator.address, data_of[n], caches[n], n,
+                                                           "--memory", "0")
                                           for n in names}
     pending = ["download", "train", "upload"]
     deadline = time.monotonic() + 150
@@ -391,7 +394,8 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
         # (after the task timeout), then restart the last one. Same cache dir and name each time.
         last = kills[-1]
         for k in kills[:-1]:
-            procs[k["name"]] = clients.start(coordinator.address, data_of[k["name"]], caches[k["name"]], k["name"])
+            procs[k["name"]] = clients.start(coordinator.address, data_of[k["name"]], caches[k["name"]], k["name"],
+                                             "--memory", "0")
         def reassigned(last: dict = last) -> bool:
             return (x := coordinator.status()) is not None and (
                 x.round > last["round"]
@@ -399,7 +403,7 @@ def test_clients_killed_mid_download_training_upload_rejoin_and_run_completes(
 
         wait_for(reassigned, 60, "the last dead task to be reassigned")
         procs[last["name"]] = clients.start(coordinator.address, data_of[last["name"]], caches[last["name"]],
-                                            last["name"])
+                                            last["name"], "--memory", "0")
 
     wait_clients(list(procs.values()), timeout=150)
     assert coordinator.wait(timeout=90) == 0
