@@ -43,10 +43,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from workers import run_json_worker
+
+if TYPE_CHECKING:
+    from fedcybgd.common.sequences import Sequences
 
 DEFAULT_MODEL = Path.home() / ".cache" / "fedcybgd" / "models" / "smollm2-135m-instruct-bfloat16"
 CONFIGS = ("fedavg-full", "fedavg-lora", "fedcybgd-lpb6", "fedcybgd-lpb1", "fedcybgd-lpb6+ckpt",
@@ -95,13 +98,14 @@ def _own_memory(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _data(tokenizer, rows: int, seq_len: int) -> torch.Tensor:
-    from fedcybgd.common.data import Document, pack_sequences, tokenize_documents
+def _data(tokenizer, rows: int, seq_len: int) -> Sequences:
+    from fedcybgd.common.data import pack_sequences, tokenize_documents
+    from fedcybgd.common.records import Document
     from fedcybgd.common.tiny import TINY_TEXT
 
     packed = pack_sequences(tokenize_documents([Document(text=TINY_TEXT)], tokenizer), seq_len)
-    if packed.shape[0] < rows:
-        raise SystemExit(f"the sonnets make only {packed.shape[0]} rows of {seq_len} tokens")
+    if len(packed) < rows:
+        raise SystemExit(f"the sonnets make only {len(packed)} rows of {seq_len} tokens")
     return packed[:rows]
 
 

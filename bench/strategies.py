@@ -87,6 +87,7 @@ def centralized_main(args: argparse.Namespace) -> None:
     from fedcybgd.common.data import load_packed
     from fedcybgd.common.eval import evaluate_loss, spread_sample
     from fedcybgd.common.partition import partition_model
+    from fedcybgd.common.sequences import Sequences
     from fedcybgd.server.config import EvalConfig, TrainingConfig
     from fedcybgd.server.reference import run_block_cyclic, run_centralized_full
     from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
@@ -103,7 +104,7 @@ def centralized_main(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
     training = TrainingConfig(local_steps=options.local_steps, batch_size=options.batch_size, seq_len=options.seq_len)
     schedule_config = ScheduleConfig(cycles=1, lr=args.lr, seed=options.seed)
-    pooled = torch.cat([load_packed(d, tokenizer, training.seq_len) for d in client_data])
+    pooled = Sequences.concat([load_packed(d, tokenizer, training.seq_len) for d in client_data])
     evaluation = EvalConfig()
     eval_sequences = spread_sample(load_packed(eval_data, tokenizer, training.seq_len), options.eval_sequences)
     before = evaluate_loss(model, eval_sequences, evaluation.batch_size)

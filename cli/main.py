@@ -50,6 +50,12 @@ COORDINATOR_FLAGS = [
     ("--max-grad-norm", "training.max_grad_norm", float, "gradient clipping (0: off)"),
     ("--eval-data", "eval.data", str, "held-out data the coordinator evaluates on (no client sees it)"),
     ("--eval-max-sequences", "eval.max_sequences", int, "held-out sequences evaluated"),
+    ("--eval-columns", "eval.columns", str, "the held-out data's column names -> record fields (as --data-columns)"),
+    ("--eval-split", "eval.split", str, "the split of a held-out save_to_disk directory holding several"),
+    ("--prompt-format", "prompt.format", str,
+     "instruction/chat layout: auto (default: the tokenizer's chat template, else alpaca) | alpaca | tokenizer | "
+     "a Jinja template file"),
+    ("--train-on", "prompt.train_on", str, "responses (default: loss on assistant turns only) | all"),
     ("--context-compression", "context.method", str,
      "lossy download of frozen blocks: none (default) | int8 | int4 | prune | drop"),
     ("--context-ratio", "context.ratio", float, "prune: share of each block's change zeroed (0.9); drop: share of "
@@ -64,7 +70,13 @@ COORDINATOR_FLAGS = [
 
 CLIENT_FLAGS = [
     ("--coordinator", "coordinator", str, "coordinator host:port"),
-    ("--data", "data", str, "local training data: .txt/.jsonl file or directory"),
+    ("--data", "data", str, "local training data: a .txt/.jsonl/.json/.parquet/.csv/.arrow file, a directory of "
+                            "them, or a save_to_disk directory"),
+    ("--data-columns", "data_columns", str, "the data's column names -> record fields, e.g. "
+                                            "question=instruction,answer=output"),
+    ("--data-split", "data_split", str, "the split of a save_to_disk directory holding several"),
+    ("--skip-invalid-records", "skip_invalid_records", bool,
+     "skip records that cannot be used (counted and logged) instead of stopping with an error"),
     ("--cache-dir", "cache_dir", str, "block cache, identity and tokenizer (persist it across restarts)"),
     ("--name", "name", str, "site name shown to operators"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
@@ -228,13 +240,23 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
+    from fedcybgd.common.records import RecordOptions, parse_columns
 
     corpus = shakespeare_texts() if args.corpus == "shakespeare" else args.corpus
-    assignment = partition_corpus(corpus, args.out, args.clients, args.mode, args.eval_fraction, args.seed)
+    options = RecordOptions(columns=parse_columns(args.columns), split=args.split, skip_invalid=args.skip_invalid)
+    assignment = partition_corpus(corpus, args.out, args.clients, args.mode, args.eval_fraction, args.seed,
+                                  options=options, by_column=args.by_column)
+    summary = json.loads((Path(args.out) / "partition.json").read_text())
+    records = summary.get("records")
     for split, works in assignment.items():
-        print(f"{split}: {len(works)} works")
-    print(f"written to {args.out} (client-<i>/ per client, eval/ held out, partition.json)")
+        print(f"{split}: {records[split]} records" if records else f"{split}: {len(works)} works")
+    if summary.get("skipped"):
+        print(f"skipped {summary['skipped']} invalid record(s) (--skip-invalid)")
+    layout = "data.jsonl" if records else "*.txt"
+    print(f"written to {args.out} (client-<i>/{layout} per client, eval/{layout} held out, partition.json)")
     return 0
 
 
@@ -331,10 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare_model)
 
     p = sub.add_parser("partition", help="split a corpus into per-client data directories and a held-out split")
-    p.add_argument("corpus", help="a directory of .txt documents, or 'shakespeare' (the shakespeare package)")
+    p.add_argument("corpus", help="a directory of .txt documents, or 'shakespeare' (the shakespeare package), or "
+                                  "record data: a .jsonl/.json/.parquet/.csv/.arrow file, a save_to_disk directory, "
+                                  "or a directory of them")
     p.add_argument("--out", required=True)
     p.add_argument("--clients", type=int, required=True)
-    p.add_argument("--mode", default="by-document", choices=["by-document", "iid"])
+    p.add_argument("--mode", default="by-document", choices=["by-document", "iid"],
+                   help="by-document: whole works (.txt) or files (records) per client; iid: shuffled paragraphs "
+                        "(.txt) or records")
+    p.add_argument("--by-column", dest="by_column", metavar="NAME",
+                   help="record data: hand whole groups of records sharing a value of column NAME to clients "
+                        "(and hold whole groups out)")
+    p.add_argument("--columns", help="record data: map the data's columns to record fields, "
+                                     "e.g. question=instruction,answer=output")
+    p.add_argument("--split", default="", help="record data: the split of a saved DatasetDict holding several")
+    p.add_argument("--skip-invalid", dest="skip_invalid", action="store_true",
+                   help="record data: skip (and count) records that cannot be used instead of failing")
     p.add_argument("--eval-fraction", dest="eval_fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_partition)

@@ -5,6 +5,7 @@ import importlib.util
 import socket
 from dataclasses import dataclass, field
 
+from fedcybgd.common.records import RecordOptions, parse_columns
 from fedcybgd.common.sizes import parse_size
 from fedcybgd.training.compact import COMPACT_METHODS
 
@@ -14,7 +15,13 @@ __all__ = ["ClientConfig", "parse_size"]
 @dataclass(frozen=True)
 class ClientConfig:
     coordinator: str = "127.0.0.1:50051"
-    data: str = ""                         # local training data: a .txt/.jsonl file or a directory of them
+    data: str = ""                         # local training data: a file or directory (formats: common/records.py)
+    # How the data's records are read: its column names -> record fields ("question=instruction,answer=output", or a
+    # TOML table), the split of a save_to_disk directory holding several, and whether records that cannot be used
+    # are skipped (counted and logged) rather than stopping the client with an error naming the first.
+    data_columns: str | dict[str, str] = ""
+    data_split: str = ""
+    skip_invalid_records: bool = False
     cache_dir: str = "./fedcybgd-cache"    # block cache (content-addressed), identity, tokenizer
     name: str = field(default_factory=socket.gethostname)
     device: str = "auto"                   # "auto": CUDA when present, else CPU; or "cpu", "cuda:1", ...
@@ -55,6 +62,12 @@ class ClientConfig:
             raise ValueError("compact_frozen needs torchao: pip install 'fedcybgd[compact]' (torchao==0.18.0)")
         if self.memory != "":
             parse_size(self.memory)  # a typo fails at start, not at registration
+        parse_columns(self.data_columns)
+
+    @property
+    def record_options(self) -> RecordOptions:
+        return RecordOptions(columns=parse_columns(self.data_columns), split=self.data_split,
+                             skip_invalid=self.skip_invalid_records)
 
     @property
     def memory_bytes(self) -> int | None:

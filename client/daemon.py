@@ -6,6 +6,7 @@ sample counts, memory, seconds) are sent.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -21,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedcybgd.client.config import ClientConfig
+from fedcybgd.client.data_cache import DataKey, TokenisedData
 from fedcybgd.client.metrics import ClientMetrics
 from fedcybgd.client.resident import ResidentModel
 from fedcybgd.client.tasks import TaskRefused, VisitContext, handler_for, visit_hyper_from_proto
@@ -29,10 +31,11 @@ from fedcybgd.common.allocator import return_freed_memory
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
-from fedcybgd.common.data import load_packed
 from fedcybgd.common.modeling import DTYPES, TOKENIZER_FILES, config_from_json, model_from_config
 from fedcybgd.common.partition import partition_model
 from fedcybgd.common.procfs import mem_available_bytes, rss_bytes
+from fedcybgd.common.prompts import PromptFormat
+from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.transport import client_channel
 from fedcybgd.training import OnStep
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -72,7 +75,8 @@ class ClientDaemon:
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.client_id = ""
         self.resident: ResidentModel | None = None  # after _prepare_model
-        self._sequences: dict[int, torch.Tensor] = {}
+        self._sequences: dict[int, Sequences] = {}
+        self._tokenised = TokenisedData(self.cache_dir / "tokenised")
         self._phase = "idle"
         self._task_id = ""
         self._step = 0
@@ -149,13 +153,17 @@ class ClientDaemon:
                           lambda: self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata))
         model_dir = self.cache_dir / f"model-{info.model_id[:16]}"
         model_dir.mkdir(exist_ok=True)
-        for name, data in info.tokenizer_files.items():
+        tokenizer_digest = hashlib.sha256()
+        for name, data in sorted(info.tokenizer_files.items()):
             if name not in TOKENIZER_FILES:
                 raise ValueError(f"coordinator sent an unexpected tokenizer file {name!r}")
             if info.tokenizer_codec == pb.CODEC_ZSTD:
                 data = decompress_small(data, MAX_TOKENIZER_FILE_BYTES)
             (model_dir / name).write_bytes(data)
+            tokenizer_digest.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\0".encode())
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer_digest = tokenizer_digest.hexdigest()
+        self.prompt = prompt_format_of(info)
         self.model_info = info
         self.dtype = DTYPES[info.dtype]
         # The best codec both sides know (an older coordinator announces none: plain zstd).
@@ -290,11 +298,13 @@ class ClientDaemon:
                             cache_block_inputs=self.config.cache_block_inputs,
                             compact_frozen=self.config.compact_frozen or None)
 
-    def _training_sequences(self, seq_len: int) -> torch.Tensor:
-        """The local data packed into rows of ``seq_len`` tokens, once per length (tokenizing is slow)."""
+    def _training_sequences(self, seq_len: int) -> Sequences:
+        """The local data packed into rows of ``seq_len`` tokens in the run's prompt format, once per length, from
+        the tokenised cache when this client (or an earlier start of it) packed the same data before."""
         if seq_len not in self._sequences:
-            self._sequences[seq_len] = load_packed(self.config.data, self.tokenizer, seq_len)
-            log.info("local data: %d sequences of %d tokens", *self._sequences[seq_len].shape)
+            key = DataKey(path=self.config.data, options=self.config.record_options,
+                          tokenizer_digest=self.tokenizer_digest, prompt=self.prompt, seq_len=seq_len)
+            self._sequences[seq_len] = self._tokenised.load(key, self.tokenizer)
         return self._sequences[seq_len]
 
     def _on_step(self, steps: int) -> OnStep:
@@ -328,6 +338,13 @@ class ClientDaemon:
                     self._withdrawn = True
             except (grpc.RpcError, ValueError):
                 pass  # the main loop sees and retries real outages (ValueError: channel closed)
+
+
+def prompt_format_of(info: pb.ModelInfo) -> PromptFormat:
+    """The run's prompt format, as the coordinator fixed it."""
+    if not info.prompt_template:
+        raise ValueError("the coordinator sent no prompt format: it is older than this client; update it")
+    return PromptFormat(info.prompt_template, info.prompt_name or "coordinator's", info.train_on or "responses")
 
 
 def _version() -> str:

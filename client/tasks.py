@@ -13,7 +13,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import safetensors.torch
-import torch
 from torch import nn
 
 from fedcybgd.client.transfer import UploadBlob
@@ -21,6 +20,7 @@ from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec, block_values
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.modeling import word_size
+from fedcybgd.common.sequences import Sequences
 from fedcybgd.training import OnStep, VisitHyper, VisitResult, train_block, train_full, train_lora
 from fedcybgd.training.layers import block_layers
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -85,7 +85,7 @@ class TaskHandler(ABC):
     """Trains one kind of task on the resident model and says what to upload."""
 
     @abstractmethod
-    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: torch.Tensor,
+    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: Sequences,
               hyper: VisitHyper, on_step: OnStep) -> TrainedUpload:
         """Train ``task`` on ``sequences``; the model already holds the manifest's version."""
 
@@ -93,7 +93,7 @@ class TaskHandler(ABC):
 class BlockTask(TaskHandler):
     """FedCyBGD: one block trained, everything else frozen; the block goes back."""
 
-    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: torch.Tensor,
+    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: Sequences,
               hyper: VisitHyper, on_step: OnStep) -> TrainedUpload:
         spec = ctx.specs[task.block_index]
         ctx.loaded.pop(task.block_index, None)  # training changes it in place: until done it is no known blob
@@ -113,7 +113,7 @@ class BlockTask(TaskHandler):
 class FullTask(TaskHandler):
     """FedAvg-full: every parameter trained; every block goes back, in block order."""
 
-    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: torch.Tensor,
+    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: Sequences,
               hyper: VisitHyper, on_step: OnStep) -> TrainedUpload:
         ctx.loaded.clear()  # training changes the model in place: until done it holds no known blob
         result = train_full(ctx.model, sequences, hyper, on_step=on_step)
@@ -129,7 +129,7 @@ class FullTask(TaskHandler):
 class LoraTask(TaskHandler):
     """FedLoRA: an adapter trained on the frozen model, from the global adapter; the adapter goes back."""
 
-    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: torch.Tensor,
+    def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: Sequences,
               hyper: VisitHyper, on_step: OnStep) -> TrainedUpload:
         if not manifest.HasField("adapter"):
             raise ValueError(f"round {task.round}: a LoRA task whose manifest names no adapter")

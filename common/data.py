@@ -1,187 +1,130 @@
-"""Local data: documents on disk -> token ids -> packed fixed-length sequences -> per-step batches.
+"""Local data: records on disk -> formatted text -> token ids and labels -> packed fixed-length sequences ->
+per-step batches.
 
-Shared by the client (training data for a visit) and the coordinator (held-out evaluation data), so that
-both sides turn the same files into the same tensors.
+Shared by the client (training data for a visit) and the coordinator (held-out evaluation data), so that both sides
+turn the same files into the same tensors. The stages:
 
-Supported inputs (a single file, or a directory searched recursively; files are taken in sorted order):
-
-* ``*.txt``   -- the whole file is one plain-text document.
-* ``*.jsonl`` -- one document per non-blank line, each a JSON object of one of three shapes:
-    - ``{"text": "..."}``                                                    plain text
-    - ``{"instruction": "...", "input": "..." (optional), "output": "..."}`` instruction tuning
-    - ``{"messages": [{"role": "...", "content": "..."}, ...]}``            chat
-
-Instruction records become a two-turn chat: the user turn is the instruction (followed by a blank line and
-the input, when there is a non-empty input) and the assistant turn is the output.
+1. ``common/records.py`` reads files (text, JSON lines, Parquet, CSV, Arrow, ``save_to_disk``) into ``Document``s;
+2. ``common/prompts.py`` lays conversations out as text in the run's prompt format and says which characters carry
+   loss (the responses, by default);
+3. ``tokenize_documents`` turns the documents into one token stream with labels (``IGNORE_INDEX`` where a token
+   carries no loss), each document followed by exactly one EOS;
+4. ``pack_sequences`` cuts the stream into ``Sequences`` rows, the labels alongside the ids;
+5. ``visit_batches`` draws each visit's rows.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedcybgd.common.lm_loss import IGNORE_INDEX
+from fedcybgd.common.prompts import PromptFormat, RenderedDocument, render_document, resolve_prompt_format
+from fedcybgd.common.records import Document, RecordOptions, load_documents
+from fedcybgd.common.sequences import Sequences
+
 __all__ = [
-    "Document",
-    "SUPPORTED_SUFFIXES",
-    "load_documents",
+    "TokenStream",
     "tokenize_documents",
     "pack_sequences",
     "load_packed",
     "visit_batches",
 ]
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl")
-
-
-@dataclass(frozen=True)
-class Document:
-    """One training document: either plain ``text`` or chat ``messages`` (``(role, content)`` pairs).
-
-    Exactly one of the two is set. ``source`` says where it came from (``"file"`` or ``"file:line"``) and is
-    only used in messages.
-    """
-
-    text: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if (self.text is None) == (self.messages is None):
-            raise ValueError("a Document holds either text or messages, not both or neither")
-        if self.messages is not None and not self.messages:
-            raise ValueError("a chat Document needs at least one message")
-
-    @property
-    def is_chat(self) -> bool:
-        return self.messages is not None
-
-    def chat(self) -> list[dict[str, str]]:
-        """The messages in the ``[{"role": ..., "content": ...}, ...]`` form chat templates take."""
-        if self.messages is None:
-            raise ValueError("not a chat document")
-        return [{"role": role, "content": content} for role, content in self.messages]
-
-    @classmethod
-    def from_text(cls, text: str, source: str = "") -> Document:
-        return cls(text=text, source=source)
-
-    @classmethod
-    def from_messages(cls, messages: Iterable[Mapping[str, str]], source: str = "") -> Document:
-        return cls(messages=tuple((m["role"], m["content"]) for m in messages), source=source)
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def load_documents(path: str | Path) -> list[Document]:
-    """Read every document under ``path`` (a ``.txt``/``.jsonl`` file, or a directory of them).
-
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for an unsupported file, a malformed
-    JSONL line (the message names the file and the 1-based line number) or when nothing is found.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"no such file or directory: {root}")
-    if root.is_dir():
-        files = sorted(
-            (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES),
-            key=lambda p: p.relative_to(root).parts,
-        )
-        if not files:
-            raise ValueError(f"{root}: directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
-    else:
-        if root.suffix.lower() not in SUPPORTED_SUFFIXES:
-            raise ValueError(f"{root}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
-        files = [root]
-
-    docs: list[Document] = []
-    for file in files:
-        if file.suffix.lower() == ".txt":
-            docs.append(Document.from_text(file.read_text(encoding="utf-8"), source=str(file)))
-        else:
-            docs.extend(_read_jsonl(file))
-    if not docs:
-        raise ValueError(f"{root}: no documents found")
-    return docs
-
-
-def _read_jsonl(file: Path) -> list[Document]:
-    docs = []
-    with file.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON: {exc.msg}") from None
-            try:
-                docs.append(_record_to_document(record, where))
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-    return docs
-
-
-def _record_to_document(record: Any, where: str) -> Document:
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError('"messages" must be a non-empty list')
-        pairs = []
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise ValueError(f'"messages"[{i}] must be an object with string "role" and "content"')
-            pairs.append((m["role"], m["content"]))
-        return Document(messages=tuple(pairs), source=where)
-    if "instruction" in record or "output" in record:
-        instruction, output, extra = record.get("instruction"), record.get("output"), record.get("input")
-        if not isinstance(instruction, str) or not isinstance(output, str):
-            raise ValueError('an instruction record needs string "instruction" and "output"')
-        if extra is not None and not isinstance(extra, str):
-            raise ValueError('"input" must be a string when present')
-        user = instruction + "\n\n" + extra if extra else instruction
-        return Document(messages=(("user", user), ("assistant", output)), source=where)
-    if "text" in record:
-        if not isinstance(record["text"], str):
-            raise ValueError('"text" must be a string')
-        return Document(text=record["text"], source=where)
-    raise ValueError('expected a "text", "instruction"/"output" or "messages" record')
-
 
 # -------------------------------------------------------------------------------------------- tokenizing
 
 
-def tokenize_documents(docs: Sequence[Document], tokenizer: Any) -> list[int]:
-    """Concatenate the token ids of all documents, each followed by exactly one EOS.
+@dataclass(frozen=True)
+class TokenStream:
+    """The token ids of a run of documents, and their labels: ``None`` when every token carries loss, else one per
+    id (the id, or ``IGNORE_INDEX``)."""
 
-    Plain text is encoded without special tokens; chat documents go through the tokenizer's chat template
-    (which brings its own BOS/turn markers), and get an EOS appended unless the template already ends with it.
+    ids: list[int]
+    labels: list[int] | None = None
+    #: Documents left out under ``skip_invalid`` (their prompt format could not lay them out), and the first few
+    #: error messages.
+    skipped: int = 0
+    skip_examples: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenize_documents(docs: Sequence[Document], tokenizer: Any, prompt_format: PromptFormat | None = None, *,
+                       skip_invalid: bool = False) -> TokenStream:
+    """Concatenate the token ids of all documents, each followed by exactly one EOS, with their labels.
+
+    Plain text is encoded without special tokens and carries loss throughout. Conversations (chat and instruction
+    records) are rendered in ``prompt_format`` (default: the run's default, ``auto`` with loss on responses), which
+    brings its own BOS/turn markers, and encoded without adding special tokens (as ``apply_chat_template`` does); they
+    get an EOS appended unless the text already ends with it, and carry loss where the format says. A token carries
+    loss when it overlaps a trained span of the text (fast tokenizers' offsets); a slow tokenizer encodes the trained
+    and untrained stretches separately. The EOS closing a document carries loss when its last token does.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id")
+    fmt = prompt_format or resolve_prompt_format("auto", "responses", tokenizer)
     ids: list[int] = []
+    labels: list[int] | None = None
+    skipped: list[str] = []
     for doc in docs:
-        if doc.is_chat:
-            try:
-                toks = _flat_ids(tokenizer.apply_chat_template(doc.chat(), tokenize=True, return_dict=False))
-            except ValueError as exc:  # e.g. "tokenizer.chat_template is not set"
-                raise ValueError(f"{doc.source}: cannot apply the chat template: {exc}") from exc
-            ids.extend(toks)
-            if not toks or toks[-1] != eos:
-                ids.append(eos)
-        else:
-            ids.extend(_flat_ids(tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]))
-            ids.append(eos)
-    return ids
+        try:
+            rendered = render_document(doc, fmt, tokenizer)
+        except ValueError as exc:
+            if not skip_invalid:
+                raise
+            skipped.append(str(exc))
+            continue
+        toks, trained = _encode(rendered, tokenizer)
+        if not toks or toks[-1] != eos:
+            toks.append(eos)
+            trained.append(trained[-1] if trained else True)
+        if labels is None and not all(trained):
+            labels = list(ids)  # every earlier token carried loss
+        if labels is not None:
+            labels.extend(t if keep else IGNORE_INDEX for t, keep in zip(toks, trained, strict=True))
+        ids.extend(toks)
+    return TokenStream(ids, labels, len(skipped), tuple(skipped[:5]))
+
+
+def _encode(rendered: RenderedDocument, tokenizer: Any) -> tuple[list[int], list[bool]]:
+    """Token ids of ``rendered.text`` and, per token, whether it carries loss."""
+    text = rendered.text
+    if rendered.all_trained:
+        toks = _flat_ids(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return toks, [True] * len(toks)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        toks = _flat_ids(enc["input_ids"])
+        return toks, [_overlaps(int(a), int(b), rendered.spans) for a, b in enc["offset_mapping"]]
+    toks, trained = [], []
+    pos = 0
+    for start, stop in rendered.spans:  # untrained stretch, then trained stretch, ...
+        for piece, keep in ((text[pos:start], False), (text[start:stop], True)):
+            if piece:
+                part = _flat_ids(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+                toks.extend(part)
+                trained.extend([keep] * len(part))
+        pos = stop
+    if pos < len(text):
+        part = _flat_ids(tokenizer(text[pos:], add_special_tokens=False, verbose=False)["input_ids"])
+        toks.extend(part)
+        trained.extend([False] * len(part))
+    return toks, trained
+
+
+def _overlaps(start: int, stop: int, spans: tuple[tuple[int, int], ...]) -> bool:
+    """Whether characters ``[start, stop)`` of a token overlap a trained span (an empty token: whether it lies in
+    one)."""
+    if stop > start:
+        return any(start < e and stop > s for s, e in spans)
+    return any(s <= start < e for s, e in spans)
 
 
 def _flat_ids(out: Any) -> list[int]:
@@ -198,19 +141,28 @@ def _flat_ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def pack_sequences(token_ids: Sequence[int], seq_len: int) -> torch.Tensor:
-    """Cut the token stream into ``[n, seq_len]`` contiguous rows (int64); the incomplete tail is dropped."""
+def pack_sequences(tokens: TokenStream | Sequence[int], seq_len: int) -> Sequences:
+    """Cut the token stream into ``[n, seq_len]`` contiguous rows (int64), labels alongside; the incomplete tail is
+    dropped."""
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    n = len(token_ids) // seq_len
+    stream = tokens if isinstance(tokens, TokenStream) else TokenStream(list(tokens))
+    n = len(stream.ids) // seq_len
     if n == 0:
-        raise ValueError(f"only {len(token_ids)} tokens, fewer than one sequence of {seq_len}")
-    return torch.tensor(list(token_ids[: n * seq_len]), dtype=torch.long).view(n, seq_len)
+        raise ValueError(f"only {len(stream.ids)} tokens, fewer than one sequence of {seq_len}")
+    ids = torch.tensor(stream.ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if stream.labels is None:
+        return Sequences(ids)
+    labels = torch.tensor(stream.labels[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return Sequences(ids, labels)
 
 
-def load_packed(path: str | Path, tokenizer: Any, seq_len: int) -> torch.Tensor:
+def load_packed(path: str | Path, tokenizer: Any, seq_len: int, prompt_format: PromptFormat | None = None,
+                options: RecordOptions | None = None) -> Sequences:
     """``load_documents`` -> ``tokenize_documents`` -> ``pack_sequences``."""
-    return pack_sequences(tokenize_documents(load_documents(path), tokenizer), seq_len)
+    docs = load_documents(path, options)
+    skip = options is not None and options.skip_invalid
+    return pack_sequences(tokenize_documents(docs, tokenizer, prompt_format, skip_invalid=skip), seq_len)
 
 
 # --------------------------------------------------------------------------------------------- batching

@@ -84,12 +84,13 @@ def _backend_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def make_byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+def make_byte_tokenizer(chat_template: bool = True) -> transformers.PreTrainedTokenizerFast:
     """A byte-level tokenizer: one token per byte (ids 0-255, no merges) plus the special tokens.
 
     No training and no downloads, so it is identical everywhere; any text round-trips exactly.
     ``<|endoftext|>`` (id 256) is eos, bos and pad; ``<|im_start|>``/``<|im_end|>`` (257/258)
-    plus a ChatML ``chat_template`` make ``apply_chat_template`` work like on a real chat model.
+    plus a ChatML ``chat_template`` make ``apply_chat_template`` work like on a real chat model
+    (``chat_template=False``: no template, like a base model's tokenizer).
     """
     backend = Tokenizer.from_str(_backend_tokenizer_json())
     tok = transformers.PreTrainedTokenizerFast(
@@ -98,7 +99,7 @@ def make_byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
         additional_special_tokens=[IM_START, IM_END],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE if chat_template else None,
         model_max_length=512,
         clean_up_tokenization_spaces=False,
     )
@@ -179,9 +180,10 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = tor
 
 
 def write_tiny_model_dir(
-    path: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32
+    path: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, chat_template: bool = True
 ) -> Path:
-    """Write a tiny model plus the byte tokenizer as a Hugging Face model directory.
+    """Write a tiny model plus the byte tokenizer as a Hugging Face model directory (``chat_template=False``: a base
+    model, whose tokenizer has no chat template).
 
     The directory loads offline with ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained``, which makes it a stand-in for a downloaded checkpoint.
@@ -192,5 +194,5 @@ def write_tiny_model_dir(
     model = make_tiny_model(arch, seed=seed, dtype=dtype)
     save_kwargs: dict[str, Any] = {} if _TF_VERSION >= (5, 0) else {"safe_serialization": True}
     model.save_pretrained(path, **save_kwargs)
-    make_byte_tokenizer().save_pretrained(path)
+    make_byte_tokenizer(chat_template).save_pretrained(path)
     return path

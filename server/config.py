@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedcybgd.common.context import DEFAULT_GROUP_SIZE
 from fedcybgd.common.context import METHODS as CONTEXT_METHODS
+from fedcybgd.common.prompts import TRAIN_ON
+from fedcybgd.common.records import RecordOptions, parse_columns
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.server.strategies import STRATEGIES
 from fedcybgd.training.hyper import VisitHyper
@@ -30,13 +32,40 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    """How instruction and chat records become text, fixed for the run (``common/prompts.py``) and sent to every
+    client with the model info: ``format`` "auto" (the tokenizer's chat template, else Alpaca's), "alpaca",
+    "tokenizer", or a Jinja template file; ``train_on`` "responses" (loss on the assistant turns only) or "all"."""
+
+    format: str = "auto"
+    train_on: str = "responses"
+
+    def __post_init__(self) -> None:
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"prompt.train_on must be one of {', '.join(TRAIN_ON)}, not {self.train_on!r}")
+        if not self.format:
+            raise ValueError("prompt.format must be auto, alpaca, tokenizer or a template file")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation on the coordinator (data no client sees)."""
+    """Held-out evaluation on the coordinator (data no client sees). ``columns``, ``split`` and ``skip_invalid``
+    read the data as a client's options do (``common/records.py``)."""
 
     data: str | None = None
     max_sequences: int = 64
     batch_size: int = 8
     every_cycle: bool = True
+    columns: str | dict[str, str] = ""     # e.g. "question=instruction,answer=output" (or a TOML table)
+    split: str = ""                        # the split of a save_to_disk directory holding several
+    skip_invalid: bool = False             # skip (and count) records that cannot be used instead of failing
+
+    def __post_init__(self) -> None:
+        parse_columns(self.columns)  # a malformed mapping fails at start
+
+    @property
+    def record_options(self) -> RecordOptions:
+        return RecordOptions(columns=parse_columns(self.columns), split=self.split, skip_invalid=self.skip_invalid)
 
 
 @dataclass(frozen=True)
@@ -90,6 +119,7 @@ class CoordinatorConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -6,10 +6,9 @@ import logging
 import queue
 import threading
 
-import torch
-
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.eval import evaluate_loss, spread_sample
+from fedcybgd.common.sequences import Sequences
 from fedcybgd.server.config import EvalConfig
 from fedcybgd.server.history import CompletedRounds
 from fedcybgd.server.metrics import CoordinatorMetrics
@@ -36,8 +35,8 @@ class Evaluator:
         self._queue: queue.Queue[int | None] = queue.Queue()
         if not config.data:
             raise ValueError("evaluation needs held-out data (eval.data)")
-        sequences = load_packed(config.data, store.tokenizer(), seq_len)
-        self._sequences: torch.Tensor = spread_sample(sequences, config.max_sequences)
+        sequences = load_packed(config.data, store.tokenizer(), seq_len, run.prompt, config.record_options)
+        self._sequences: Sequences = spread_sample(sequences, config.max_sequences)
         self._thread = threading.Thread(target=self._loop, name="evaluator", daemon=True)
 
     def start(self) -> None:

@@ -94,5 +94,6 @@ def model_info(config: CoordinatorConfig, run: RunInfo, config_json: str,
         model_id=run.model_id, config_json=config_json, tokenizer_files=tokenizer_files,
         tokenizer_codec=pb.CODEC_ZSTD, upload_codecs=UPLOAD_CODECS, dtype=run.dtype, num_blocks=len(run.specs),
         layers_per_block=config.layers_per_block, max_block_params=run.max_block_params, strategy=config.strategy,
-        lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules)))
+        lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules)),
+        prompt_template=run.prompt.template, prompt_name=run.prompt.name, train_on=run.prompt.train_on)
 

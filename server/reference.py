@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 
 from fedcybgd.common.blocks import BlockSpec
 from fedcybgd.common.partition import partition_model
+from fedcybgd.common.sequences import SequencesLike
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 from fedcybgd.training import VisitHyper, VisitResult, train_block, train_full
@@ -45,7 +46,7 @@ def visit_hyper(schedule: CycleSchedule, training: TrainingConfig, round_: int) 
 
 
 def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config: ScheduleConfig,
-                  training: TrainingConfig, data_of_round: Sequence[torch.Tensor], *,
+                  training: TrainingConfig, data_of_round: Sequence[SequencesLike], *,
                   on_visit: OnVisit | None = None, max_block_params: int | None = None,
                   compact_frozen: str | None = None) -> PreTrainedModel:
     """Train `model` in place through every visit; `data_of_round[r]` is the data visit r used
@@ -71,7 +72,7 @@ def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config
     return model
 
 
-def run_block_cyclic(model: PreTrainedModel, sequences: torch.Tensor, layers_per_block: int,
+def run_block_cyclic(model: PreTrainedModel, sequences: SequencesLike, layers_per_block: int,
                      schedule_config: ScheduleConfig, training: TrainingConfig, *,
                      on_visit: OnVisit | None = None, max_block_params: int | None = None,
                      compact_frozen: str | None = None) -> PreTrainedModel:
@@ -98,7 +99,7 @@ def lr_of_step(schedule: CycleSchedule, local_steps: int, step: int) -> float:
     return schedule.lr_of(min(step // local_steps, schedule.total_rounds - 1))
 
 
-def run_centralized_full(model: nn.Module, sequences: torch.Tensor, training: TrainingConfig,
+def run_centralized_full(model: nn.Module, sequences: SequencesLike, training: TrainingConfig,
                          schedule: CycleSchedule, *, total_steps: int | None = None, eval_batches: int = 2,
                          on_step: Callable[[int, float], None] | None = None) -> VisitResult:
     """Full fine-tuning of ``model`` in place on the pooled ``sequences`` ``[n, seq_len]``: one AdamW

@@ -28,6 +28,8 @@ from fedcybgd.cli.demo import free_port  # noqa: F401  (re-exported: the tests' 
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.data import load_packed
 from fedcybgd.common.partition import partition_model
+from fedcybgd.common.prompts import PromptFormat
+from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
 from fedcybgd.server.app import start
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
@@ -73,6 +75,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny-llama", arch="llama", seed=0)
 
 
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory) -> Path:
+    """A tiny *base* model: its tokenizer has no chat template (instruction data needs a prompt format)."""
+    return write_tiny_model_dir(tmp_path_factory.mktemp("base-model") / "tiny-base", arch="llama", seed=0,
+                                chat_template=False)
+
+
 def sonnets() -> list[str]:
     return [t.strip() for t in TINY_TEXT.split("\n\n") if t.strip()]
 
@@ -89,6 +98,36 @@ def write_data(tmp_path: Path, clients: int) -> tuple[list[Path], Path]:
         paths.append(path)
     eval_path = tmp_path / "data" / "eval.jsonl"
     eval_path.write_text("".join(json.dumps({"text": d}) + "\n" for d in eval_docs))
+    return paths, eval_path
+
+
+def write_instruction_data(tmp_path: Path, clients: int) -> tuple[list[Path], Path]:
+    """Instruction data as users hold it (JSON lines of instruction/input/output, some chats and plain text):
+    disjoint sonnets per client, each asked for by its first line; held-out sonnets for the coordinator."""
+    def records(docs: list[str]) -> str:
+        out: list[dict[str, Any]] = []
+        for i, doc in enumerate(docs):
+            first, _, rest = doc.partition("\n")
+            if i % 5 == 3:
+                out.append({"messages": [{"role": "system", "content": "You complete sonnets."},
+                                         {"role": "user", "content": first}, {"role": "assistant", "content": rest},
+                                         {"role": "user", "content": "Again?"}, {"role": "assistant", "content": doc}]})
+            elif i % 5 == 4:
+                out.append({"text": doc})
+            else:
+                out.append({"instruction": "Continue this sonnet.", "input": first, "output": rest})
+        return "".join(json.dumps(r) + "\n" for r in out)
+
+    docs = sonnets()
+    eval_docs, rest = docs[:8], docs[8:]
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in range(clients):
+        path = tmp_path / "data" / f"client-{c}.jsonl"
+        path.write_text(records(rest[c::clients]))
+        paths.append(path)
+    eval_path = tmp_path / "data" / "eval.jsonl"
+    eval_path.write_text(records(eval_docs))
     return paths, eval_path
 
 
@@ -384,15 +423,16 @@ def state_blob_path(state_dir: Path) -> Callable[[str], Path]:
 # -- the single-process reference ---------------------------------------------------------------------
 
 def replay_reference(model_dir: Path, schedule: ScheduleConfig, training: TrainingConfig,
-                     data_of_visit: Sequence[Path], max_block_params: int | None = None) -> PreTrainedModel:
+                     data_of_visit: Sequence[Path], max_block_params: int | None = None,
+                     prompt: PromptFormat | None = None) -> PreTrainedModel:
     """The single-process reference (`run_reference`) replaying a run's visits in round order,
     `data_of_visit[r]` being the data file of the client that made visit r (blocks of one layer,
-    others bounded by `max_block_params` as the run's)."""
+    others bounded by `max_block_params` as the run's; records in the run's `prompt` format)."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    packed: dict[Path, torch.Tensor] = {}
+    packed: dict[Path, Sequences] = {}
     for path in data_of_visit:
         if path not in packed:
-            packed[path] = load_packed(path, tokenizer, training.seq_len)
+            packed[path] = load_packed(path, tokenizer, training.seq_len, prompt)
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
     run_reference(reference, 1, schedule, training, [packed[path] for path in data_of_visit],
                   max_block_params=max_block_params)
@@ -420,6 +460,7 @@ def assert_matches_reference(model_dir: Path, schedule: ScheduleConfig, training
                              **checks: Any) -> PreTrainedModel:
     """The correctness anchor: a federated run's final weights (`manifest`) are those of the
     single-process reference replaying its visits. `checks`: see `assert_same_weights`."""
-    reference = replay_reference(model_dir, schedule, training, data_of_visit, checks.get("max_block_params"))
+    prompt = checks.pop("prompt", None)
+    reference = replay_reference(model_dir, schedule, training, data_of_visit, checks.get("max_block_params"), prompt)
     assert_same_weights(reference, manifest, blob_path, **checks)
     return reference

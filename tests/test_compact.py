@@ -20,6 +20,7 @@ from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.partition import partition_model
+from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.tiny import make_tiny_model, tiny_config
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -206,8 +207,8 @@ def test_bytes_held_match_the_formula_and_shrink(method):
 HYPER = VisitHyper(lr=3e-3, steps=2, batch_size=2, seq_len=24, seed=0)
 
 
-def _sequences() -> torch.Tensor:
-    return torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(5))
+def _sequences() -> Sequences:
+    return Sequences(torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(5)))
 
 
 @pytest.mark.parametrize("method", COMPACT_METHODS)

@@ -7,14 +7,9 @@ import json
 import pytest
 import torch
 
-from fedcybgd.common.data import (
-    Document,
-    load_documents,
-    load_packed,
-    pack_sequences,
-    tokenize_documents,
-    visit_batches,
-)
+from fedcybgd.common.data import load_packed, pack_sequences, tokenize_documents, visit_batches
+from fedcybgd.common.prompts import PromptFormat
+from fedcybgd.common.records import Document, load_documents
 from fedcybgd.common.tiny import EOS_TOKEN, make_byte_tokenizer
 
 torch.set_num_threads(1)
@@ -147,21 +142,22 @@ def test_document_invariants():
 
 
 def test_text_documents_get_one_eos_each(tok):
-    ids = tokenize_documents([Document(text="ab"), Document(text="c")], tok)
+    stream = tokenize_documents([Document(text="ab"), Document(text="c")], tok)
     eos = tok.eos_token_id
-    assert ids == [ord("a"), ord("b"), eos, ord("c"), eos]
-    assert all(isinstance(i, int) for i in ids)
+    assert stream.ids == [ord("a"), ord("b"), eos, ord("c"), eos]
+    assert all(isinstance(i, int) for i in stream.ids)
+    assert stream.labels is None  # plain text: every token carries loss
 
 
 def test_text_special_token_strings_and_no_bos(tok):
     # add_special_tokens=False: no BOS is prepended (the byte tokenizer's bos is eos).
-    ids = tokenize_documents([Document(text="x")], tok)
+    ids = tokenize_documents([Document(text="x")], tok).ids
     assert ids == [ord("x"), tok.eos_token_id]
 
 
 def test_chat_documents_use_the_chat_template(tok):
     doc = Document(messages=(("user", "hi"), ("assistant", "yo")))
-    ids = tokenize_documents([doc], tok)
+    ids = tokenize_documents([doc], tok).ids
     rendered = tok.apply_chat_template(doc.chat(), tokenize=False)
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     expected = tok(rendered, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -174,13 +170,14 @@ def test_chat_template_ending_in_eos_gets_no_second_eos(tok):
 
     t = copy.deepcopy(tok)
     t.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" + EOS_TOKEN
-    ids = tokenize_documents([Document(messages=(("user", "q"),))], t)
+    everything = PromptFormat(t.chat_template, train_on="all")
+    ids = tokenize_documents([Document(messages=(("user", "q"),))], t, everything).ids
     assert ids == t("user: q\n", add_special_tokens=False)["input_ids"] + [t.eos_token_id]
 
 
 def test_instruction_record_through_template(tmp_path, tok):
     f = _jsonl(tmp_path / "i.jsonl", [{"instruction": "Say", "input": "x", "output": "y"}])
-    ids = tokenize_documents(load_documents(f), tok)
+    ids = tokenize_documents(load_documents(f), tok).ids
     text = tok.decode(ids)
     assert text == "<|im_start|>user\nSay\n\nx<|im_end|>\n<|im_start|>assistant\ny<|im_end|>\n" + EOS_TOKEN
 
@@ -198,8 +195,8 @@ def test_missing_eos_is_an_error(tok):
 
 def test_pack_shapes_and_remainder_dropped():
     out = pack_sequences(list(range(10)), 3)
-    assert out.dtype == torch.long and out.shape == (3, 3)
-    assert out.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert out.ids.dtype == torch.long and out.shape == (3, 3) and out.labels is None
+    assert out.ids.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert pack_sequences(list(range(6)), 3).shape == (2, 3)
     assert pack_sequences(list(range(3)), 3).shape == (1, 3)
 
@@ -215,11 +212,14 @@ def test_pack_too_short_or_bad_len():
 
 def test_load_packed_end_to_end(tmp_path, tok):
     (tmp_path / "a.txt").write_text("hello world", encoding="utf-8")
-    _jsonl(tmp_path / "b.jsonl", [{"text": "more"}, {"messages": [{"role": "user", "content": "q"}]}])
+    _jsonl(tmp_path / "b.jsonl", [{"text": "more"}, {"messages": [{"role": "user", "content": "q"},
+                                                                   {"role": "assistant", "content": "a"}]}])
     packed = load_packed(tmp_path, tok, 8)
     flat = tokenize_documents(load_documents(tmp_path), tok)
     assert packed.shape == (len(flat) // 8, 8)
-    assert packed.flatten().tolist() == flat[: packed.numel()]
+    assert flat.labels is not None and packed.labels is not None
+    assert packed.ids.flatten().tolist() == flat.ids[: packed.ids.numel()]
+    assert packed.labels.flatten().tolist() == flat.labels[: packed.ids.numel()]
     with pytest.raises(ValueError):
         load_packed(tmp_path, tok, 10_000)
 

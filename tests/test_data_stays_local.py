@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 from conftest import ClientProcesses, Coordinators, address_of, wait_clients, write_data
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.codec import decode_chunk
-from fedcybgd.common.data import load_documents, load_packed
+from fedcybgd.common.data import load_packed
+from fedcybgd.common.records import load_documents
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -81,7 +82,7 @@ def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_pa
                 if len(line.strip()) >= 20:
                     assert line.strip().encode() not in haystack, f"training text reached the coordinator: {line!r}"
         sequences = load_packed(path, tokenizer, 64)
-        for row in sequences[:: max(1, len(sequences) // 20)]:
+        for row in sequences.ids[:: max(1, len(sequences) // 20)]:
             window = row[:12].numpy()
             for dtype in (np.int64, np.int32, np.int16):
                 assert window.astype(dtype).tobytes() not in haystack, "tokenized training data reached the coordinator"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcybgd.common.data import Document, pack_sequences, tokenize_documents
+from fedcybgd.common.data import pack_sequences, tokenize_documents
 from fedcybgd.common.eval import evaluate_loss
 from fedcybgd.common.partition import partition_model
+from fedcybgd.common.records import Document
+from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.reference import lr_of_step, run_block_cyclic, run_centralized_full, run_reference
@@ -21,7 +23,7 @@ SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=1e-2, lr_schedule="cosine
 
 
 @pytest.fixture(scope="module")
-def pooled() -> torch.Tensor:
+def pooled() -> Sequences:
     ids = tokenize_documents([Document(text=TINY_TEXT[:2000])], make_byte_tokenizer())
     return pack_sequences(ids, TRAINING.seq_len)
 
@@ -36,7 +38,7 @@ class TrainingRows:
 
     def __init__(self, model, pooled):
         self.rows: list[int] = []
-        index = {tuple(row.tolist()): i for i, row in enumerate(pooled)}
+        index = {tuple(row.tolist()): i for i, row in enumerate(pooled.ids)}
 
         def hook(module, args, kwargs):
             if torch.is_grad_enabled():

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from fedcybgd.common.blocks import EMBED_HEAD, block_params, load_block
-from fedcybgd.common.data import Document, pack_sequences, tokenize_documents, visit_batches
+from fedcybgd.common.data import pack_sequences, tokenize_documents, visit_batches
 from fedcybgd.common.eval import evaluate_loss as common_evaluate_loss
 from fedcybgd.common.lm_loss import uses_chunked_loss
 from fedcybgd.common.partition import partition_model
+from fedcybgd.common.records import Document
+from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.tiny import TINY_TEXT, make_byte_tokenizer, make_tiny_model
 from fedcybgd.training import (
     VisitHyper,
@@ -30,7 +32,7 @@ SEQ_LEN = 32
 
 
 @pytest.fixture(scope="module")
-def sequences() -> torch.Tensor:
+def sequences() -> Sequences:
     ids = tokenize_documents([Document(text=TINY_TEXT[:8000])], make_byte_tokenizer())
     return pack_sequences(ids, SEQ_LEN)
 
@@ -310,7 +312,7 @@ def test_input_validation(sequences):
     with pytest.raises(ValueError, match="seq_len"):
         train_block(model, spec, sequences, hyper(seq_len=SEQ_LEN + 1))
     with pytest.raises(ValueError):
-        train_block(model, spec, sequences.float(), hyper())
+        train_block(model, spec, sequences.ids.float(), hyper())
     with pytest.raises(ValueError):
         train_block(model, spec, sequences[:0], hyper())
     with pytest.raises(ValueError):
@@ -335,7 +337,7 @@ def test_requires_grad_preset_elsewhere_is_cleared(sequences):
 def test_evaluate_loss_matches_manual_mean(sequences):
     model = make_tiny_model("llama")
     model.train()
-    seqs = sequences[:10]
+    seqs = sequences.ids[:10]
     got = evaluate_loss(model, seqs, batch_size=4)  # batches of 4, 4, 2
     with torch.no_grad():
         model.eval()

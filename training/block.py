@@ -11,6 +11,7 @@ from torch import nn
 
 from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.eval import causal_lm_loss, model_device
+from fedcybgd.common.sequences import Sequences, SequencesLike
 from fedcybgd.training.compact import frozen_layers_compacted
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import (
@@ -32,7 +33,7 @@ __all__ = ["train_block"]
 def train_block(
     model: nn.Module,
     spec: BlockSpec,
-    sequences: torch.Tensor,
+    sequences: SequencesLike,
     hyper: VisitHyper,
     *,
     on_step: OnStep | None = None,
@@ -40,7 +41,8 @@ def train_block(
     cache_block_inputs: bool = False,
     compact_frozen: str | None = None,
 ) -> VisitResult:
-    """Train the block ``spec`` of ``model`` (already on its device) on rows of ``sequences`` ``[n, seq_len]``.
+    """Train the block ``spec`` of ``model`` (already on its device) on rows of ``sequences`` ``[n, seq_len]`` (ids,
+    with labels where some tokens carry no loss).
 
     Only the block's parameters change. ``on_step(step_index, loss)`` is called after every optimizer step.
     Raises ``ValueError`` for inconsistent inputs and ``FloatingPointError`` when the training loss stops being
@@ -64,7 +66,7 @@ def train_block(
       its gradients pass through approximated layers; afterwards those layers hold *dequantized* weights, which
       the caller must replace by the exact ones before anything else uses the model.
     """
-    check_inputs(sequences, hyper)
+    data = check_inputs(sequences, hyper)
     with contextlib.ExitStack() as stack:
         trainables = stack.enter_context(block_trainables(model, spec))  # rows of a matrix: trained apart
         step_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -72,13 +74,13 @@ def train_block(
             head_rows, device = trainables.head_rows, model_device(model)
 
             def step_loss(step: int, rows: torch.Tensor) -> torch.Tensor:
-                return causal_lm_loss(model, sequences[rows].to(device), head_rows=head_rows)
+                return causal_lm_loss(model, *data.batch(rows, device), head_rows=head_rows)
         elif cache_block_inputs:
-            step_loss = _BlockInputCache.for_visit(model, spec, sequences, visit_rows(sequences, hyper)[1])
+            step_loss = _BlockInputCache.for_visit(model, spec, data, visit_rows(data, hyper)[1])
         if checkpoint_above:
             stack.enter_context(checkpoint_layers(layers_above(model, spec)))
         stack.enter_context(frozen_layers_compacted(model, spec, compact_frozen))  # None: nothing changes
-        return fit(model, trainables.params, sequences, hyper, what=f"block {spec.name!r}",
+        return fit(model, trainables.params, data, hyper, what=f"block {spec.name!r}",
                    on_step=on_step, step_loss=step_loss,
                    collect=lambda: cpu_copies(block_tensors(model, spec)))
 
@@ -87,7 +89,7 @@ class _BlockInputCache:
     """``step_loss`` for ``cache_block_inputs``: keeps the hidden states entering the block for the rows that
     recur later in the visit, and runs a step from the block upward when all its rows are kept."""
 
-    def __init__(self, model: nn.Module, stack: DecoderStack, start: int, sequences: torch.Tensor,
+    def __init__(self, model: nn.Module, stack: DecoderStack, start: int, sequences: Sequences,
                  train_rows: list[torch.Tensor]) -> None:
         self.model, self.stack, self.start, self.sequences = model, stack, start, sequences
         uses: dict[int, list[int]] = {}
@@ -99,7 +101,7 @@ class _BlockInputCache:
         self.calls: list[LayerCall] | None = None
 
     @classmethod
-    def for_visit(cls, model: nn.Module, spec: BlockSpec, sequences: torch.Tensor,
+    def for_visit(cls, model: nn.Module, spec: BlockSpec, sequences: Sequences,
                   train_rows: list[torch.Tensor]) -> _BlockInputCache | None:
         """The cache for a visit of block ``spec``, or None where replaying from the block is not known to be exact
         (not a decoder-layer block, or an architecture ``decoder_stack`` does not know)."""
@@ -109,14 +111,15 @@ class _BlockInputCache:
         return cls(model, stack, own[0], sequences, train_rows)
 
     def __call__(self, step: int, rows: torch.Tensor) -> torch.Tensor:
-        ids = self.sequences[rows].to(model_device(self.model))
+        ids, labels = self.sequences.batch(rows, model_device(self.model))
         keys = rows.tolist()
         if self.calls is not None and all(r in self.hidden for r in keys):
             hidden = torch.stack([self.hidden[r] for r in keys])
-            loss = forward_from_layer(self.model, self.stack, self.start, hidden, self.calls, ids)
+            loss = forward_from_layer(self.model, self.stack, self.start, hidden, self.calls,
+                                      ids if labels is None else labels)
         else:
             with LayerInputCapture(self.stack, self.start) as capture:
-                loss = causal_lm_loss(self.model, ids)
+                loss = causal_lm_loss(self.model, ids, labels)
             self.calls = capture.calls
             captured = capture.hidden
             if captured is None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from fedcybgd.common.blocks import block_params, block_tensors
 from fedcybgd.common.partition import partition_model
+from fedcybgd.common.sequences import SequencesLike
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.loop import cpu_copies, fit
 
@@ -18,7 +18,7 @@ __all__ = ["train_full"]
 
 def train_full(
     model: nn.Module,
-    sequences: torch.Tensor,
+    sequences: SequencesLike,
     hyper: VisitHyper,
     *,
     on_step: OnStep | None = None,

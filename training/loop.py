@@ -28,6 +28,7 @@ from torch import nn
 
 from fedcybgd.common.data import visit_batches
 from fedcybgd.common.eval import causal_lm_loss, mean_loss, model_device
+from fedcybgd.common.sequences import Sequences, SequencesLike, as_sequences
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.memory import peak_memory, reset_peak_memory
 
@@ -36,18 +37,19 @@ __all__ = ["fit", "visit_rows", "check_inputs", "cpu_copies", "MasterAdamW"]
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def visit_rows(sequences: torch.Tensor, hyper: VisitHyper) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def visit_rows(sequences: SequencesLike, hyper: VisitHyper) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(evaluation batches, training batches) of a visit. The first eval_batches of the training batches are also
     the evaluation batches, even when there are fewer training steps (visit_batches is prefix-stable, so asking
     for more changes nothing)."""
-    batches = visit_batches(sequences.shape[0], hyper.batch_size, max(hyper.steps, hyper.eval_batches), hyper.seed)
+    steps = max(hyper.steps, hyper.eval_batches)
+    batches = visit_batches(len(as_sequences(sequences)), hyper.batch_size, steps, hyper.seed)
     return batches[: hyper.eval_batches], batches[: hyper.steps]
 
 
 def fit(
     model: nn.Module,
     params: list[nn.Parameter],
-    sequences: torch.Tensor,
+    sequences: SequencesLike,
     hyper: VisitHyper,
     *,
     what: str,
@@ -58,7 +60,7 @@ def fit(
 ) -> VisitResult:
     """Train ``params`` (everything else frozen) through one visit; ``collect()`` gives the result's tensors.
     ``step_loss(step, rows)`` replaces the plain training loss of a batch when given."""
-    check_inputs(sequences, hyper)
+    sequences = check_inputs(sequences, hyper)
     start = time.perf_counter()
     device = model_device(model)
     reset_peak_memory(device)
@@ -91,7 +93,7 @@ def fit(
             # them requires grad: autograd records no graph and saves no activations for those layers. Only the
             # trained parameters and the layers above them (through which the gradient must flow back) are
             # recorded. Keep it that way: never set requires_grad on the inputs or on other parameters.
-            loss = (causal_lm_loss(model, sequences[rows].to(device)) if step_loss is None
+            loss = (causal_lm_loss(model, *sequences.batch(rows, device)) if step_loss is None
                     else step_loss(step, rows))
             loss_value = float(loss.detach().float())
             if not math.isfinite(loss_value):
@@ -122,7 +124,7 @@ def fit(
         peak_memory_bytes=peak_memory(device),
         seconds=time.perf_counter() - start,
         samples=samples,
-        tokens=samples * sequences.shape[1],
+        tokens=samples * sequences.seq_len,
     )
 
 
@@ -160,16 +162,17 @@ class MasterAdamW:
                     p.copy_(m)
 
 
-def check_inputs(sequences: torch.Tensor, hyper: VisitHyper) -> None:
-    """Refuse a visit whose data cannot match its hyper-parameters before anything is changed or allocated."""
-    if sequences.dim() != 2 or sequences.dtype != torch.long:
-        raise ValueError(f"sequences must be a [n, seq_len] LongTensor, got {sequences.dtype} {tuple(sequences.shape)}")
-    if sequences.shape[0] == 0:
+def check_inputs(sequences: SequencesLike, hyper: VisitHyper) -> Sequences:
+    """Refuse a visit whose data cannot match its hyper-parameters before anything is changed or allocated; the
+    data as ``Sequences``."""
+    data = as_sequences(sequences)  # checks the shape and dtype
+    if len(data) == 0:
         raise ValueError("no training sequences")
-    if sequences.shape[1] != hyper.seq_len:
-        raise ValueError(f"sequences have length {sequences.shape[1]}, the visit asks for seq_len={hyper.seq_len}")
+    if data.seq_len != hyper.seq_len:
+        raise ValueError(f"sequences have length {data.seq_len}, the visit asks for seq_len={hyper.seq_len}")
     if hyper.steps < 0 or hyper.batch_size <= 0 or hyper.eval_batches < 0:
         raise ValueError(f"invalid steps/batch_size/eval_batches in {hyper}")
+    return data
 
 
 def cpu_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedcybgd.common.partition import find_decoder_layers
+from fedcybgd.common.sequences import SequencesLike
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.layers import decoder_layers
 from fedcybgd.training.loop import cpu_copies, fit
@@ -43,7 +44,7 @@ class LoraConfig:
 
 def train_lora(
     model: nn.Module,
-    sequences: torch.Tensor,
+    sequences: SequencesLike,
     hyper: VisitHyper,
     *,
     rank: int = 8,
