@@ -44,7 +44,7 @@ def saved_dataset_files(directory: Path) -> list[Path]:
 def _datasets(what: Path) -> Any:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        import datasets  # type: ignore[import-untyped]
+        import datasets
     except ImportError as exc:
         raise ImportError(f"{what}: reading this needs the Hugging Face datasets package "
                           "(pip install 'datasets>=5.2,<6')") from exc

@@ -51,7 +51,7 @@ def _arrow_stream(path, rows):  # the data file save_to_disk writes: Arrow IPC s
 
 
 def _arrow_file(path, rows):  # Arrow IPC file format (Feather v2)
-    import pyarrow.feather  # type: ignore[import-untyped]
+    import pyarrow.feather
 
     pyarrow.feather.write_feather(datasets.Dataset.from_list(rows).data.table, str(path))
 
