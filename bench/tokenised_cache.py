@@ -40,10 +40,11 @@ def _write_data(directory: Path, records: int, fmt: str) -> Path:
              "answer": "\n".join(lines[(i + k) % len(lines)] for k in range(1, 6))} for i in range(records)]
     directory.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
-        from datasets import Dataset
+        import datasets
 
+        datasets.disable_progress_bars()
         path = directory / "site.parquet"
-        Dataset.from_list(rows).to_parquet(str(path))
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
     else:
         path = directory / "site.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
