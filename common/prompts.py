@@ -77,6 +77,18 @@ ALPACA_TEMPLATE = (
 )
 
 
+#: Templates that print the current date (Llama 3.x's "Today Date", others through ``strftime_now``) see this fixed
+#: one instead, 26 July 2024 (Llama 3.1's own fallback): formatting must not depend on the machine's clock or time
+#: zone, or clients and the evaluation would format one record differently on different days. Prepended to every
+#: template; it renders nothing.
+FIXED_CLOCK = (
+    "{%- macro strftime_now(format) -%}{{- format|replace('%d', '26')|replace('%-d', '26')|replace('%b', 'Jul')"
+    "|replace('%B', 'July')|replace('%m', '07')|replace('%Y', '2024')|replace('%y', '24')|replace('%A', 'Friday')"
+    "|replace('%a', 'Fri')|replace('%H', '00')|replace('%M', '00')|replace('%S', '00')|replace('%j', '208') -}}"
+    "{%- endmacro -%}"
+)
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """A run's prompt format: the Jinja ``template``, a ``name`` for messages ("alpaca", "tokenizer" or the
@@ -163,7 +175,7 @@ def render_document(doc: Document, fmt: PromptFormat, tokenizer: Any) -> Rendere
 def _render(doc: Document, fmt: PromptFormat, tokenizer: Any, messages: list[dict[str, str]], *,
             add_generation_prompt: bool) -> str:
     try:
-        out = tokenizer.apply_chat_template(messages, chat_template=fmt.template, tokenize=False,
+        out = tokenizer.apply_chat_template(messages, chat_template=FIXED_CLOCK + fmt.template, tokenize=False,
                                             add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja2's TemplateError, raise_exception(...), a missing key: all the record's fault
         raise ValueError(f"{doc.source}: prompt format {fmt.name!r} cannot render this record: {exc}") from exc

@@ -209,3 +209,10 @@ def test_records_the_format_cannot_lay_out_are_errors_or_skipped_and_counted(bas
     stream = tokenize_documents(docs, base_tok, ALPACA, skip_invalid=True)
     assert stream.skipped == 1 and "q.jsonl:2" in stream.skip_examples[0]
     assert stream.ids == tokenize_documents([docs[0], docs[2]], base_tok, ALPACA).ids
+
+
+def test_templates_that_print_the_date_see_a_fixed_one(base_tok):
+    # Llama 3.x's templates print "Today Date" through strftime_now: formatting must not depend on the clock.
+    template = "{{ strftime_now('%d %b %Y') }}\n{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert render_document(INSTRUCTION, PromptFormat(template, "dated.jinja", "all"), base_tok).text == \
+        "26 Jul 2024\nSay hi\n\nto BobHi Bob"
