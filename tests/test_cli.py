@@ -219,3 +219,19 @@ def test_export_writes_the_latest_version_loadable_by_transformers(finished_run,
         for name, tensor in stored.items():
             assert torch.equal(exported[name], tensor), f"{spec.name}/{name} is not the latest version"
     assert manifest != coordinator.state.manifest(0), "the run should have changed the model"
+
+
+def test_demo_takes_an_existing_split(tmp_path, tiny_model_dir):
+    """`fedcybgd demo --split DIR` runs on a partition made beforehand (benchmarks make one split for all runs)."""
+    from fedcybgd.cli.demo import DemoOptions, prepare_inputs
+
+    split = tmp_path / "split"
+    for name in ("client-0", "client-1", "eval"):
+        (split / name).mkdir(parents=True)
+    options = DemoOptions(out=str(tmp_path / "out"), model=str(tiny_model_dir), clients=2, split=str(split))
+    model_dir, clients, held_out = prepare_inputs(options, tmp_path / "out")
+    assert model_dir == tiny_model_dir and clients == [split / "client-0", split / "client-1"]
+    assert held_out == split / "eval"
+    with pytest.raises(FileNotFoundError, match="client-2"):
+        prepare_inputs(DemoOptions(out=str(tmp_path / "out"), model=str(tiny_model_dir), clients=3, split=str(split)),
+                       tmp_path / "out")

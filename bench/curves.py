@@ -1,0 +1,406 @@
+"""Learning curves: FedCyBGD against FedLoRA, FedAvg-full and the centralized references, each at its best learning
+rate, held-out loss against training tokens, bytes on the wire, client peak memory and client compute.
+
+    .venv/bin/python bench/curves.py --out bench-out/curves [--model smollm2 --layers 4] [--cycles 4]
+        [--local-steps 5] [--batch-size 4] [--seq-len 64] [--clients 2] [--factors 0.5 1 2] [--only LABEL ...]
+    .venv/bin/python bench/curves.py --model tiny --out /tmp/curves --cycles 2 --factors 1   # smoke test, minutes
+
+Every federated run is real: ``fedcybgd demo`` (a coordinator and client processes over mutual TLS) on one split of
+the data made once for all runs. The centralized references train in one process on the pooled client data. The
+data: ``fedcybgd partition`` of the corpus (default the Shakespeare plays, whole works per client); its held-out
+works are halved into a **validation** split (the coordinator's evaluation, which picks each strategy's learning
+rate) and a **test** split (reported; no run is chosen on it). ``--corpus`` takes any data ``fedcybgd partition``
+reads (instruction records: loss on responses, the run's prompt format).
+
+Budget: ``--cycles`` FedCyBGD cycles of one decoder layer per block (blocks x local steps x batch x sequence length
+tokens per cycle); every strategy trains the same tokens and is evaluated at the same token counts (a cycle's worth
+each): FedCyBGD with more layers per block runs proportionally more cycles, FedAvg rounds of ``--clients-per-round``
+clients are sized to a cycle's tokens (the coordinator's own accounting), the references evaluate every cycle's worth
+of steps. The model: ``--layers N`` keeps the first N decoder layers of SmolLM2-135M (a shallower pretrained model
+that fits this machine's budget; embeddings, final norm and head are the model's own).
+
+Learning rates: each strategy's base rate (``BASE_LR`` x its factor) times each of ``--factors``; the rate whose run
+ends with the lowest validation loss is reported, every run is kept in ``results.json``. Writes results.json,
+table.md (test loss at every budget) and, with matplotlib (``pip install -e .[bench]``), four PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: SmolLM2's demo learning rate; strategies scale it (LoRA's usual larger rate).
+BASE_LR = 2e-4
+
+
+@dataclass(frozen=True)
+class Contender:
+    label: str
+    demo_args: tuple[str, ...] = ()   # federated: `fedcybgd demo` arguments; empty: a centralized reference
+    lr_factor: float = 1.0
+    layers_per_block: int = 1
+    tasks_per_round: int = 1          # clients trained per round (FedAvg family)
+
+
+CONTENDERS = [
+    Contender("cybgd L1", ("--strategy", "cybgd")),
+    Contender("cybgd L2", ("--strategy", "cybgd"), layers_per_block=2),
+    Contender("cybgd-parallel K2 L1", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2")),
+    Contender("fedlora r8", ("--strategy", "fedlora", "--lora-rank", "8"), lr_factor=5, tasks_per_round=2),
+    Contender("fedlora r32", ("--strategy", "fedlora", "--lora-rank", "32"), lr_factor=5, tasks_per_round=2),
+    Contender("fedavg-full", ("--strategy", "fedavg-full"), tasks_per_round=2),
+    Contender("centralized full FT"),
+    Contender("centralized block-cyclic L1"),
+]
+
+
+@dataclass
+class Point:
+    """One evaluation: after ``tokens`` training tokens, at what cost so far."""
+
+    tokens: int
+    val_loss: float
+    test_loss: float
+    bytes: int = 0
+    peak_memory_bytes: int = 0
+    compute_seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    label: str
+    lr: float
+    points: list[Point] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(model directory, split directory with client-<i>/ and eval/ = validation, test directory)."""
+    from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
+    from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "model"
+    if not (model_dir / "config.json").is_file():
+        if args.model == "tiny":
+            write_tiny_model_dir(model_dir, seed=0)
+        else:
+            _shallow_model(args.model, args.layers, model_dir)
+    split, test = out / "split", out / "test"
+    if not split.is_dir():
+        corpus = Path(args.corpus) if args.corpus else None
+        if corpus is None and args.model == "tiny":
+            corpus = out / "corpus"
+            corpus.mkdir(exist_ok=True)
+            for i, sonnet in enumerate(t.strip() for t in TINY_TEXT.split("\n\n") if t.strip()):
+                (corpus / f"sonnet-{i:03d}.txt").write_text(sonnet + "\n")
+        partition_corpus(corpus or shakespeare_texts(), split, args.clients, "by-document", eval_fraction=0.2, seed=0)
+        _halve(split / "eval", test)
+    return model_dir, split, test
+
+
+def _shallow_model(source: str, layers: int, out: Path) -> None:
+    """The first ``layers`` decoder layers of the model (``smollm2``: the packaged SmolLM2-135M-Instruct, bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source == "smollm2":
+        from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
+
+        source = str(prepare_model(packaged_smollm2(), Path.home() / ".cache/fedcybgd/models/"
+                                   "smollm2-135m-instruct-bfloat16", "bfloat16"))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    if layers:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+
+
+def _halve(eval_dir: Path, test: Path) -> None:
+    """Move every other held-out file (text corpora) or record (record data) from ``eval_dir`` to ``test``."""
+    test.mkdir(parents=True, exist_ok=True)
+    records = eval_dir / "data.jsonl"
+    if records.is_file():
+        lines = records.read_text().splitlines(keepends=True)
+        records.write_text("".join(lines[0::2]))
+        (test / "data.jsonl").write_text("".join(lines[1::2]))
+        return
+    for f in sorted(eval_dir.iterdir())[1::2]:
+        f.rename(test / f.name)
+
+
+def block_count(model_dir: Path, layers_per_block: int) -> int:
+    import torch
+
+    from fedcybgd.common.modeling import config_from_json, model_from_config
+    from fedcybgd.common.partition import partition_model
+
+    model = model_from_config(config_from_json((model_dir / "config.json").read_text()), torch.bfloat16, "meta")
+    return len(partition_model(model, layers_per_block))
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+def run_federated(c: Contender, lr: float, cycles: int, args: argparse.Namespace, model_dir: Path, split: Path,
+                  test: Path) -> Run:
+    out = Path(args.out) / "runs" / f"{_slug(c.label)}-lr{lr:g}"
+    if not (out / "summary.json").is_file():
+        cmd = [sys.executable, "-m", "fedcybgd.cli.main", "--log-level", "warning", "demo", "--model", str(model_dir),
+               "--split", str(split), "--clients", str(args.clients), "--cycles", str(cycles),
+               "--layers-per-block", str(c.layers_per_block), "--local-steps", str(args.local_steps),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(lr),
+               "--threads", str(args.threads), "--eval-sequences", str(args.eval_sequences), "--out", str(out),
+               *c.demo_args]
+        print(f"[{c.label} lr {lr:g}] {cycles} cycles", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "bench.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    summary = json.loads((out / "summary.json").read_text())
+    tokens_per_task = args.local_steps * args.batch_size * args.seq_len
+    test_losses = _test_losses(out / "state", [e["version"] for e in summary["evals"]], model_dir, test, args)
+    run = Run(c.label, lr)
+    for e in summary["evals"]:
+        done = [v for v in summary["visits"] if v["new_version"] <= e["version"]]
+        run.points.append(Point(
+            tokens=e["rounds_done"] * c.tasks_per_round * tokens_per_task, val_loss=e["loss"],
+            test_loss=test_losses[e["version"]], bytes=sum(v["bytes_down"] + v["bytes_up"] for v in done),
+            peak_memory_bytes=max((v["peak_memory_bytes"] for v in done), default=0),
+            compute_seconds=sum(v["train_seconds"] for v in done)))
+    return run
+
+
+def _test_losses(state_dir: Path, versions: list[int], model_dir: Path, test: Path,
+                 args: argparse.Namespace) -> dict[int, float]:
+    """The test-split loss of each evaluated version (exported as the user would get it)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from fedcybgd.server.export import export_version
+
+    sequences = _test_sequences(model_dir, test, args)
+    losses = {}
+    for version in versions:
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = export_version(state_dir, Path(tmp) / "export", version)
+            losses[version] = _loss(AutoModelForCausalLM.from_pretrained(str(exported)), sequences)
+    return losses
+
+
+def _test_sequences(model_dir: Path, test: Path, args: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    from fedcybgd.common.data import load_packed
+    from fedcybgd.common.eval import spread_sample
+    from fedcybgd.common.prompts import resolve_prompt_format
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = resolve_prompt_format("auto", "responses", tokenizer)  # the coordinator's default, as in the runs
+    return spread_sample(load_packed(test, tokenizer, args.seq_len, prompt), args.eval_sequences)
+
+
+def _loss(model, sequences) -> float:
+    from fedcybgd.common.eval import evaluate_loss
+
+    return evaluate_loss(model.eval(), sequences, 8)
+
+
+def run_centralized(c: Contender, lr: float, cycles: int, args: argparse.Namespace, model_dir: Path, split: Path,
+                    test: Path) -> Run:
+    """A centralized reference in a process of its own (its peak memory is its own), results as JSON."""
+    out = Path(args.out) / "runs" / f"{_slug(c.label)}-lr{lr:g}"
+    result = out / "run.json"
+    if not result.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[{c.label} lr {lr:g}] {cycles} cycles in one process", flush=True)
+        cmd = [sys.executable, __file__, "--centralized", c.label, "--lr", str(lr), "--cycles", str(cycles),
+               *_shared_flags(args)]
+        with open(out / "bench.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    data = json.loads(result.read_text())
+    return Run(data["label"], data["lr"], [Point(**p) for p in data["points"]])
+
+
+def centralized_main(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedcybgd.common.data import load_packed
+    from fedcybgd.common.eval import spread_sample
+    from fedcybgd.common.partition import partition_model
+    from fedcybgd.common.prompts import resolve_prompt_format
+    from fedcybgd.common.sequences import Sequences
+    from fedcybgd.server.config import TrainingConfig
+    from fedcybgd.server.reference import run_block_cyclic, run_centralized_full
+    from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
+    from fedcybgd.training import peak_memory, reset_peak_memory
+
+    torch.set_num_threads(args.threads)
+    model_dir, split, test = prepare(args)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = resolve_prompt_format("auto", "responses", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    pooled = Sequences.concat([load_packed(split / f"client-{i}", tokenizer, args.seq_len, prompt)
+                               for i in range(args.clients)])
+    val = spread_sample(load_packed(split / "eval", tokenizer, args.seq_len, prompt), args.eval_sequences)
+    tests = _test_sequences(model_dir, test, args)
+    training = TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len)
+    blocks = len(partition_model(model, 1))
+    schedule_config = ScheduleConfig(cycles=args.cycles, lr=args.lr, seed=0)  # the demo's: cosine to 10 %
+    tokens_per_cycle = blocks * args.local_steps * args.batch_size * args.seq_len
+    points = [Point(0, _loss(model, val), _loss(model, tests))]
+    reset_peak_memory(torch.device("cpu"))
+    started, evaluating = time.perf_counter(), [0.0]  # compute counts training only, not these evaluations
+
+    def evaluate(cycle: int) -> None:
+        begun = time.perf_counter()
+        point = Point(cycle * tokens_per_cycle, _loss(model, val), _loss(model, tests),
+                      peak_memory_bytes=peak_memory(torch.device("cpu")),
+                      compute_seconds=begun - started - evaluating[0])
+        points.append(point)
+        evaluating[0] += time.perf_counter() - begun
+
+    if args.centralized == "centralized full FT":
+        steps_per_cycle = blocks * args.local_steps
+        schedule = CycleSchedule(blocks, schedule_config)
+        run_centralized_full(model, pooled, training, schedule, on_step=lambda step, loss: (
+            evaluate((step + 1) // steps_per_cycle) if (step + 1) % steps_per_cycle == 0 else None))
+    else:
+        run_block_cyclic(model, pooled, 1, schedule_config, training, on_visit=lambda round_, spec, result: (
+            evaluate((round_ + 1) // blocks) if (round_ + 1) % blocks == 0 else None))
+    out = Path(args.out) / "runs" / f"{_slug(args.centralized)}-lr{args.lr:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"label": args.centralized, "lr": args.lr,
+                                              "points": [asdict(p) for p in points]}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def best(runs: list[Run]) -> Run:
+    """The run ending with the lowest validation loss (the test split never chooses)."""
+    return min(runs, key=lambda r: r.points[-1].val_loss)
+
+
+def table(chosen: list[Run], cycles: int, tokens_per_cycle: int) -> str:
+    """Test loss at each budget of ``k`` cycles' tokens: each run's evaluation nearest to it (FedCyBGD with more
+    layers per block evaluates at its own cycle boundaries; the ``tokens`` column says where)."""
+    full = next((r for r in chosen if r.label == "centralized full FT"), None)
+    lines = []
+    for k in range(1, cycles + 1):
+        budget = k * tokens_per_cycle
+        lines += [f"\n**{k} cycle(s)' tokens ({budget:,})**\n", "| strategy | lr | tokens | test loss | vs centralized "
+                  "full FT | MB on the wire | client peak MiB | client compute s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        reference = _at(full, budget) if full else None
+        for r in chosen:
+            p = _at(r, budget)
+            vs = f"{p.test_loss / reference.test_loss - 1:+.2%}" if reference else ""
+            lines.append(f"| {r.label} | {r.lr:g} | {p.tokens:,} | {p.test_loss:.4f} | {vs} | {p.bytes / 1e6:.1f} | "
+                         f"{p.peak_memory_bytes / 2**20:.0f} | {p.compute_seconds:.0f} |")
+    if chosen and chosen[0].points:
+        lines.append(f"\ntest loss before training: {chosen[0].points[0].test_loss:.4f}")
+    return "\n".join(lines)
+
+
+def _at(run: Run, budget: int) -> Point:
+    return min(run.points[1:] or run.points, key=lambda p: abs(p.tokens - budget))
+
+
+def plot(chosen: list[Run], out: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[bench]): no plots")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, label, name in [("tokens", "training tokens", "loss_vs_tokens.png"),
+                             ("bytes", "bytes on the wire (MB)", "loss_vs_bytes.png"),
+                             ("peak_memory_bytes", "client peak memory (MiB)", "loss_vs_peak_memory.png"),
+                             ("compute_seconds", "client compute (s)", "loss_vs_compute.png")]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        scale = {"bytes": 1e6, "peak_memory_bytes": 2**20}.get(key, 1)
+        for r in chosen:
+            ax.plot([getattr(p, key) / scale for p in r.points], [p.test_loss for p in r.points], marker="o",
+                    label=f"{r.label} (lr {r.lr:g})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test loss")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
+
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--out", args.out, "--model", args.model, "--layers", str(args.layers), "--clients", str(args.clients),
+             "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size), "--seq-len",
+             str(args.seq_len), "--threads", str(args.threads), "--eval-sequences", str(args.eval_sequences)]
+    return flags + (["--corpus", args.corpus] if args.corpus else [])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out/curves")
+    parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or a Hugging Face model directory")
+    parser.add_argument("--layers", type=int, default=4, help="keep the first N decoder layers (0: all)")
+    parser.add_argument("--corpus", help="data for `fedcybgd partition` (default: the Shakespeare plays)")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--cycles", type=int, default=4, help="FedCyBGD cycles (one layer per block) of tokens")
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-sequences", type=int, default=48)
+    parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="learning-rate sweep")
+    parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--centralized", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.centralized:
+        centralized_main(args)
+        return 0
+    model_dir, split, test = prepare(args)
+    blocks_l1 = block_count(model_dir, 1)
+    tokens_per_cycle = blocks_l1 * args.local_steps * args.batch_size * args.seq_len
+    all_runs: list[Run] = []
+    chosen: list[Run] = []
+    for c in CONTENDERS:
+        if args.only and c.label not in args.only:
+            continue
+        cycles = max(1, round(args.cycles * blocks_l1 / block_count(model_dir, c.layers_per_block)))
+        runner = run_federated if c.demo_args else run_centralized
+        runs = [runner(c, BASE_LR * c.lr_factor * f, cycles if c.demo_args else args.cycles, args, model_dir, split,
+                       test) for f in args.factors]
+        all_runs += runs
+        chosen.append(best(runs))
+        print(table(chosen, args.cycles, tokens_per_cycle), flush=True)
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "blocks_per_cycle": blocks_l1,
+                                                  "runs": [asdict(r) for r in all_runs],
+                                                  "chosen": [f"{r.label} lr {r.lr:g}" for r in chosen]}, indent=2))
+    (out / "table.md").write_text(table(chosen, args.cycles, tokens_per_cycle) + "\n")
+    plot(chosen, out)
+    print(f"\nresults: {out / 'results.json'}; table: {out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
