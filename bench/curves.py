@@ -12,12 +12,13 @@ works are halved into a **validation** split (the coordinator's evaluation, whic
 rate) and a **test** split (reported; no run is chosen on it). ``--corpus`` takes any data ``fedcybgd partition``
 reads (instruction records: loss on responses, the run's prompt format).
 
-Budget: ``--cycles`` FedCyBGD cycles of one decoder layer per block (blocks x local steps x batch x sequence length
-tokens per cycle); every strategy trains the same tokens and is evaluated at the same token counts (a cycle's worth
-each): FedCyBGD with more layers per block runs proportionally more cycles, FedAvg rounds of ``--clients-per-round``
-clients are sized to a cycle's tokens (the coordinator's own accounting), the references evaluate every cycle's worth
-of steps. The model: ``--layers N`` keeps the first N decoder layers of SmolLM2-135M (a shallower pretrained model
-that fits this machine's budget; embeddings, final norm and head are the model's own).
+Budget: ``--cycles`` FedCyBGD cycles of ``--cycle-layers`` decoder layers per block (the demo's 6; blocks x local
+steps x batch x sequence length tokens per cycle); every strategy trains the same tokens and is evaluated at the same
+token counts (a cycle's worth each): FedCyBGD with other layers per block runs proportionally more or fewer cycles
+(rounded: its ``tokens`` column says where it was evaluated), FedAvg rounds of two clients are sized to a cycle's
+tokens (the coordinator's own accounting), the references evaluate every cycle's worth of steps. ``--layers N``
+keeps only the first N decoder layers of the model; it cripples a pretrained model (SmolLM2 with 4 of its 30 layers
+starts at loss 15.6), so the measurements use the whole model and small batches instead.
 
 Learning rates: each strategy's base rate (``BASE_LR`` x its factor) times each of ``--factors``; the rate whose run
 ends with the lowest validation loss is reported, every run is kept in ``results.json``. Writes results.json,
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -41,19 +43,19 @@ class Contender:
     label: str
     demo_args: tuple[str, ...] = ()   # federated: `fedcybgd demo` arguments; empty: a centralized reference
     lr_factor: float = 1.0
-    layers_per_block: int = 1
+    layers_per_block: int | None = None  # None: the cycle's (--cycle-layers)
     tasks_per_round: int = 1          # clients trained per round (FedAvg family)
 
 
 CONTENDERS = [
-    Contender("cybgd L1", ("--strategy", "cybgd")),
-    Contender("cybgd L2", ("--strategy", "cybgd"), layers_per_block=2),
-    Contender("cybgd-parallel K2 L1", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2")),
+    Contender("cybgd", ("--strategy", "cybgd")),
+    Contender("cybgd L1", ("--strategy", "cybgd"), layers_per_block=1),
+    Contender("cybgd-parallel K2", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2")),
     Contender("fedlora r8", ("--strategy", "fedlora", "--lora-rank", "8"), lr_factor=5, tasks_per_round=2),
     Contender("fedlora r32", ("--strategy", "fedlora", "--lora-rank", "32"), lr_factor=5, tasks_per_round=2),
     Contender("fedavg-full", ("--strategy", "fedavg-full"), tasks_per_round=2),
     Contender("centralized full FT"),
-    Contender("centralized block-cyclic L1"),
+    Contender("centralized block-cyclic"),
 ]
 
 
@@ -94,15 +96,43 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
             _shallow_model(args.model, args.layers, model_dir)
     split, test = out / "split", out / "test"
     if not split.is_dir():
-        corpus = Path(args.corpus) if args.corpus else None
+        corpus = Path(args.corpus) if args.corpus and args.corpus != "mmlu-cot" else None
         if corpus is None and args.model == "tiny":
             corpus = out / "corpus"
             corpus.mkdir(exist_ok=True)
             for i, sonnet in enumerate(t.strip() for t in TINY_TEXT.split("\n\n") if t.strip()):
                 (corpus / f"sonnet-{i:03d}.txt").write_text(sonnet + "\n")
-        partition_corpus(corpus or shakespeare_texts(), split, args.clients, "by-document", eval_fraction=0.2, seed=0)
+        by_column = None
+        if args.corpus == "mmlu-cot":
+            corpus, by_column = mmlu_cot_corpus(out / "corpus"), "subject"
+        partition_corpus(corpus or shakespeare_texts(), split, args.clients, "by-document", eval_fraction=0.2, seed=0,
+                         by_column=by_column)
         _halve(split / "eval", test)
     return model_dir, split, test
+
+
+def mmlu_cot_corpus(out: Path) -> Path:
+    """Instruction records from a PyPI package: the chain-of-thought exemplars of MMLU's 57 subjects that lm-eval
+    ships (``pip install --no-deps lm_eval==0.4.13``; 282 questions, each answered step by step), as JSON lines of
+    instruction / output with the subject, the natural key clients are split by (non-IID: each site its subjects)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the mmlu-cot corpus needs lm-eval's files: pip install --no-deps lm_eval==0.4.13")
+    source = Path(next(iter(spec.submodule_search_locations))) / "tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
+    records = []
+    for subject, text in json.loads(source.read_text()).items():
+        header, _, body = text.partition("\n\n")
+        for exemplar in body.split("\n\nQ: "):
+            question, found, answer = exemplar.removeprefix("Q: ").partition("\nA: ")
+            if found:
+                records.append({"instruction": f"{header}\n\n{question.strip()}", "output": answer.strip(),
+                                "subject": subject})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "mmlu_cot.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def _shallow_model(source: str, layers: int, out: Path) -> None:
@@ -155,9 +185,11 @@ def run_federated(c: Contender, lr: float, cycles: int, args: argparse.Namespace
                   test: Path) -> Run:
     out = Path(args.out) / "runs" / f"{_slug(c.label)}-lr{lr:g}"
     if not (out / "summary.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts again
         cmd = [sys.executable, "-m", "fedcybgd.cli.main", "--log-level", "warning", "demo", "--model", str(model_dir),
                "--split", str(split), "--clients", str(args.clients), "--cycles", str(cycles),
-               "--layers-per-block", str(c.layers_per_block), "--local-steps", str(args.local_steps),
+               "--layers-per-block", str(c.layers_per_block or args.cycle_layers),
+               "--local-steps", str(args.local_steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(lr),
                "--threads", str(args.threads), "--eval-sequences", str(args.eval_sequences), "--out", str(out),
                *c.demo_args]
@@ -167,7 +199,12 @@ def run_federated(c: Contender, lr: float, cycles: int, args: argparse.Namespace
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     summary = json.loads((out / "summary.json").read_text())
     tokens_per_task = args.local_steps * args.batch_size * args.seq_len
-    test_losses = _test_losses(out / "state", [e["version"] for e in summary["evals"]], model_dir, test, args)
+    cached = out / "test_losses.json"
+    if cached.is_file():
+        test_losses = {int(k): v for k, v in json.loads(cached.read_text()).items()}
+    else:
+        test_losses = _test_losses(out / "state", [e["version"] for e in summary["evals"]], model_dir, test, args)
+        cached.write_text(json.dumps(test_losses))
     run = Run(c.label, lr)
     for e in summary["evals"]:
         done = [v for v in summary["visits"] if v["new_version"] <= e["version"]]
@@ -257,7 +294,7 @@ def centralized_main(args: argparse.Namespace) -> None:
     val = spread_sample(load_packed(split / "eval", tokenizer, args.seq_len, prompt), args.eval_sequences)
     tests = _test_sequences(model_dir, test, args)
     training = TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len)
-    blocks = len(partition_model(model, 1))
+    blocks = len(partition_model(model, args.cycle_layers))
     schedule_config = ScheduleConfig(cycles=args.cycles, lr=args.lr, seed=0)  # the demo's: cosine to 10 %
     tokens_per_cycle = blocks * args.local_steps * args.batch_size * args.seq_len
     points = [Point(0, _loss(model, val), _loss(model, tests))]
@@ -278,8 +315,9 @@ def centralized_main(args: argparse.Namespace) -> None:
         run_centralized_full(model, pooled, training, schedule, on_step=lambda step, loss: (
             evaluate((step + 1) // steps_per_cycle) if (step + 1) % steps_per_cycle == 0 else None))
     else:
-        run_block_cyclic(model, pooled, 1, schedule_config, training, on_visit=lambda round_, spec, result: (
-            evaluate((round_ + 1) // blocks) if (round_ + 1) % blocks == 0 else None))
+        run_block_cyclic(model, pooled, args.cycle_layers, schedule_config, training,
+                         on_visit=lambda round_, spec, result: (
+                             evaluate((round_ + 1) // blocks) if (round_ + 1) % blocks == 0 else None))
     out = Path(args.out) / "runs" / f"{_slug(args.centralized)}-lr{args.lr:g}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"label": args.centralized, "lr": args.lr,
@@ -345,12 +383,18 @@ def plot(chosen: list[Run], out: Path) -> None:
         plt.close(fig)
 
 
+def _finished(c: Contender, lr: float, args: argparse.Namespace) -> bool:
+    out = Path(args.out) / "runs" / f"{_slug(c.label)}-lr{lr:g}"
+    return (out / "summary.json").is_file() or (out / "run.json").is_file()
+
+
 def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--out", args.out, "--model", args.model, "--layers", str(args.layers), "--clients", str(args.clients),
+             "--cycle-layers", str(args.cycle_layers),
              "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size), "--seq-len",
              str(args.seq_len), "--threads", str(args.threads), "--eval-sequences", str(args.eval_sequences)]
     return flags + (["--corpus", args.corpus] if args.corpus else [])
@@ -360,17 +404,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out/curves")
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or a Hugging Face model directory")
-    parser.add_argument("--layers", type=int, default=4, help="keep the first N decoder layers (0: all)")
-    parser.add_argument("--corpus", help="data for `fedcybgd partition` (default: the Shakespeare plays)")
+    parser.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    parser.add_argument("--cycle-layers", type=int, default=6,
+                        help="decoder layers per block of the FedCyBGD cycle that sets the budget (the demo's 6)")
+    parser.add_argument("--corpus", help="data for `fedcybgd partition` (default: the Shakespeare plays), or "
+                                          "'mmlu-cot' (instruction records from lm-eval, split by subject)")
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--cycles", type=int, default=4, help="FedCyBGD cycles (one layer per block) of tokens")
+    parser.add_argument("--cycles", type=int, default=4, help="FedCyBGD cycles' worth of tokens (see --cycle-layers)")
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-sequences", type=int, default=48)
     parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="learning-rate sweep")
-    parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="labels to run, in this order (default: all)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the runs already finished under --out")
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--centralized", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -378,22 +427,29 @@ def main() -> int:
         centralized_main(args)
         return 0
     model_dir, split, test = prepare(args)
-    blocks_l1 = block_count(model_dir, 1)
-    tokens_per_cycle = blocks_l1 * args.local_steps * args.batch_size * args.seq_len
+    blocks_per_cycle = block_count(model_dir, args.cycle_layers)
+    tokens_per_cycle = blocks_per_cycle * args.local_steps * args.batch_size * args.seq_len
     all_runs: list[Run] = []
     chosen: list[Run] = []
-    for c in CONTENDERS:
-        if args.only and c.label not in args.only:
-            continue
-        cycles = max(1, round(args.cycles * blocks_l1 / block_count(model_dir, c.layers_per_block)))
+    by_label = {c.label: c for c in CONTENDERS}
+    unknown = [label for label in args.only or [] if label not in by_label]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {unknown}; known: {list(by_label)}")
+    for c in [by_label[label] for label in args.only] if args.only else CONTENDERS:  # in the order asked
+        cycles = max(1, round(args.cycles * blocks_per_cycle / block_count(model_dir, c.layers_per_block or
+                                                                              args.cycle_layers)))
         runner = run_federated if c.demo_args else run_centralized
-        runs = [runner(c, BASE_LR * c.lr_factor * f, cycles if c.demo_args else args.cycles, args, model_dir, split,
-                       test) for f in args.factors]
+        lrs = [BASE_LR * c.lr_factor * f for f in args.factors]
+        if args.report_only:  # what earlier (or interrupted) invocations finished
+            lrs = [lr for lr in lrs if _finished(c, lr, args)]
+            if not lrs:
+                continue
+        runs = [runner(c, lr, cycles if c.demo_args else args.cycles, args, model_dir, split, test) for lr in lrs]
         all_runs += runs
         chosen.append(best(runs))
         print(table(chosen, args.cycles, tokens_per_cycle), flush=True)
     out = Path(args.out)
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "blocks_per_cycle": blocks_l1,
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "blocks_per_cycle": blocks_per_cycle,
                                                   "runs": [asdict(r) for r in all_runs],
                                                   "chosen": [f"{r.label} lr {r.lr:g}" for r in chosen]}, indent=2))
     (out / "table.md").write_text(table(chosen, args.cycles, tokens_per_cycle) + "\n")
