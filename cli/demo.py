@@ -45,6 +45,7 @@ class DemoOptions:
     seq_len: int = 128
     lr: float = 3e-3
     order: str = "ascending"
+    embed_head_every: int | None = None  # the coordinator's default unless given (see ScheduleConfig)
     seed: int = 0
     dtype: str = "auto"        # weights on the wire and in training (bf16 trains through fp32 masters)
     clients_hold_base: bool = True  # partner sites already hold the public base weights
@@ -181,6 +182,7 @@ def run_demo(o: DemoOptions) -> dict:
              "--strategy", o.strategy, "--max-concurrent-visits", str(o.max_concurrent_visits),
              "--clients-per-round", str(o.clients_per_round), "--lora-rank", str(o.lora_rank),
              *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
+             *(["--embed-head-every", str(o.embed_head_every)] if o.embed_head_every is not None else []),
              "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
              "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],
             stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -43,6 +43,8 @@ COORDINATOR_FLAGS = [
     ("--warmup-visits", "schedule.warmup_visits", int, "visits of linear warm-up"),
     ("--min-lr-ratio", "schedule.min_lr_ratio", float, "final lr as a fraction of the peak"),
     ("--seed", "schedule.seed", int, "run seed (block order, data order of every visit)"),
+    ("--embed-head-every", "schedule.embed_head_every", int,
+     "the blocks outside the decoder layers (embeddings, head, final norm) join every N-th cycle; 0: never"),
     ("--local-steps", "training.local_steps", int, "optimizer steps per visit"),
     ("--batch-size", "training.batch_size", int, "sequences per step"),
     ("--seq-len", "training.seq_len", int, "tokens per sequence"),
@@ -328,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", dest="seq_len", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--order", default="ascending")
+    p.add_argument("--embed-head-every", dest="embed_head_every", type=int, default=None,
+                   help="the blocks outside the decoder layers join every N-th cycle (default: the coordinator's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="auto (bf16 for GGUF sources) | float32 | bfloat16")
     p.add_argument("--clients-download-base", dest="clients_hold_base", action="store_false",

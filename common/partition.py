@@ -14,13 +14,14 @@ the bound (a large vocabulary's embedding or head) is split into row ranges, eac
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fedcybgd.common.blocks import EMBED_HEAD, BlockSpec, TensorSpec, torch_dtype_to_st
 
-__all__ = ["find_decoder_layers", "partition_model", "row_pieces", "resolved_bound"]
+__all__ = ["find_decoder_layers", "partition_model", "row_pieces", "resolved_bound", "layer_block_count"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +167,17 @@ def partition_model(model: nn.Module, layers_per_block: int = 1,
               for i, (name, specs) in enumerate(groups)]
     _check_partition(blocks, {n: p.numel() for n, p in all_params.items()})
     return blocks
+
+
+def layer_block_count(specs: Sequence[BlockSpec]) -> int:
+    """How many of ``specs`` (a ``partition_model`` result) hold decoder layers: the first ones, named
+    ``layers.*``; the rest hold the parameters outside the decoder layers."""
+    count = 0
+    for spec in specs:
+        if not spec.name.startswith("layers."):
+            break
+        count += 1
+    return count
 
 
 def _bounded_groups(rest: list[TensorSpec], bound: int,

@@ -67,7 +67,7 @@ class Coordinator:
         self.metrics = metrics or CoordinatorMetrics()
         self.strategy = make_strategy(config)
         self.run = open_run(config, self.state, self.store, self.strategy)
-        self.schedule = self.strategy.make_schedule(len(self.run.specs))
+        self.schedule = self.strategy.make_schedule(self.run.specs)
         self.metrics.set_model_bytes(self.run.model_bytes)
 
         # What has been committed, in memory: completed rounds, every blob of every block.

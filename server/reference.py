@@ -55,7 +55,7 @@ def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config
     visits hold their frozen layers quantized (``train_block``); the frozen weights are put back exact after
     each visit, as the client reloads them."""
     specs = partition_model(model, layers_per_block, max_block_params)
-    schedule = CycleSchedule(len(specs), schedule_config)
+    schedule = CycleSchedule.for_blocks(specs, schedule_config)
     if len(data_of_round) != schedule.total_rounds:
         raise ValueError(f"need data for {schedule.total_rounds} rounds, got {len(data_of_round)}")
     model.eval()
@@ -79,8 +79,8 @@ def run_block_cyclic(model: PreTrainedModel, sequences: SequencesLike, layers_pe
     """Block-cyclic training in one process on the pooled ``sequences`` ``[n, seq_len]``: every
     visit of the schedule trains its block for ``training.local_steps`` steps with a fresh AdamW
     (BAdam's scheme, with the schedule's block order, learning rates and per-visit data seeds)."""
-    rounds = CycleSchedule(len(partition_model(model, layers_per_block, max_block_params)),
-                           schedule_config).total_rounds
+    rounds = CycleSchedule.for_blocks(partition_model(model, layers_per_block, max_block_params),
+                                      schedule_config).total_rounds
     return run_reference(model, layers_per_block, schedule_config, training, [sequences] * rounds,
                          on_visit=on_visit, max_block_params=max_block_params, compact_frozen=compact_frozen)
 

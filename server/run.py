@@ -45,13 +45,20 @@ def run_fingerprint(config: CoordinatorConfig, strategy: Strategy, prompt: Promp
     settings = {
         "layers_per_block": config.layers_per_block, "dtype": config.dtype,
         "max_concurrent_visits": config.max_concurrent_visits,
-        "schedule": to_dict(config.schedule), "training": to_dict(config.training),
+        "schedule": _schedule_settings(config), "training": to_dict(config.training),
         "prompt": {"format": config.prompt.format, "train_on": prompt.train_on, "template_sha256": prompt.digest},
         **strategy.fingerprint(),
     }
     if config.max_block_params is not None:  # unset (automatic) leaves the fingerprint of earlier runs as it was
         settings["max_block_params"] = config.max_block_params
     return json.dumps(settings, sort_keys=True)
+
+
+def _schedule_settings(config: CoordinatorConfig) -> dict[str, object]:
+    settings = to_dict(config.schedule)
+    if settings.get("embed_head_every") == 1:  # as every run before the setting existed: their fingerprints hold
+        del settings["embed_head_every"]
+    return settings
 
 
 def open_run(config: CoordinatorConfig, state: CoordinatorState, store: ModelStore, strategy: Strategy) -> RunInfo:

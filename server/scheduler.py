@@ -1,16 +1,27 @@
 """The block cycle: which block each visit trains, at which learning rate, with which seed.
 
+A cycle visits every decoder-layer block once; the blocks outside the decoder layers (embeddings, LM head, final
+norm: the partition's last blocks) join every ``embed_head_every``-th cycle (every cycle by default). Measured
+(docs/benchmarks.md, "Improving the method"): at a fine-tuning budget of a few cycles, a visit of an embedding
+row range lowers the held-out loss far less than a decoder-layer visit of the same tokens, so visiting them less
+often gives the layers more of the budget.
+
 Everything here is a pure function of the run configuration and the visit index ("round"), so
 a restarted coordinator, the single-process reference and a reader of the logs all compute the
 same schedule without storing it.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.common.partition import layer_block_count
 
 ORDERS = ("ascending", "descending", "random")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -25,6 +36,8 @@ class ScheduleConfig:
     warmup_visits: int = 0
     min_lr_ratio: float = 0.1
     seed: int = 0
+    embed_head_every: int = 1  # the blocks outside the decoder layers join every N-th cycle (its last); 0: never
+
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
@@ -35,6 +48,13 @@ class ScheduleConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0) or self.warmup_visits < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0, warmup_visits >= 0, 0 <= min_lr_ratio <= 1")
+        if self.embed_head_every < 0:
+            raise ValueError("embed_head_every must be >= 0 (0: the blocks outside the decoder layers never train)")
+
+    def visits_embed_head(self, cycle: int) -> bool:
+        """Whether cycle ``cycle`` (from 0) visits the blocks outside the decoder layers: the last cycle of every
+        group of ``embed_head_every``."""
+        return self.embed_head_every > 0 and (cycle + 1) % self.embed_head_every == 0
 
 
 class Schedule(Protocol):
@@ -48,19 +68,32 @@ class Schedule(Protocol):
 
 
 class CycleSchedule:
-    def __init__(self, num_blocks: int, config: ScheduleConfig) -> None:
+    """The rounds of a FedCyBGD run. ``layer_blocks``: how many of the ``num_blocks`` blocks (the first ones, as
+    ``partition_model`` orders them) hold decoder layers; the rest are the embed/head blocks that
+    ``embed_head_every`` thins out (default: every block is a layer block, none is thinned)."""
+
+    def __init__(self, num_blocks: int, config: ScheduleConfig, layer_blocks: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError("a model needs at least one block")
+        layer_blocks = num_blocks if layer_blocks is None else layer_blocks
+        if not 0 <= layer_blocks <= num_blocks:
+            raise ValueError(f"layer_blocks must be in [0, {num_blocks}], got {layer_blocks}")
         self.num_blocks = num_blocks
+        self.layer_blocks = layer_blocks
         self.config = config
-        self.total_rounds = num_blocks * config.cycles
+        self._cycles = [self._cycle_blocks(c) for c in range(config.cycles)]
+        if not any(self._cycles):
+            raise ValueError("the schedule visits no block: the model has only embed/head blocks and "
+                             "embed_head_every is 0")
+        self._starts = [0]
+        for blocks in self._cycles:
+            self._starts.append(self._starts[-1] + len(blocks))
+        self.total_rounds = self._starts[-1]
 
-    def cycle_of(self, round_: int) -> int:
-        return round_ // self.num_blocks
-
-    def block_order(self, cycle: int) -> list[int]:
-        """The blocks of one cycle in visiting order; every block exactly once."""
-        blocks = list(range(self.num_blocks))
+    def _cycle_blocks(self, cycle: int) -> list[int]:
+        blocks = list(range(self.layer_blocks))
+        if self.config.visits_embed_head(cycle) or self.layer_blocks == self.num_blocks:
+            blocks = list(range(self.num_blocks))
         if self.config.order == "descending":
             blocks.reverse()
         elif self.config.order == "random":
@@ -68,9 +101,24 @@ class CycleSchedule:
             random.Random(f"fedcybgd-order:{self.config.seed}:{cycle}").shuffle(blocks)
         return blocks
 
+    @classmethod
+    def for_blocks(cls, specs: Sequence[BlockSpec], config: ScheduleConfig) -> CycleSchedule:
+        """The schedule of a run over the blocks ``specs`` (``partition_model``'s)."""
+        return cls(len(specs), config, layer_block_count(specs))
+
+    def cycle_of(self, round_: int) -> int:
+        if self.layer_blocks == self.num_blocks:
+            return round_ // self.num_blocks  # also past the last round (status and metrics ask)
+        return min(bisect.bisect_right(self._starts, round_) - 1, len(self._cycles) - 1) if round_ >= 0 else 0
+
+    def block_order(self, cycle: int) -> list[int]:
+        """The blocks of one cycle in visiting order; every block it visits exactly once."""
+        return list(self._cycles[cycle])
+
     def block_of(self, round_: int) -> int:
         self.check(round_)
-        return self.block_order(self.cycle_of(round_))[round_ % self.num_blocks]
+        cycle = self.cycle_of(round_)
+        return self._cycles[cycle][round_ - self._starts[cycle]]
 
     def lr_of(self, round_: int) -> float:
         """Global schedule over all visits of the run, so it does not restart at each client."""

@@ -196,3 +196,52 @@ def test_valid_edge_configs():
     ScheduleConfig(warmup_visits=0)
     s = CycleSchedule(1, ScheduleConfig(cycles=1))
     assert s.total_rounds == 1 and s.block_of(0) == 0
+
+
+# ------------------------------------------------------------------------------ embed/head blocks thinned
+
+
+def _rounds(s: CycleSchedule) -> list[int]:
+    return [s.block_of(r) for r in range(s.total_rounds)]
+
+
+def test_embed_head_blocks_join_every_nth_cycle():
+    # 3 decoder-layer blocks (0, 1, 2) and 2 embed/head blocks (3, 4), every 2nd cycle: the 2nd and 4th.
+    s = CycleSchedule(5, ScheduleConfig(cycles=4, embed_head_every=2), layer_blocks=3)
+    assert _rounds(s) == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]
+    assert s.total_rounds == 16
+    assert [s.cycle_of(r) for r in range(16)] == [0] * 3 + [1] * 5 + [2] * 3 + [3] * 5
+    assert s.block_order(1) == [0, 1, 2, 3, 4] and s.block_order(2) == [0, 1, 2]
+    # The learning rate decays over the rounds the run really has.
+    assert s.lr_of(15) == pytest.approx(s.config.lr * s.config.min_lr_ratio)
+
+
+def test_embed_head_every_zero_trains_the_decoder_layers_only():
+    s = CycleSchedule(5, ScheduleConfig(cycles=2, embed_head_every=0, order="descending"), layer_blocks=3)
+    assert _rounds(s) == [2, 1, 0, 2, 1, 0]
+    with pytest.raises(ValueError, match="no block"):
+        CycleSchedule(2, ScheduleConfig(embed_head_every=0), layer_blocks=0)
+    with pytest.raises(ValueError, match="embed_head_every"):
+        ScheduleConfig(embed_head_every=-1)
+
+
+def test_embed_head_every_one_is_the_classic_cycle_in_every_order():
+    for order in ("ascending", "descending", "random"):
+        thinned = CycleSchedule(6, ScheduleConfig(cycles=3, order=order, seed=4), layer_blocks=4)
+        assert _rounds(thinned) == _rounds(_sched(6, cycles=3, order=order, seed=4))
+
+
+def test_random_order_shuffles_the_blocks_a_cycle_visits():
+    s = CycleSchedule(6, ScheduleConfig(cycles=6, order="random", seed=2, embed_head_every=3), layer_blocks=4)
+    for c in range(6):
+        assert sorted(s.block_order(c)) == (list(range(6)) if c in (2, 5) else list(range(4)))
+
+
+def test_for_blocks_counts_the_partitions_layer_blocks():
+    from fedcybgd.common.partition import layer_block_count, partition_model
+    from fedcybgd.common.tiny import make_tiny_model
+
+    specs = partition_model(make_tiny_model("llama"), 2)
+    s = CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=2, embed_head_every=2))
+    assert layer_block_count(specs) == s.layer_blocks == len(specs) - 1
+    assert _rounds(s) == [*range(s.layer_blocks), *range(len(specs))]

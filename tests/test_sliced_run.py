@@ -1,5 +1,6 @@
 """A federated run whose vocabulary blocks are row ranges, over gRPC with real client processes: it ends with the
-weights of its single-process reference, bit for bit, and exports a model whose loss is the coordinator's."""
+weights of its single-process reference, bit for bit, and exports a model whose loss is the coordinator's. Its
+embed/head blocks join every second cycle (``embed_head_every``), as the reference's."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,8 @@ from fedcybgd.v1 import coordinator_pb2 as pb
 
 pytestmark = pytest.mark.multiprocess
 
-SCHEDULE = ScheduleConfig(cycles=1, order="random", lr=3e-3, lr_schedule="cosine", warmup_visits=1, seed=5)
+SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=3e-3, lr_schedule="cosine", warmup_visits=1, seed=5,
+                          embed_head_every=2)
 TRAINING = TrainingConfig(local_steps=2, batch_size=2, seq_len=48)
 BOUND = 3000  # the tiny models' 259 x 64 embedding and head become 6 row ranges of 43-44 rows each
 
@@ -39,7 +41,9 @@ def test_sliced_run_equals_its_reference_and_exports(tmp_path, coordinators, cli
     wait_clients(procs)
     wait_for(lambda: coordinator.finished, 60, "the final evaluation")
     status = coordinator.status(pb.GetStatusRequest())
-    assert status.run_state == "done" and len(status.visits) == len(specs)
+    layer_blocks = sum(s.name.startswith("layers.") for s in specs)
+    assert status.run_state == "done" and len(status.visits) == layer_blocks + len(specs)  # cycle 1: layers only
+    assert {v.block_index for v in status.visits if v.cycle == 0} == set(range(layer_blocks))
     for v in status.visits:  # a row-range visit uploads that range, not the matrix
         assert v.bytes_up < 1.05 * specs[v.block_index].nbytes + 4096
 

@@ -107,8 +107,8 @@ class Strategy(ABC):
         return {}
 
     @abstractmethod
-    def make_schedule(self, num_blocks: int) -> Schedule:
-        """The run's rounds, for a model of `num_blocks` blocks."""
+    def make_schedule(self, specs: list[BlockSpec]) -> Schedule:
+        """The run's rounds, for a model partitioned into the blocks `specs`."""
 
     def attach(self, env: StrategyEnv) -> None:
         """Called once the run is open, before any request."""

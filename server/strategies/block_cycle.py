@@ -20,6 +20,7 @@ from fedcybgd.server.strategies.base import BlockFilter, Strategy, any_block, ex
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
+    from fedcybgd.common.blocks import BlockSpec
     from fedcybgd.server.config import CoordinatorConfig
 
 log = logging.getLogger("fedcybgd.coordinator")
@@ -33,8 +34,8 @@ class BlockCycle(Strategy):
 
     _schedule: CycleSchedule | None = None
 
-    def make_schedule(self, num_blocks: int) -> CycleSchedule:
-        self._schedule = CycleSchedule(num_blocks, self.config.schedule)
+    def make_schedule(self, specs: list[BlockSpec]) -> CycleSchedule:
+        self._schedule = CycleSchedule.for_blocks(specs, self.config.schedule)
         return self._schedule
 
     @property

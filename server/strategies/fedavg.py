@@ -25,6 +25,7 @@ from fedcybgd.server.strategies.base import BlockFilter, Strategy, any_block, ex
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
+    from fedcybgd.common.blocks import BlockSpec
     from fedcybgd.server.config import CoordinatorConfig
 
 log = logging.getLogger("fedcybgd.coordinator")
@@ -84,6 +85,9 @@ class FedAvgFamily(Strategy):
     def check_config(cls, config: CoordinatorConfig) -> None:
         if config.max_concurrent_visits != 1:
             raise ValueError(f"max_concurrent_visits applies to the block cycle, not to {config.strategy}")
+        if config.schedule.embed_head_every != 1:
+            raise ValueError(f"embed_head_every thins the block cycle's embed/head visits; {config.strategy} trains "
+                             "every parameter each round")
         if config.context.method != "none":
             raise ValueError("context compression applies to the block cycle's frozen blocks, "
                              f"not to {config.strategy}")
@@ -91,8 +95,8 @@ class FedAvgFamily(Strategy):
     def fingerprint(self) -> dict[str, object]:
         return {**super().fingerprint(), "clients_per_round": self.config.clients_per_round}
 
-    def make_schedule(self, num_blocks: int) -> FedAvgRounds:
-        self._schedule = FedAvgRounds(num_blocks, self.config.schedule, self.config.clients_per_round)
+    def make_schedule(self, specs: list[BlockSpec]) -> FedAvgRounds:
+        self._schedule = FedAvgRounds(len(specs), self.config.schedule, self.config.clients_per_round)
         return self._schedule
 
     @property

@@ -1,0 +1,206 @@
+"""Which block-cyclic configuration learns most per training token? Variants of the centralized block-cyclic
+reference, in one process, on the learning-curve benchmark's data (``bench/curves.py``), at equal tokens.
+
+    .venv/bin/python bench/block_methods.py --out bench-out/curves-shakespeare [--only LABEL ...] [--lr 2e-4]
+
+A federated FedCyBGD run computes what the block-cyclic reference computes on the same data per visit (the
+correctness anchor, tested bit for bit), so a change of the method (blocks, their order, steps per visit,
+learning rates) is measured here in minutes and then confirmed with a real federated run by ``bench/curves.py``.
+Budget: ``--cycles`` cycles of the baseline (``--cycle-layers`` decoder layers per block, every block, ``--local-steps``
+steps of ``--batch-size`` x ``--seq-len`` tokens per visit); each variant trains exactly that many tokens and is
+evaluated (validation and test split) at every baseline cycle's worth of tokens. Results: ``methods.json`` and
+``methods.md`` under ``--out``; finished variants are not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from curves import Point, _loss, _test_sequences, block_count, prepare  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    layers_per_block: int = 6
+    local_steps: int = 5
+    lr_factor: float = 1.0
+    other_lr_factor: float = 1.0   # learning rate of the blocks outside the decoder layers, relative to the layers'
+    others_every: int = 1          # blocks outside the decoder layers join every N-th cycle (its last); 0: never
+    merge_small: bool = False      # a block far smaller than a layer joins the last decoder-layer block
+    order: str = "ascending"
+    lr_schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+VARIANTS = [
+    Variant("baseline L6 s5"),
+    Variant("merge small blocks", merge_small=True),
+    Variant("layers only", others_every=0),
+    Variant("others every 2nd cycle + merge", others_every=2, merge_small=True),
+    Variant("others every 4th cycle + merge", others_every=4, merge_small=True),
+    Variant("s10", local_steps=10),
+    Variant("s2", local_steps=2),
+    Variant("L10", layers_per_block=10),
+    Variant("L15", layers_per_block=15),
+    Variant("L3", layers_per_block=3),
+    Variant("descending", order="descending"),
+    Variant("random order", order="random"),
+    Variant("others lr x0.5", other_lr_factor=0.5),
+    Variant("others lr x3", other_lr_factor=3.0),
+    Variant("constant lr", lr_schedule="constant"),
+    Variant("betas 0.9/0.95", betas=(0.9, 0.95)),
+    Variant("lr x1.5", lr_factor=1.5),
+    Variant("lr x0.7", lr_factor=0.7),
+]
+
+
+def blocks_of(model, v: Variant):
+    """The variant's blocks: the run's partition, small blocks merged into the last decoder-layer block, or the
+    blocks outside the decoder layers dropped (never visited)."""
+    from fedcybgd.common.blocks import BlockSpec
+    from fedcybgd.common.partition import partition_model
+
+    specs = partition_model(model, v.layers_per_block)
+    layers = [s for s in specs if s.name.startswith("layers.")]
+    others = [s for s in specs if not s.name.startswith("layers.")]
+    if v.others_every == 0:
+        return layers
+    if v.merge_small:
+        small = [s for s in others if s.numel * 100 < layers[-1].numel]
+        if small:
+            last = layers[-1]
+            merged = BlockSpec(last.index, last.name + "+small",
+                               tuple(sorted(last.tensors + tuple(t for s in small for t in s.tensors),
+                                            key=lambda t: t.name)))
+            layers = layers[:-1] + [merged]
+            others = [s for s in others if s not in small]
+    return layers + others
+
+
+def visit_sequence(specs, v: Variant, visits: int) -> list[int]:
+    """The block of each visit: cycles over the decoder-layer blocks, the others joining every ``others_every``-th
+    cycle, each cycle in the variant's order (a fresh permutation per cycle for "random")."""
+    import random
+
+    layers = [i for i, s in enumerate(specs) if s.name.startswith("layers.")]
+    others = [i for i, s in enumerate(specs) if not s.name.startswith("layers.")]
+    sequence: list[int] = []
+    cycle = 0
+    while len(sequence) < visits:
+        blocks = layers + (others if v.others_every and (cycle + 1) % v.others_every == 0 else [])
+        if v.order == "descending":
+            blocks.reverse()
+        elif v.order == "random":
+            random.Random(f"fedcybgd-order:0:{cycle}").shuffle(blocks)
+        sequence += blocks
+        cycle += 1
+    return sequence[:visits]
+
+
+def run_variant(v: Variant, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedcybgd.common.data import load_packed
+    from fedcybgd.common.eval import spread_sample
+    from fedcybgd.common.prompts import resolve_prompt_format
+    from fedcybgd.common.sequences import Sequences
+    from fedcybgd.server.config import TrainingConfig
+    from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
+    from fedcybgd.training import train_block
+
+    torch.set_num_threads(args.threads)
+    model_dir, split, test = prepare(args)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = resolve_prompt_format("auto", "responses", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    pooled = Sequences.concat([load_packed(split / f"client-{i}", tokenizer, args.seq_len, prompt)
+                               for i in range(args.clients)])
+    val = spread_sample(load_packed(split / "eval", tokenizer, args.seq_len, prompt), args.eval_sequences)
+    tests = _test_sequences(model_dir, test, args)
+
+    tokens_per_visit = v.local_steps * args.batch_size * args.seq_len
+    tokens_per_cycle = block_count(model_dir, args.cycle_layers) * args.local_steps * args.batch_size * args.seq_len
+    budget = args.cycles * tokens_per_cycle
+    visits = budget // tokens_per_visit
+    specs = blocks_of(model, v)
+    lr = args.lr * v.lr_factor
+    # One schedule over every visit of the variant (cosine from lr to 10 % across the run, as the demo's).
+    timeline = CycleSchedule(visits, ScheduleConfig(cycles=1, lr=lr, lr_schedule=v.lr_schedule, seed=0))
+    sequence = visit_sequence(specs, v, visits)
+    training = TrainingConfig(local_steps=v.local_steps, batch_size=args.batch_size, seq_len=args.seq_len)
+    points = [asdict(Point(0, _loss(model, val), _loss(model, tests)))]
+    peak, started, evaluating = 0, time.perf_counter(), 0.0
+    for visit in range(visits):
+        spec = specs[sequence[visit]]
+        factor = 1.0 if spec.name.startswith("layers.") else v.other_lr_factor
+        hyper = replace(training.visit_hyper(timeline.lr_of(visit) * factor, timeline.seed_of(visit)), betas=v.betas)
+        result = train_block(model, spec, pooled, hyper)
+        peak = max(peak, result.peak_memory_bytes)
+        done = (visit + 1) * tokens_per_visit
+        if done // tokens_per_cycle > (done - tokens_per_visit) // tokens_per_cycle or visit == visits - 1:
+            begun = time.perf_counter()
+            points.append(asdict(Point(done, _loss(model, val), _loss(model, tests), peak_memory_bytes=peak,
+                                       compute_seconds=begun - started - evaluating)))
+            evaluating += time.perf_counter() - begun
+            print(f"[{v.label}] {done:,} tokens: validation {points[-1]['val_loss']:.4f}", flush=True)
+    return {"variant": asdict(v), "lr": lr, "blocks": [s.name for s in specs], "visits": visits, "points": points}
+
+
+def report(results: list[dict]) -> str:
+    base = next((r for r in results if r["variant"]["label"] == "baseline L6 s5"), None)
+    lines = ["| variant | lr | blocks | visits | validation loss per cycle's tokens | final test | vs baseline (val) |"
+             " peak MiB |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in results:
+        pts = r["points"]
+        vs = f"{pts[-1]['val_loss'] / base['points'][-1]['val_loss'] - 1:+.2%}" if base else ""
+        lines.append(f"| {r['variant']['label']} | {r['lr']:g} | {len(r['blocks'])} | {r['visits']} | "
+                     + " ".join(f"{p['val_loss']:.4f}" for p in pts[1:]) +
+                     f" | {pts[-1]['test_loss']:.4f} | {vs} | {pts[-1]['peak_memory_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out/curves")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--layers", type=int, default=0)
+    parser.add_argument("--corpus")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--cycle-layers", type=int, default=6)
+    parser.add_argument("--cycles", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-sequences", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=2e-4, help="the baseline's learning rate (curves.py's best)")
+    parser.add_argument("--only", nargs="*", help="variant labels, in this order (default: all)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    store = Path(args.out) / "methods.json"
+    results = json.loads(store.read_text()) if store.is_file() else []
+    by_label = {v.label: v for v in VARIANTS}
+    chosen = [by_label[label] for label in args.only] if args.only else VARIANTS
+    for v in [] if args.report_only else chosen:
+        key = f"{v.label} @ {args.lr * v.lr_factor:g}"
+        if any(f"{r['variant']['label']} @ {r['lr']:g}" == key for r in results):
+            continue
+        print(f"[{v.label}] running", flush=True)
+        results.append(run_variant(v, args))
+        store.write_text(json.dumps(results, indent=1))
+    text = report(results)
+    (Path(args.out) / "methods.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
