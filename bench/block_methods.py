@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from curves import Point, _loss, _test_sequences, block_count, prepare  # noqa: E402
+from curves import Point, _loss, block_count, pooled_data  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ VARIANTS = [
     Variant("layers only", others_every=0),
     Variant("others every 2nd cycle + merge", others_every=2, merge_small=True),
     Variant("others every 4th cycle + merge", others_every=4, merge_small=True),
+    Variant("layers only lr x1.5", others_every=0, lr_factor=1.5),
+    Variant("layers only lr x2", others_every=0, lr_factor=2.0),
+    Variant("L10 layers only", layers_per_block=10, others_every=0),
+    Variant("L10 others every 4th cycle", layers_per_block=10, others_every=4),
     Variant("s10", local_steps=10),
     Variant("s2", local_steps=2),
     Variant("L10", layers_per_block=10),
@@ -106,25 +110,13 @@ def visit_sequence(specs, v: Variant, visits: int) -> list[int]:
 
 def run_variant(v: Variant, args: argparse.Namespace) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedcybgd.common.data import load_packed
-    from fedcybgd.common.eval import spread_sample
-    from fedcybgd.common.prompts import resolve_prompt_format
-    from fedcybgd.common.sequences import Sequences
     from fedcybgd.server.config import TrainingConfig
     from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
     from fedcybgd.training import train_block
 
     torch.set_num_threads(args.threads)
-    model_dir, split, test = prepare(args)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    prompt = resolve_prompt_format("auto", "responses", tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    pooled = Sequences.concat([load_packed(split / f"client-{i}", tokenizer, args.seq_len, prompt)
-                               for i in range(args.clients)])
-    val = spread_sample(load_packed(split / "eval", tokenizer, args.seq_len, prompt), args.eval_sequences)
-    tests = _test_sequences(model_dir, test, args)
+    model_dir, model, pooled, val, tests = pooled_data(args)
 
     tokens_per_visit = v.local_steps * args.batch_size * args.seq_len
     tokens_per_cycle = block_count(model_dir, args.cycle_layers) * args.local_steps * args.batch_size * args.seq_len

@@ -45,6 +45,7 @@ class Contender:
     lr_factor: float = 1.0
     layers_per_block: int | None = None  # None: the cycle's (--cycle-layers)
     tasks_per_round: int = 1          # clients trained per round (FedAvg family)
+    embed_head_every: int = 1         # FedCyBGD: the blocks outside the decoder layers join every N-th cycle
 
 
 CONTENDERS = [
@@ -168,14 +169,31 @@ def _halve(eval_dir: Path, test: Path) -> None:
         f.rename(test / f.name)
 
 
+def cycles_for(c: Contender, visits: int, model_dir: Path, args: argparse.Namespace) -> int:
+    """The cycles of contender ``c`` whose tasks come nearest to ``visits`` block visits' tokens (its cycles may
+    hold more or fewer blocks than the budget's)."""
+    from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
+
+    specs = _specs(model_dir, c.layers_per_block or args.cycle_layers)
+
+    def tasks(k: int) -> int:
+        return CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=k, embed_head_every=c.embed_head_every)
+                                        ).total_rounds
+    return min(range(1, 4 * visits + 1), key=lambda k: (abs(tasks(k) - visits), -k))
+
+
 def block_count(model_dir: Path, layers_per_block: int) -> int:
+    return len(_specs(model_dir, layers_per_block))
+
+
+def _specs(model_dir: Path, layers_per_block: int):
     import torch
 
     from fedcybgd.common.modeling import config_from_json, model_from_config
     from fedcybgd.common.partition import partition_model
 
     model = model_from_config(config_from_json((model_dir / "config.json").read_text()), torch.bfloat16, "meta")
-    return len(partition_model(model, layers_per_block))
+    return partition_model(model, layers_per_block)
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -192,7 +210,7 @@ def run_federated(c: Contender, lr: float, cycles: int, args: argparse.Namespace
                "--local-steps", str(args.local_steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(lr),
                "--threads", str(args.threads), "--eval-sequences", str(args.eval_sequences), "--out", str(out),
-               *c.demo_args]
+               "--embed-head-every", str(c.embed_head_every), *c.demo_args]
         print(f"[{c.label} lr {lr:g}] {cycles} cycles", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "bench.log", "w") as log:
@@ -268,31 +286,39 @@ def run_centralized(c: Contender, lr: float, cycles: int, args: argparse.Namespa
     return Run(data["label"], data["lr"], [Point(**p) for p in data["points"]])
 
 
-def centralized_main(args: argparse.Namespace) -> None:
-    import time
-
-    import torch
+def pooled_data(args: argparse.Namespace):
+    """(model directory, the model, every client's data pooled, validation sequences, test sequences): what a
+    run in one process trains and evaluates on."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedcybgd.common.data import load_packed
     from fedcybgd.common.eval import spread_sample
-    from fedcybgd.common.partition import partition_model
     from fedcybgd.common.prompts import resolve_prompt_format
     from fedcybgd.common.sequences import Sequences
+
+    model_dir, split, test = prepare(args)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = resolve_prompt_format("auto", "responses", tokenizer)  # the coordinator's default, as in the runs
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    pooled = Sequences.concat([load_packed(split / f"client-{i}", tokenizer, args.seq_len, prompt)
+                               for i in range(args.clients)])
+    val = spread_sample(load_packed(split / "eval", tokenizer, args.seq_len, prompt), args.eval_sequences)
+    return model_dir, model, pooled, val, _test_sequences(model_dir, test, args)
+
+
+def centralized_main(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from fedcybgd.common.partition import partition_model
     from fedcybgd.server.config import TrainingConfig
     from fedcybgd.server.reference import run_block_cyclic, run_centralized_full
     from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
     from fedcybgd.training import peak_memory, reset_peak_memory
 
     torch.set_num_threads(args.threads)
-    model_dir, split, test = prepare(args)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    prompt = resolve_prompt_format("auto", "responses", tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    pooled = Sequences.concat([load_packed(split / f"client-{i}", tokenizer, args.seq_len, prompt)
-                               for i in range(args.clients)])
-    val = spread_sample(load_packed(split / "eval", tokenizer, args.seq_len, prompt), args.eval_sequences)
-    tests = _test_sequences(model_dir, test, args)
+    model_dir, model, pooled, val, tests = pooled_data(args)
     training = TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len)
     blocks = len(partition_model(model, args.cycle_layers))
     schedule_config = ScheduleConfig(cycles=args.cycles, lr=args.lr, seed=0)  # the demo's: cosine to 10 %
@@ -436,8 +462,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown contender(s) {unknown}; known: {list(by_label)}")
     for c in [by_label[label] for label in args.only] if args.only else CONTENDERS:  # in the order asked
-        cycles = max(1, round(args.cycles * blocks_per_cycle / block_count(model_dir, c.layers_per_block or
-                                                                              args.cycle_layers)))
+        cycles = cycles_for(c, args.cycles * blocks_per_cycle, model_dir, args)
         runner = run_federated if c.demo_args else run_centralized
         lrs = [BASE_LR * c.lr_factor * f for f in args.factors]
         if args.report_only:  # what earlier (or interrupted) invocations finished
