@@ -45,6 +45,9 @@ VARIANTS = [
     Variant("layers only", others_every=0),
     Variant("others every 2nd cycle + merge", others_every=2, merge_small=True),
     Variant("others every 4th cycle + merge", others_every=4, merge_small=True),
+    Variant("others every 4th cycle", others_every=4),
+    Variant("others every 2nd cycle", others_every=2),
+    Variant("L15 others every 4th cycle", layers_per_block=15, others_every=4),
     Variant("layers only lr x1.5", others_every=0, lr_factor=1.5),
     Variant("layers only lr x2", others_every=0, lr_factor=2.0),
     Variant("L10 layers only", layers_per_block=10, others_every=0),
@@ -89,9 +92,19 @@ def blocks_of(model, v: Variant):
 
 
 def visit_sequence(specs, v: Variant, visits: int) -> list[int]:
-    """The block of each visit: cycles over the decoder-layer blocks, the others joining every ``others_every``-th
-    cycle, each cycle in the variant's order (a fresh permutation per cycle for "random")."""
+    """The block of each visit: the coordinator's schedule (``embed_head_every`` = ``others_every``) of the number of
+    cycles whose visits come nearest to ``visits``; for merged blocks or no embed/head visits at all, cycles over the
+    decoder-layer blocks (the others joining every ``others_every``-th cycle) cut at ``visits``."""
     import random
+
+    from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
+
+    if not v.merge_small and v.others_every > 0:
+        def schedule(k: int) -> CycleSchedule:
+            return CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=k, order=v.order,
+                                                                  embed_head_every=v.others_every))
+        nearest = schedule(min(range(1, 4 * visits + 1), key=lambda k: (abs(schedule(k).total_rounds - visits), -k)))
+        return [nearest.block_of(r) for r in range(nearest.total_rounds)]
 
     layers = [i for i, s in enumerate(specs) if s.name.startswith("layers.")]
     others = [i for i, s in enumerate(specs) if not s.name.startswith("layers.")]
@@ -121,12 +134,12 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
     tokens_per_visit = v.local_steps * args.batch_size * args.seq_len
     tokens_per_cycle = block_count(model_dir, args.cycle_layers) * args.local_steps * args.batch_size * args.seq_len
     budget = args.cycles * tokens_per_cycle
-    visits = budget // tokens_per_visit
     specs = blocks_of(model, v)
+    sequence = visit_sequence(specs, v, budget // tokens_per_visit)
+    visits = len(sequence)
     lr = args.lr * v.lr_factor
     # One schedule over every visit of the variant (cosine from lr to 10 % across the run, as the demo's).
     timeline = CycleSchedule(visits, ScheduleConfig(cycles=1, lr=lr, lr_schedule=v.lr_schedule, seed=0))
-    sequence = visit_sequence(specs, v, visits)
     training = TrainingConfig(local_steps=v.local_steps, batch_size=args.batch_size, seq_len=args.seq_len)
     points = [asdict(Point(0, _loss(model, val), _loss(model, tests)))]
     peak, started, evaluating = 0, time.perf_counter(), 0.0

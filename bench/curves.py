@@ -50,6 +50,8 @@ class Contender:
 
 CONTENDERS = [
     Contender("cybgd", ("--strategy", "cybgd")),
+    Contender("cybgd e4", ("--strategy", "cybgd"), embed_head_every=4),  # embed/head blocks every 4th cycle
+    Contender("cybgd L15 e4", ("--strategy", "cybgd"), layers_per_block=15, embed_head_every=4),
     Contender("cybgd L1", ("--strategy", "cybgd"), layers_per_block=1),
     Contender("cybgd-parallel K2", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2")),
     Contender("fedlora r8", ("--strategy", "fedlora", "--lora-rank", "8"), lr_factor=5, tasks_per_round=2),

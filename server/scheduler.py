@@ -1,7 +1,7 @@
 """The block cycle: which block each visit trains, at which learning rate, with which seed.
 
 A cycle visits every decoder-layer block once; the blocks outside the decoder layers (embeddings, LM head, final
-norm: the partition's last blocks) join every ``embed_head_every``-th cycle (every cycle by default). Measured
+norm: the partition's last blocks) join every ``embed_head_every``-th cycle and the last (every cycle by default). Measured
 (docs/benchmarks.md, "Improving the method"): at a fine-tuning budget of a few cycles, a visit of an embedding
 row range lowers the held-out loss far less than a decoder-layer visit of the same tokens, so visiting them less
 often gives the layers more of the budget.
@@ -36,7 +36,7 @@ class ScheduleConfig:
     warmup_visits: int = 0
     min_lr_ratio: float = 0.1
     seed: int = 0
-    embed_head_every: int = 1  # the blocks outside the decoder layers join every N-th cycle (its last); 0: never
+    embed_head_every: int = 1  # the blocks outside the decoder layers join every N-th cycle and the last; 0: never
 
 
     def __post_init__(self) -> None:
@@ -53,8 +53,9 @@ class ScheduleConfig:
 
     def visits_embed_head(self, cycle: int) -> bool:
         """Whether cycle ``cycle`` (from 0) visits the blocks outside the decoder layers: the last cycle of every
-        group of ``embed_head_every``."""
-        return self.embed_head_every > 0 and (cycle + 1) % self.embed_head_every == 0
+        group of ``embed_head_every``, and the run's last cycle (so every block trains in every run, however
+        short)."""
+        return self.embed_head_every > 0 and ((cycle + 1) % self.embed_head_every == 0 or cycle == self.cycles - 1)
 
 
 class Schedule(Protocol):

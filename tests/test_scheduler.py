@@ -205,13 +205,17 @@ def _rounds(s: CycleSchedule) -> list[int]:
     return [s.block_of(r) for r in range(s.total_rounds)]
 
 
-def test_embed_head_blocks_join_every_nth_cycle():
+def test_embed_head_blocks_join_every_nth_cycle_and_the_last():
     # 3 decoder-layer blocks (0, 1, 2) and 2 embed/head blocks (3, 4), every 2nd cycle: the 2nd and 4th.
     s = CycleSchedule(5, ScheduleConfig(cycles=4, embed_head_every=2), layer_blocks=3)
     assert _rounds(s) == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]
     assert s.total_rounds == 16
     assert [s.cycle_of(r) for r in range(16)] == [0] * 3 + [1] * 5 + [2] * 3 + [3] * 5
     assert s.block_order(1) == [0, 1, 2, 3, 4] and s.block_order(2) == [0, 1, 2]
+    # A run shorter than the period still trains every block once: in its last cycle.
+    assert _rounds(CycleSchedule(5, ScheduleConfig(cycles=1, embed_head_every=4), layer_blocks=3)) == [0, 1, 2, 3, 4]
+    assert [len(c) for c in (CycleSchedule(5, ScheduleConfig(cycles=6, embed_head_every=4), layer_blocks=3)
+                             .block_order(k) for k in range(6))] == [3, 3, 3, 5, 3, 5]
     # The learning rate decays over the rounds the run really has.
     assert s.lr_of(15) == pytest.approx(s.config.lr * s.config.min_lr_ratio)
 
@@ -232,9 +236,9 @@ def test_embed_head_every_one_is_the_classic_cycle_in_every_order():
 
 
 def test_random_order_shuffles_the_blocks_a_cycle_visits():
-    s = CycleSchedule(6, ScheduleConfig(cycles=6, order="random", seed=2, embed_head_every=3), layer_blocks=4)
-    for c in range(6):
-        assert sorted(s.block_order(c)) == (list(range(6)) if c in (2, 5) else list(range(4)))
+    s = CycleSchedule(6, ScheduleConfig(cycles=7, order="random", seed=2, embed_head_every=3), layer_blocks=4)
+    for c in range(7):
+        assert sorted(s.block_order(c)) == (list(range(6)) if c in (2, 5, 6) else list(range(4)))
 
 
 def test_for_blocks_counts_the_partitions_layer_blocks():
