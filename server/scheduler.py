@@ -1,10 +1,10 @@
 """The block cycle: which block each visit trains, at which learning rate, with which seed.
 
-A cycle visits every decoder-layer block once; the blocks outside the decoder layers (embeddings, LM head, final
-norm: the partition's last blocks) join every ``embed_head_every``-th cycle and the last (every cycle by default). Measured
-(docs/benchmarks.md, "Improving the method"): at a fine-tuning budget of a few cycles, a visit of an embedding
-row range lowers the held-out loss far less than a decoder-layer visit of the same tokens, so visiting them less
-often gives the layers more of the budget.
+A cycle visits every decoder-layer block once; the blocks outside the decoder layers (embeddings, LM head,
+final norm: the partition's last blocks) join every ``embed_head_every``-th cycle and the last (every cycle by
+default). Measured (docs/benchmarks.md, "Improving the method"): at a fine-tuning budget of a few cycles, a visit
+of an embedding row range lowers the held-out loss far less than a decoder-layer visit of the same tokens, so
+visiting them less often gives the layers more of the budget.
 
 Everything here is a pure function of the run configuration and the visit index ("round"), so
 a restarted coordinator, the single-process reference and a reader of the logs all compute the
