@@ -44,8 +44,8 @@ COORDINATOR_FLAGS = [
     ("--min-lr-ratio", "schedule.min_lr_ratio", float, "final lr as a fraction of the peak"),
     ("--seed", "schedule.seed", int, "run seed (block order, data order of every visit)"),
     ("--embed-head-every", "schedule.embed_head_every", int,
-     "the blocks outside the decoder layers (embeddings, head, final norm) join every N-th cycle and the last; "
-     "0: never"),
+     "block cycle: the blocks outside the decoder layers (embeddings, head, final norm) join every N-th cycle and "
+     "the last (default 4; 1: every cycle; 0: never)"),
     ("--local-steps", "training.local_steps", int, "optimizer steps per visit"),
     ("--batch-size", "training.batch_size", int, "sequences per step"),
     ("--seq-len", "training.seq_len", int, "tokens per sequence"),

@@ -57,7 +57,7 @@ def run_fingerprint(config: CoordinatorConfig, strategy: Strategy, prompt: Promp
 def _schedule_settings(config: CoordinatorConfig) -> dict[str, object]:
     settings = to_dict(config.schedule)
     if settings.get("embed_head_every") == 1:  # as every run before the setting existed: their fingerprints hold
-        del settings["embed_head_every"]
+        del settings["embed_head_every"]     # (restart such a run with embed_head_every = 1)
     return settings
 
 

@@ -1,10 +1,10 @@
 """The block cycle: which block each visit trains, at which learning rate, with which seed.
 
 A cycle visits every decoder-layer block once; the blocks outside the decoder layers (embeddings, LM head,
-final norm: the partition's last blocks) join every ``embed_head_every``-th cycle and the last (every cycle by
-default). Measured (docs/benchmarks.md, "Improving the method"): at a fine-tuning budget of a few cycles, a visit
-of an embedding row range lowers the held-out loss far less than a decoder-layer visit of the same tokens, so
-visiting them less often gives the layers more of the budget.
+final norm: the partition's last blocks) join every ``embed_head_every``-th cycle and the last (by default every
+4th; 1: every cycle, the paper's scheme). Measured (docs/benchmarks.md, "Improving the method"): at a fine-tuning
+budget of a few cycles, a visit of an embedding row range lowers the held-out loss far less than a decoder-layer
+visit of the same tokens, so visiting them less often gives the layers more of the budget.
 
 Everything here is a pure function of the run configuration and the visit index ("round"), so
 a restarted coordinator, the single-process reference and a reader of the logs all compute the
@@ -36,7 +36,10 @@ class ScheduleConfig:
     warmup_visits: int = 0
     min_lr_ratio: float = 0.1
     seed: int = 0
-    embed_head_every: int = 1  # the blocks outside the decoder layers join every N-th cycle and the last; 0: never
+    # The blocks outside the decoder layers join every N-th cycle and the last; 1: every cycle (the paper's); 0: never.
+    # Default 4: the best at equal tokens of what was measured (docs/benchmarks.md, "Improving the method"). The
+    # block cycle's setting: FedAvg strategies train every parameter each round.
+    embed_head_every: int = 4
 
 
     def __post_init__(self) -> None:

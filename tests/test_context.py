@@ -132,7 +132,7 @@ def _visit_with_fake_training(stub, md, model, specs, scale):
 def _after_one_cycle(coordinators: Coordinators, tiny_model_dir, method, ratio=None):
     """A coordinator whose every block changed once (a client faking the training), and the
     first task of the next cycle: every frozen block now differs from the base."""
-    running = coordinators.start(chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=2),
+    running = coordinators.start(chunk_bytes=CHUNK, schedule=ScheduleConfig(cycles=2, embed_head_every=1),
                                  training=TrainingConfig(local_steps=1, seq_len=32),
                                  context=ContextConfig(method=method, ratio=ratio))
     stub = coordinators.stub(running)
@@ -213,7 +213,7 @@ def test_a_run_with_lossy_context_completes_and_learns(tiny_model_dir, tmp_path,
     """Real client processes decode the approximations and train on them; the run finishes with
     every visit merged and a finite held-out loss below the base model's."""
     data, eval_path = write_data(tmp_path, clients=2)
-    running = coordinators.start(schedule=ScheduleConfig(cycles=2, lr=3e-3),
+    running = coordinators.start(schedule=ScheduleConfig(cycles=2, lr=3e-3, embed_head_every=1),
                                  training=TrainingConfig(local_steps=4, batch_size=2, seq_len=32),
                                  context=ContextConfig(method=method),
                                  eval=EvalConfig(data=str(eval_path), max_sequences=16))

@@ -203,7 +203,7 @@ def test_coordinator_sigkilled_at_random_moments_restarts_and_finishes(
     names = [f"site-{i}" for i in range(3)]
     schedule = ScheduleConfig(cycles=3, order="random", lr=3e-3, seed=11)
     training = TrainingConfig(local_steps=24, batch_size=4, seq_len=64)
-    total = 3 * 5
+    total = 3 * 4 + 1  # 4 decoder-layer blocks per cycle; embed_head joins the last (embed_head_every 4)
     state_dir = tmp_path / "state"
     coordinator = fault_coordinator(tiny_model_dir, state_dir, schedule, training)
     kept: dict[int, str] = {}      # round -> blob of every visit committed before some kill

@@ -54,7 +54,8 @@ def run_clients(running, procs, timeout: float = 180) -> pb.GetStatusResponse:
 # -- parallel mode ------------------------------------------------------------------------------
 
 PARALLEL_K = 2
-PARALLEL_SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=3e-3, lr_schedule="cosine", warmup_visits=1, seed=11)
+PARALLEL_SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=3e-3, lr_schedule="cosine", warmup_visits=1, seed=11,
+                                   embed_head_every=1)  # every block in every cycle: the tests count them
 # 30 steps of 2x64 tokens: a visit lasts ~1 s of CPU, far longer than the 20 ms sampling period.
 PARALLEL_TRAINING = TrainingConfig(local_steps=30, batch_size=2, seq_len=64)
 

@@ -19,6 +19,7 @@ from fedcybgd.server.downloads import DownloadPlan, DownloadRequest
 from fedcybgd.server.enrolment import Enrolment
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.records import ALL_BLOCKS, ExpectedUpload, VisitStats
+from fedcybgd.server.run import _schedule_settings
 from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 from fedcybgd.server.state import ClientRow, TaskRow
 from fedcybgd.server.strategies.fedavg import FedAvgFull
@@ -204,3 +205,20 @@ def test_history_offers_the_newest_held_version_as_delta_base(make_coordinator: 
     assert coordinator.history.delta_base(0, latest, {older}) == older
     assert coordinator.history.delta_base(0, latest, {manifest[0]}) is None  # other size: no delta
     assert coordinator.history.delta_base(0, latest, set()) is None
+
+
+def test_a_run_keeps_its_embed_head_period_across_restarts(tiny_model_dir: Path, tmp_path: Path):
+    """A state directory remembers the period; a restart with another one is refused before anything changes, and
+    the fingerprint of a run with the paper's period (1) is that of runs made before the setting existed."""
+    def config(every: int) -> CoordinatorConfig:
+        return CoordinatorConfig(insecure=True, model=str(tiny_model_dir), state_dir=str(tmp_path / "state"),
+                                 schedule=ScheduleConfig(cycles=3, embed_head_every=every))
+
+    first = Coordinator(config(2))
+    assert first.schedule.total_rounds == 4 + 5 + 5  # embed_head joins the 2nd cycle and the last
+    first.close()
+    with pytest.raises(ValueError, match="other settings"):
+        Coordinator(config(4))
+    Coordinator(config(2)).close()
+    assert "embed_head_every" not in _schedule_settings(config(1))
+    assert _schedule_settings(config(4))["embed_head_every"] == 4

@@ -19,7 +19,9 @@ from fedcybgd.training import VisitHyper, train_full
 torch.set_num_threads(1)
 
 TRAINING = TrainingConfig(local_steps=3, batch_size=4, seq_len=32)
-SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=1e-2, lr_schedule="cosine", warmup_visits=2, seed=3)
+# Every block in every cycle (the paper's scheme): the tests below count visits per cycle.
+SCHEDULE = ScheduleConfig(cycles=2, order="random", lr=1e-2, lr_schedule="cosine", warmup_visits=2, seed=3,
+                          embed_head_every=1)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_sigterm_mid_run_then_restart_loses_nothing(tiny_model_dir, tmp_path, co
     state = SqliteState(state_dir / "state.sqlite")
     before = {v.round: v.blob_sha256 for v in state.visits()}
     state.close()
-    assert 3 <= len(before) < 15, "the stop must happen mid-run"
+    assert 3 <= len(before) < 13, "the stop must happen mid-run"
 
     coordinator.start(timeout=120)
     wait_clients(procs, timeout=300)
@@ -40,8 +40,8 @@ def test_sigterm_mid_run_then_restart_loses_nothing(tiny_model_dir, tmp_path, co
     state = SqliteState(state_dir / "state.sqlite")
     try:
         visits = state.visits()
-        assert [v.round for v in visits] == list(range(15))
-        assert [v.new_version for v in visits] == list(range(1, 16))
+        assert [v.round for v in visits] == list(range(13))  # 4 layer blocks per cycle, embed_head in the last
+        assert [v.new_version for v in visits] == list(range(1, 14))
         assert all(v.base_version == v.new_version - 1 for v in visits)
         assert {r: sha for r, sha in ((v.round, v.blob_sha256) for v in visits) if r in before} == before, \
             "an upload accepted before the stop was lost or changed"

@@ -231,7 +231,7 @@ def test_embed_head_every_zero_trains_the_decoder_layers_only():
 
 def test_embed_head_every_one_is_the_classic_cycle_in_every_order():
     for order in ("ascending", "descending", "random"):
-        thinned = CycleSchedule(6, ScheduleConfig(cycles=3, order=order, seed=4), layer_blocks=4)
+        thinned = CycleSchedule(6, ScheduleConfig(cycles=3, order=order, seed=4, embed_head_every=1), layer_blocks=4)
         assert _rounds(thinned) == _rounds(_sched(6, cycles=3, order=order, seed=4))
 
 
@@ -239,6 +239,11 @@ def test_random_order_shuffles_the_blocks_a_cycle_visits():
     s = CycleSchedule(6, ScheduleConfig(cycles=7, order="random", seed=2, embed_head_every=3), layer_blocks=4)
     for c in range(7):
         assert sorted(s.block_order(c)) == (list(range(6)) if c in (2, 5, 6) else list(range(4)))
+
+
+def test_by_default_the_embed_head_blocks_join_every_fourth_cycle_and_the_last():
+    s = CycleSchedule(3, ScheduleConfig(cycles=6), layer_blocks=2)
+    assert [len(s.block_order(c)) for c in range(6)] == [2, 2, 2, 3, 2, 3]
 
 
 def test_for_blocks_counts_the_partitions_layer_blocks():

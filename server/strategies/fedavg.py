@@ -85,9 +85,6 @@ class FedAvgFamily(Strategy):
     def check_config(cls, config: CoordinatorConfig) -> None:
         if config.max_concurrent_visits != 1:
             raise ValueError(f"max_concurrent_visits applies to the block cycle, not to {config.strategy}")
-        if config.schedule.embed_head_every != 1:
-            raise ValueError(f"embed_head_every thins the block cycle's embed/head visits; {config.strategy} trains "
-                             "every parameter each round")
         if config.context.method != "none":
             raise ValueError("context compression applies to the block cycle's frozen blocks, "
                              f"not to {config.strategy}")
