@@ -323,7 +323,8 @@ def centralized_main(args: argparse.Namespace) -> None:
     model_dir, model, pooled, val, tests = pooled_data(args)
     training = TrainingConfig(local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len)
     blocks = len(partition_model(model, args.cycle_layers))
-    schedule_config = ScheduleConfig(cycles=args.cycles, lr=args.lr, seed=0)  # the demo's: cosine to 10 %
+    schedule_config = ScheduleConfig(cycles=args.cycles, lr=args.lr, seed=0,  # the demo's: cosine to 10 %
+                                     embed_head_every=1)  # every block each cycle: the "cybgd" contender's
     tokens_per_cycle = blocks * args.local_steps * args.batch_size * args.seq_len
     points = [Point(0, _loss(model, val), _loss(model, tests))]
     reset_peak_memory(torch.device("cpu"))
