@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from curves import Point, _loss, block_count, pooled_data  # noqa: E402
+from curves import Point, _loss, block_count, nearest_schedule, pooled_data  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,10 @@ def blocks_of(model, v: Variant):
     """The variant's blocks: the run's partition, small blocks merged into the last decoder-layer block, or the
     blocks outside the decoder layers dropped (never visited)."""
     from fedcybgd.common.blocks import BlockSpec
-    from fedcybgd.common.partition import partition_model
+    from fedcybgd.common.partition import layer_block_count, partition_model
 
     specs = partition_model(model, v.layers_per_block)
-    layers = [s for s in specs if s.name.startswith("layers.")]
-    others = [s for s in specs if not s.name.startswith("layers.")]
+    layers, others = specs[:layer_block_count(specs)], specs[layer_block_count(specs):]
     if v.others_every == 0:
         return layers
     if v.merge_small:
@@ -92,33 +91,17 @@ def blocks_of(model, v: Variant):
 
 
 def visit_sequence(specs, v: Variant, visits: int) -> list[int]:
-    """The block of each visit: the coordinator's schedule (``embed_head_every`` = ``others_every``) of the number of
-    cycles whose visits come nearest to ``visits``; for merged blocks or no embed/head visits at all, cycles over the
-    decoder-layer blocks (the others joining every ``others_every``-th cycle) cut at ``visits``."""
-    import random
-
+    """The block of each visit, by the coordinator's schedule (``embed_head_every`` = ``others_every``): of the
+    number of cycles whose visits come nearest to ``visits``; for merged blocks or no embed/head blocks, cut at
+    ``visits`` (their cycles are periodic, without the last-cycle rule)."""
     from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 
-    if not v.merge_small and v.others_every > 0:
-        def schedule(k: int) -> CycleSchedule:
-            return CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=k, order=v.order,
-                                                                  embed_head_every=v.others_every))
-        nearest = schedule(min(range(1, 4 * visits + 1), key=lambda k: (abs(schedule(k).total_rounds - visits), -k)))
-        return [nearest.block_of(r) for r in range(nearest.total_rounds)]
-
-    layers = [i for i, s in enumerate(specs) if s.name.startswith("layers.")]
-    others = [i for i, s in enumerate(specs) if not s.name.startswith("layers.")]
-    sequence: list[int] = []
-    cycle = 0
-    while len(sequence) < visits:
-        blocks = layers + (others if v.others_every and (cycle + 1) % v.others_every == 0 else [])
-        if v.order == "descending":
-            blocks.reverse()
-        elif v.order == "random":
-            random.Random(f"fedcybgd-order:0:{cycle}").shuffle(blocks)
-        sequence += blocks
-        cycle += 1
-    return sequence[:visits]
+    if v.merge_small or v.others_every == 0:
+        cut = CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=visits + 1, order=v.order,
+                                                             embed_head_every=v.others_every or 1))
+        return [cut.block_of(r) for r in range(visits)]
+    nearest = nearest_schedule(specs, visits, order=v.order, embed_head_every=v.others_every)
+    return [nearest.block_of(r) for r in range(nearest.total_rounds)]
 
 
 def run_variant(v: Variant, args: argparse.Namespace) -> dict:

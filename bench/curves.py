@@ -174,14 +174,23 @@ def _halve(eval_dir: Path, test: Path) -> None:
 def cycles_for(c: Contender, visits: int, model_dir: Path, args: argparse.Namespace) -> int:
     """The cycles of contender ``c`` whose tasks come nearest to ``visits`` block visits' tokens (its cycles may
     hold more or fewer blocks than the budget's)."""
+    return nearest_schedule(_specs(model_dir, c.layers_per_block or args.cycle_layers), visits,
+                            embed_head_every=c.embed_head_every).config.cycles
+
+
+def nearest_schedule(specs, visits: int, **settings):
+    """The coordinator's schedule over ``specs`` (``settings``: the other ScheduleConfig fields) whose number of
+    rounds comes nearest to ``visits`` (on a tie, the longer)."""
     from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
 
-    specs = _specs(model_dir, c.layers_per_block or args.cycle_layers)
-
-    def tasks(k: int) -> int:
-        return CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=k, embed_head_every=c.embed_head_every)
-                                        ).total_rounds
-    return min(range(1, 4 * visits + 1), key=lambda k: (abs(tasks(k) - visits), -k))
+    best = None
+    for k in range(1, visits + 1):
+        schedule = CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=k, **settings))
+        if best is None or abs(schedule.total_rounds - visits) <= abs(best.total_rounds - visits):
+            best = schedule
+        if schedule.total_rounds >= visits:
+            break
+    return best
 
 
 def block_count(model_dir: Path, layers_per_block: int) -> int:

@@ -96,7 +96,7 @@ class CycleSchedule:
 
     def _cycle_blocks(self, cycle: int) -> list[int]:
         blocks = list(range(self.layer_blocks))
-        if self.config.visits_embed_head(cycle) or self.layer_blocks == self.num_blocks:
+        if self.config.visits_embed_head(cycle):
             blocks = list(range(self.num_blocks))
         if self.config.order == "descending":
             blocks.reverse()
@@ -111,9 +111,8 @@ class CycleSchedule:
         return cls(len(specs), config, layer_block_count(specs))
 
     def cycle_of(self, round_: int) -> int:
-        if self.layer_blocks == self.num_blocks:
-            return round_ // self.num_blocks  # also past the last round (status and metrics ask)
-        return min(bisect.bisect_right(self._starts, round_) - 1, len(self._cycles) - 1) if round_ >= 0 else 0
+        """The cycle of round ``round_``; the last cycle for rounds past the run (status and metrics ask)."""
+        return min(max(bisect.bisect_right(self._starts, round_) - 1, 0), len(self._cycles) - 1)
 
     def block_order(self, cycle: int) -> list[int]:
         """The blocks of one cycle in visiting order; every block it visits exactly once."""
