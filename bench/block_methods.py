@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from curves import Point, _loss, block_count, nearest_schedule, pooled_data  # noqa: E402
+from curve_inputs import block_count, nearest_schedule  # noqa: E402
+from curves import Point, _loss, pooled_data  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from curve_inputs import block_count, block_specs, nearest_schedule, prepare
+
 #: SmolLM2's demo learning rate; strategies scale it (LoRA's usual larger rate).
 BASE_LR = 2e-4
 
@@ -46,6 +48,7 @@ class Contender:
     layers_per_block: int | None = None  # None: the cycle's (--cycle-layers)
     tasks_per_round: int = 1          # clients trained per round (FedAvg family)
     embed_head_every: int = 1         # FedCyBGD: the blocks outside the decoder layers join every N-th cycle
+    concurrent_clients: int = 1       # clients training at once: they share --threads (more would oversubscribe)
 
 
 CONTENDERS = [
@@ -53,10 +56,13 @@ CONTENDERS = [
     Contender("cybgd e4", ("--strategy", "cybgd"), embed_head_every=4),  # embed/head blocks every 4th cycle
     Contender("cybgd L15 e4", ("--strategy", "cybgd"), layers_per_block=15, embed_head_every=4),
     Contender("cybgd L1", ("--strategy", "cybgd"), layers_per_block=1),
-    Contender("cybgd-parallel K2", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2")),
-    Contender("fedlora r8", ("--strategy", "fedlora", "--lora-rank", "8"), lr_factor=5, tasks_per_round=2),
-    Contender("fedlora r32", ("--strategy", "fedlora", "--lora-rank", "32"), lr_factor=5, tasks_per_round=2),
-    Contender("fedavg-full", ("--strategy", "fedavg-full"), tasks_per_round=2),
+    Contender("cybgd-parallel K2 e4", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2"),
+              embed_head_every=4, concurrent_clients=2),
+    Contender("fedlora r8", ("--strategy", "fedlora", "--lora-rank", "8"), lr_factor=5, tasks_per_round=2,
+              concurrent_clients=2),
+    Contender("fedlora r32", ("--strategy", "fedlora", "--lora-rank", "32"), lr_factor=5, tasks_per_round=2,
+              concurrent_clients=2),
+    Contender("fedavg-full", ("--strategy", "fedavg-full"), tasks_per_round=2, concurrent_clients=2),
     Contender("centralized full FT"),
     Contender("centralized block-cyclic"),
 ]
@@ -84,127 +90,12 @@ class Run:
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """(model directory, split directory with client-<i>/ and eval/ = validation, test directory)."""
-    from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
-    from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "model"
-    if not (model_dir / "config.json").is_file():
-        if args.model == "tiny":
-            write_tiny_model_dir(model_dir, seed=0)
-        else:
-            _shallow_model(args.model, args.layers, model_dir)
-    split, test = out / "split", out / "test"
-    if not split.is_dir():
-        corpus = Path(args.corpus) if args.corpus and args.corpus != "mmlu-cot" else None
-        if corpus is None and args.model == "tiny":
-            corpus = out / "corpus"
-            corpus.mkdir(exist_ok=True)
-            for i, sonnet in enumerate(t.strip() for t in TINY_TEXT.split("\n\n") if t.strip()):
-                (corpus / f"sonnet-{i:03d}.txt").write_text(sonnet + "\n")
-        by_column = None
-        if args.corpus == "mmlu-cot":
-            corpus, by_column = mmlu_cot_corpus(out / "corpus"), "subject"
-        partition_corpus(corpus or shakespeare_texts(), split, args.clients, "by-document", eval_fraction=0.2, seed=0,
-                         by_column=by_column)
-        _halve(split / "eval", test)
-    return model_dir, split, test
-
-
-def mmlu_cot_corpus(out: Path) -> Path:
-    """Instruction records from a PyPI package: the chain-of-thought exemplars of MMLU's 57 subjects that lm-eval
-    ships (``pip install --no-deps lm_eval==0.4.13``; 282 questions, each answered step by step), as JSON lines of
-    instruction / output with the subject, the natural key clients are split by (non-IID: each site its subjects)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the mmlu-cot corpus needs lm-eval's files: pip install --no-deps lm_eval==0.4.13")
-    source = Path(next(iter(spec.submodule_search_locations))) / "tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
-    records = []
-    for subject, text in json.loads(source.read_text()).items():
-        header, _, body = text.partition("\n\n")
-        for exemplar in body.split("\n\nQ: "):
-            question, found, answer = exemplar.removeprefix("Q: ").partition("\nA: ")
-            if found:
-                records.append({"instruction": f"{header}\n\n{question.strip()}", "output": answer.strip(),
-                                "subject": subject})
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "mmlu_cot.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def _shallow_model(source: str, layers: int, out: Path) -> None:
-    """The first ``layers`` decoder layers of the model (``smollm2``: the packaged SmolLM2-135M-Instruct, bf16)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if source == "smollm2":
-        from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
-
-        source = str(prepare_model(packaged_smollm2(), Path.home() / ".cache/fedcybgd/models/"
-                                   "smollm2-135m-instruct-bfloat16", "bfloat16"))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-    if layers:
-        model.model.layers = model.model.layers[:layers]
-        model.config.num_hidden_layers = layers
-        if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:layers]
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-
-
-def _halve(eval_dir: Path, test: Path) -> None:
-    """Move every other held-out file (text corpora) or record (record data) from ``eval_dir`` to ``test``."""
-    test.mkdir(parents=True, exist_ok=True)
-    records = eval_dir / "data.jsonl"
-    if records.is_file():
-        lines = records.read_text().splitlines(keepends=True)
-        records.write_text("".join(lines[0::2]))
-        (test / "data.jsonl").write_text("".join(lines[1::2]))
-        return
-    for f in sorted(eval_dir.iterdir())[1::2]:
-        f.rename(test / f.name)
-
-
 def cycles_for(c: Contender, visits: int, model_dir: Path, args: argparse.Namespace) -> int:
     """The cycles of contender ``c`` whose tasks come nearest to ``visits`` block visits' tokens (its cycles may
     hold more or fewer blocks than the budget's)."""
-    return nearest_schedule(_specs(model_dir, c.layers_per_block or args.cycle_layers), visits,
+    return nearest_schedule(block_specs(model_dir, c.layers_per_block or args.cycle_layers), visits,
                             embed_head_every=c.embed_head_every).config.cycles
 
-
-def nearest_schedule(specs, visits: int, **settings):
-    """The coordinator's schedule over ``specs`` (``settings``: the other ScheduleConfig fields) whose number of
-    rounds comes nearest to ``visits`` (on a tie, the longer)."""
-    from fedcybgd.server.scheduler import CycleSchedule, ScheduleConfig
-
-    best = None
-    for k in range(1, visits + 1):
-        schedule = CycleSchedule.for_blocks(specs, ScheduleConfig(cycles=k, **settings))
-        if best is None or abs(schedule.total_rounds - visits) <= abs(best.total_rounds - visits):
-            best = schedule
-        if schedule.total_rounds >= visits:
-            break
-    return best
-
-
-def block_count(model_dir: Path, layers_per_block: int) -> int:
-    return len(_specs(model_dir, layers_per_block))
-
-
-def _specs(model_dir: Path, layers_per_block: int):
-    import torch
-
-    from fedcybgd.common.modeling import config_from_json, model_from_config
-    from fedcybgd.common.partition import partition_model
-
-    model = model_from_config(config_from_json((model_dir / "config.json").read_text()), torch.bfloat16, "meta")
-    return partition_model(model, layers_per_block)
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -220,7 +111,8 @@ def run_federated(c: Contender, lr: float, cycles: int, args: argparse.Namespace
                "--layers-per-block", str(c.layers_per_block or args.cycle_layers),
                "--local-steps", str(args.local_steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(lr),
-               "--threads", str(args.threads), "--eval-sequences", str(args.eval_sequences), "--out", str(out),
+               "--threads", str(max(1, args.threads // c.concurrent_clients)),
+               "--eval-sequences", str(args.eval_sequences), "--out", str(out),
                "--embed-head-every", str(c.embed_head_every), *c.demo_args]
         print(f"[{c.label} lr {lr:g}] {cycles} cycles", flush=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -421,6 +313,32 @@ def plot(chosen: list[Run], out: Path) -> None:
         plt.close(fig)
 
 
+def _budget(args: argparse.Namespace) -> dict:
+    """The settings runs must share to be compared (not --threads: it changes the time, not the result)."""
+    keys = ["model", "layers", "cycle_layers", "corpus", "clients", "cycles", "local_steps", "batch_size", "seq_len",
+            "eval_sequences"]
+    return {k: getattr(args, k) for k in keys}
+
+
+def _earlier_runs(path: Path, args: argparse.Namespace) -> dict[tuple[str, float], Run]:
+    """The runs recorded in ``results.json`` by earlier invocations on the same budget (a copy of the one kept in
+    docs/data/ seeds a fresh output folder); a rerun replaces its record."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if {k: data["settings"].get(k) for k in _budget(args)} != _budget(args):
+        raise SystemExit(f"{path} was measured with other settings ({data['settings']}): use another --out")
+    runs = [Run(r["label"], r["lr"], [Point(**p) for p in r["points"]]) for r in data["runs"]]
+    return {(r.label, r.lr): r for r in runs}
+
+
+def _chosen(runs: dict[tuple[str, float], Run]) -> list[Run]:
+    """Each contender's run at its best learning rate, in CONTENDERS order."""
+    order = [c.label for c in CONTENDERS]
+    labels = sorted({label for label, _ in runs}, key=lambda label: order.index(label) if label in order else 99)
+    return [best([r for (label, _), r in runs.items() if label == wanted]) for wanted in labels]
+
+
 def _finished(c: Contender, lr: float, args: argparse.Namespace) -> bool:
     out = Path(args.out) / "runs" / f"{_slug(c.label)}-lr{lr:g}"
     return (out / "summary.json").is_file() or (out / "run.json").is_file()
@@ -457,7 +375,7 @@ def main() -> int:
     parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="learning-rate sweep")
     parser.add_argument("--only", nargs="*", help="labels to run, in this order (default: all)")
     parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: report the runs already finished under --out")
+                        help="run nothing: report the runs finished under --out (and those in its results.json)")
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--centralized", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -467,8 +385,8 @@ def main() -> int:
     model_dir, split, test = prepare(args)
     blocks_per_cycle = block_count(model_dir, args.cycle_layers)
     tokens_per_cycle = blocks_per_cycle * args.local_steps * args.batch_size * args.seq_len
-    all_runs: list[Run] = []
-    chosen: list[Run] = []
+    out = Path(args.out)
+    runs = _earlier_runs(out / "results.json", args)  # (label, lr) -> run: what earlier invocations measured
     by_label = {c.label: c for c in CONTENDERS}
     unknown = [label for label in args.only or [] if label not in by_label]
     if unknown:
@@ -479,15 +397,12 @@ def main() -> int:
         lrs = [BASE_LR * c.lr_factor * f for f in args.factors]
         if args.report_only:  # what earlier (or interrupted) invocations finished
             lrs = [lr for lr in lrs if _finished(c, lr, args)]
-            if not lrs:
-                continue
-        runs = [runner(c, lr, cycles if c.demo_args else args.cycles, args, model_dir, split, test) for lr in lrs]
-        all_runs += runs
-        chosen.append(best(runs))
-        print(table(chosen, args.cycles, tokens_per_cycle), flush=True)
-    out = Path(args.out)
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "blocks_per_cycle": blocks_per_cycle,
-                                                  "runs": [asdict(r) for r in all_runs],
+        for lr in lrs:
+            runs[(c.label, lr)] = runner(c, lr, cycles if c.demo_args else args.cycles, args, model_dir, split, test)
+        print(table(_chosen(runs), args.cycles, tokens_per_cycle), flush=True)
+    chosen = _chosen(runs)
+    (out / "results.json").write_text(json.dumps({"settings": _budget(args), "blocks_per_cycle": blocks_per_cycle,
+                                                  "runs": [asdict(r) for r in runs.values()],
                                                   "chosen": [f"{r.label} lr {r.lr:g}" for r in chosen]}, indent=2))
     (out / "table.md").write_text(table(chosen, args.cycles, tokens_per_cycle) + "\n")
     plot(chosen, out)
