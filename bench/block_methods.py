@@ -66,6 +66,12 @@ VARIANTS = [
     Variant("betas 0.9/0.95", betas=(0.9, 0.95)),
     Variant("lr x1.5", lr_factor=1.5),
     Variant("lr x0.7", lr_factor=0.7),
+    # On top of the default (embed/head every 4th cycle and the last), at its federated best rate (x1.5):
+    Variant("e4 lr x1.5", others_every=4, lr_factor=1.5),
+    Variant("e4 lr x1.5 others lr x3", others_every=4, lr_factor=1.5, other_lr_factor=3.0),
+    Variant("e4 lr x1.5 random order", others_every=4, lr_factor=1.5, order="random"),
+    Variant("e4 lr x1.5 betas 0.9/0.95", others_every=4, lr_factor=1.5, betas=(0.9, 0.95)),
+    Variant("e4 lr x1.5 constant lr", others_every=4, lr_factor=1.5, lr_schedule="constant"),
 ]
 
 

@@ -21,7 +21,9 @@ keeps only the first N decoder layers of the model; it cripples a pretrained mod
 starts at loss 15.6), so the measurements use the whole model and small batches instead.
 
 Learning rates: each strategy's base rate (``BASE_LR`` x its factor) times each of ``--factors``; the rate whose run
-ends with the lowest validation loss is reported, every run is kept in ``results.json``. Writes results.json,
+ends with the lowest validation loss is reported. ``results.json`` under ``--out`` accumulates every run measured
+there on the same budget (invocations with ``--only`` add to it; a copy of the record in ``docs/data/`` seeds a fresh
+folder, and ``--report-only`` then redraws the tables and plots without rerunning anything). Writes results.json,
 table.md (test loss at every budget) and, with matplotlib (``pip install -e .[bench]``), four PNG plots.
 """
 from __future__ import annotations
@@ -288,6 +290,8 @@ def _at(run: Run, budget: int) -> Point:
 
 
 def plot(chosen: list[Run], out: Path) -> None:
+    if not chosen:
+        return
     try:
         import matplotlib
     except ImportError:
