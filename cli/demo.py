@@ -44,6 +44,7 @@ class DemoOptions:
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 3e-3
+    lr_schedule: str = "cosine"  # see ScheduleConfig
     order: str = "ascending"
     embed_head_every: int | None = None  # the coordinator's default unless given (see ScheduleConfig)
     seed: int = 0
@@ -58,6 +59,8 @@ class DemoOptions:
     eval_sequences: int = 64
     prompt: str | None = None  # default: a line of verse (tiny) or a stage cue (Shakespeare)
     metrics_port: int = 0
+    port: int = 0              # the coordinator's port on 127.0.0.1; 0: a free one
+    clients_dial: str | None = None  # the address clients dial instead of the coordinator's (a proxy in between)
     threads: int = 0           # torch threads per client; 0: all cores (visits are sequential)
     cache: str | None = None   # where prepared models are kept; default ~/.cache/fedcybgd
     timeout_s: float = 3600.0
@@ -163,7 +166,7 @@ def run_demo(o: DemoOptions) -> dict:
     logs.mkdir(exist_ok=True)
     model_dir, client_data, eval_data = prepare_inputs(o, out)
 
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{o.port or free_port()}"
     # Mutual TLS even on loopback: the demo runs the programs exactly as on separate machines.
     tls = make_certs(out / "tls", ["127.0.0.1", "localhost"], [f"site-{i}" for i in range(o.clients)])
     operator = _Operator(address, tls)
@@ -176,6 +179,7 @@ def run_demo(o: DemoOptions) -> dict:
         coordinator = subprocess.Popen(
             [*cmd, "coordinator", "--model", str(model_dir), "--state-dir", str(state_dir), "--address", address,
          "--cycles", str(o.cycles), "--order", o.order, "--lr", str(o.lr), "--seed", str(o.seed),
+             "--lr-schedule", o.lr_schedule,
              "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
              "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
              "--metrics-port", str(o.metrics_port), "--dtype", o.dtype, "--context-compression", o.context,
@@ -198,7 +202,7 @@ def run_demo(o: DemoOptions) -> dict:
         for i, data in enumerate(client_data):
             with open(logs / f"client-{i}.log", "w") as log:
                 clients.append(subprocess.Popen(
-                    [*cmd, "client", "--coordinator", address, "--data", str(data),
+                    [*cmd, "client", "--coordinator", o.clients_dial or address, "--data", str(data),
                      "--cache-dir", str(out / "cache" / f"client-{i}"), "--name", f"site-{i}", "--device", "auto",
                      "--threads", str(threads), "--tls-ca", str(tls / "ca.pem"),
                      "--tls-cert", str(tls / f"site-{i}.pem"), "--tls-key", str(tls / f"site-{i}.key"),

@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=4)
     p.add_argument("--seq-len", dest="seq_len", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr-schedule", dest="lr_schedule", default="cosine", help="cosine | linear | constant")
     p.add_argument("--order", default="ascending")
     p.add_argument("--embed-head-every", dest="embed_head_every", type=int, default=None,
                    help="the blocks outside the decoder layers join every N-th cycle (default: the coordinator's)")
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-sequences", dest="eval_sequences", type=int, default=64)
     p.add_argument("--prompt", default=None, help="prompt for the before/after generation")
     p.add_argument("--metrics-port", dest="metrics_port", type=int, default=0)
+    p.add_argument("--port", type=int, default=0, help="the coordinator's port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--clients-dial", dest="clients_dial", default=None,
+                   help="HOST:PORT clients dial instead of the coordinator's address (e.g. a proxy forwarding to it)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cache", default=None, help="prepared-model cache (default ~/.cache/fedcybgd)")
     p.set_defaults(func=cmd_demo)
