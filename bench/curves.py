@@ -128,6 +128,9 @@ def run_federated(c: Contender, lr: float, cycles: int, args: argparse.Namespace
     else:
         test_losses = _test_losses(out / "state", [e["version"] for e in summary["evals"]], model_dir, test, args)
         cached.write_text(json.dumps(test_losses))
+    if not args.keep_state:  # the report needs summary.json and the test losses; a FedAvg-full run's blobs are 30 GB
+        for bulky in ("state", "cache", "export", "tls"):
+            shutil.rmtree(out / bulky, ignore_errors=True)
     run = Run(c.label, lr)
     for e in summary["evals"]:
         done = [v for v in summary["visits"] if v["new_version"] <= e["version"]]
@@ -378,6 +381,9 @@ def main() -> int:
     parser.add_argument("--eval-sequences", type=int, default=48)
     parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="learning-rate sweep")
     parser.add_argument("--only", nargs="*", help="labels to run, in this order (default: all)")
+    parser.add_argument("--keep-state", action="store_true",
+                        help="keep each federated run's coordinator state and client caches (default: deleted once "
+                             "its test losses are measured)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: report the runs finished under --out (and those in its results.json)")
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
