@@ -89,17 +89,19 @@ class ClientDaemon:
             self.metrics.serve(config.metrics_port, config.metrics_address)
 
     # -- connection ----------------------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Retry while the coordinator is unreachable (restarting, network blip), up to retry_seconds."""
+    def _call(self, what: str, fn: Callable[[], T], also_retry: tuple[grpc.StatusCode, ...] = ()) -> T:
+        """Retry while the coordinator is unreachable (restarting, network blip), or answers one of ``also_retry``,
+        up to retry_seconds."""
         deadline = time.monotonic() + self.config.retry_seconds
         delay = 0.2
         while True:
             try:
                 return fn()
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in RETRYABLE + also_retry or time.monotonic() > deadline:
                     raise
-                log.info("%s: coordinator unreachable (%s); retrying in %.1fs", what, err.code().name, delay)
+                reason = "unreachable" if err.code() in RETRYABLE else f"answered: {err.details()}"
+                log.info("%s: coordinator %s (%s); retrying in %.1fs", what, reason, err.code().name, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -271,8 +273,11 @@ class ClientDaemon:
         self._phase = "upload"
         header = upload.header(task, download_seconds=download_seconds, device=_device_kind(self.device))
         try:
+            # RESOURCE_EXHAUSTED on an upload: the coordinator's disk is full and it stored nothing; the trained
+            # block is worth the wait (the task stays ours while our heartbeats go on).
             reply, bytes_up = self._call("upload", lambda: upload_blobs(
-                self.stub, self.metadata, header, upload.blobs, self.cache, DEFAULT_CHUNK_BYTES, self.upload_codec))
+                self.stub, self.metadata, header, upload.blobs, self.cache, DEFAULT_CHUNK_BYTES, self.upload_codec),
+                also_retry=(grpc.StatusCode.RESOURCE_EXHAUSTED,))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err

@@ -16,7 +16,7 @@ class Status(enum.Enum):
     PERMISSION_DENIED = "PERMISSION_DENIED"    # known caller, not allowed to do this
     NOT_FOUND = "NOT_FOUND"                    # no such task
     FAILED_PRECONDITION = "FAILED_PRECONDITION"  # valid once, no longer (task reassigned, upload stale)
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # the caller lacks the resources (memory) for any of the run's tasks
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # the caller lacks memory for any task; the coordinator's disk is full
 
 
 class Refusal(Exception):

@@ -8,6 +8,8 @@ blob the visit started from.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,12 +100,23 @@ class UploadReceiver:
             self._metrics.rejections.labels(reason="data").inc()
             self._metrics.visits.labels(outcome="failed").inc()
             raise Refusal(Status.INVALID_ARGUMENT, f"upload rejected: {err}") from err
+        except OSError as err:
+            self._abort(writer, checked)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Ours, not the client's: nothing was stored, the task stays open, and the client retries.
+            self._metrics.visits.labels(outcome="failed").inc()
+            raise Refusal(Status.RESOURCE_EXHAUSTED, "the coordinator's disk is full: the upload was not stored; "
+                                                     "retry once space is freed") from err
         except BaseException:
             self._abort(writer, checked)
             raise
         finally:
             for m in mapped.values():
-                m.close()
+                # A view of it may still live in the frames of an exception on its way up; the map is then
+                # released with the last view, and a failed close must not replace the exception that matters.
+                with contextlib.suppress(BufferError):
+                    m.close()
         return Received(wire=wire, raw=raw)
 
     @staticmethod
