@@ -14,6 +14,12 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_ZSTD: _ClassVar[Codec]
     CODEC_BYTEGROUP: _ClassVar[Codec]
 
+class DeltaCodec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELTA_UNSPECIFIED: _ClassVar[DeltaCodec]
+    DELTA_XOR: _ClassVar[DeltaCodec]
+    DELTA_ARITH: _ClassVar[DeltaCodec]
+
 class ContextCodec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONTEXT_UNSPECIFIED: _ClassVar[ContextCodec]
@@ -32,6 +38,9 @@ CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
 CODEC_ZSTD: Codec
 CODEC_BYTEGROUP: Codec
+DELTA_UNSPECIFIED: DeltaCodec
+DELTA_XOR: DeltaCodec
+DELTA_ARITH: DeltaCodec
 CONTEXT_UNSPECIFIED: ContextCodec
 CONTEXT_DROP: ContextCodec
 CONTEXT_INT8: ContextCodec
@@ -73,7 +82,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs", "strategy", "lora", "max_block_params", "prompt_template", "prompt_name", "train_on")
+    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs", "strategy", "lora", "max_block_params", "prompt_template", "prompt_name", "train_on", "accept_deltas")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +104,7 @@ class ModelInfo(_message.Message):
     PROMPT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ON_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_DELTAS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
@@ -109,7 +119,8 @@ class ModelInfo(_message.Message):
     prompt_template: str
     prompt_name: str
     train_on: str
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., strategy: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., max_block_params: _Optional[int] = ..., prompt_template: _Optional[str] = ..., prompt_name: _Optional[str] = ..., train_on: _Optional[str] = ...) -> None: ...
+    accept_deltas: _containers.RepeatedScalarFieldContainer[DeltaCodec]
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., strategy: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., max_block_params: _Optional[int] = ..., prompt_template: _Optional[str] = ..., prompt_name: _Optional[str] = ..., train_on: _Optional[str] = ..., accept_deltas: _Optional[_Iterable[_Union[DeltaCodec, str]]] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules")
@@ -214,18 +225,20 @@ class Hyper(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("task_id", "have", "accept_codecs", "resume", "accept_context")
+    __slots__ = ("task_id", "have", "accept_codecs", "resume", "accept_context", "accept_deltas")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_CODECS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_DELTAS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     have: _containers.RepeatedScalarFieldContainer[str]
     accept_codecs: _containers.RepeatedScalarFieldContainer[Codec]
     resume: _containers.RepeatedCompositeFieldContainer[BlobOffset]
     accept_context: _containers.RepeatedScalarFieldContainer[ContextCodec]
-    def __init__(self, task_id: _Optional[str] = ..., have: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., resume: _Optional[_Iterable[_Union[BlobOffset, _Mapping]]] = ..., accept_context: _Optional[_Iterable[_Union[ContextCodec, str]]] = ...) -> None: ...
+    accept_deltas: _containers.RepeatedScalarFieldContainer[DeltaCodec]
+    def __init__(self, task_id: _Optional[str] = ..., have: _Optional[_Iterable[str]] = ..., accept_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., resume: _Optional[_Iterable[_Union[BlobOffset, _Mapping]]] = ..., accept_context: _Optional[_Iterable[_Union[ContextCodec, str]]] = ..., accept_deltas: _Optional[_Iterable[_Union[DeltaCodec, str]]] = ...) -> None: ...
 
 class BlobOffset(_message.Message):
     __slots__ = ("sha256", "offset")
@@ -306,7 +319,7 @@ class RowRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("blob_sha256", "offset", "raw_size", "codec", "data", "crc32", "delta_base")
+    __slots__ = ("blob_sha256", "offset", "raw_size", "codec", "data", "crc32", "delta_base", "delta")
     BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +327,7 @@ class Chunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     blob_sha256: str
     offset: int
     raw_size: int
@@ -321,7 +335,8 @@ class Chunk(_message.Message):
     data: bytes
     crc32: int
     delta_base: str
-    def __init__(self, blob_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., raw_size: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., delta_base: _Optional[str] = ...) -> None: ...
+    delta: DeltaCodec
+    def __init__(self, blob_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., raw_size: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., delta_base: _Optional[str] = ..., delta: _Optional[_Union[DeltaCodec, str]] = ...) -> None: ...
 
 class UploadMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -382,13 +397,17 @@ class UploadResponse(_message.Message):
     def __init__(self, new_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
-    __slots__ = ("max_visits",)
+    __slots__ = ("max_visits", "visits_before_round", "summary")
     MAX_VISITS_FIELD_NUMBER: _ClassVar[int]
+    VISITS_BEFORE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
     max_visits: int
-    def __init__(self, max_visits: _Optional[int] = ...) -> None: ...
+    visits_before_round: int
+    summary: bool
+    def __init__(self, max_visits: _Optional[int] = ..., visits_before_round: _Optional[int] = ..., summary: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("run_state", "cycle", "round", "total_rounds", "num_blocks", "version", "blocks", "clients", "tasks", "visits", "evals", "total_bytes_down", "total_bytes_up", "model_bytes", "waiting_reason")
+    __slots__ = ("run_state", "cycle", "round", "total_rounds", "num_blocks", "version", "blocks", "clients", "tasks", "visits", "evals", "total_bytes_down", "total_bytes_up", "model_bytes", "waiting_reason", "visits_total", "next_visits_before_round")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     CYCLE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +423,8 @@ class GetStatusResponse(_message.Message):
     TOTAL_BYTES_UP_FIELD_NUMBER: _ClassVar[int]
     MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
+    VISITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NEXT_VISITS_BEFORE_ROUND_FIELD_NUMBER: _ClassVar[int]
     run_state: str
     cycle: int
     round: int
@@ -419,7 +440,9 @@ class GetStatusResponse(_message.Message):
     total_bytes_up: int
     model_bytes: int
     waiting_reason: str
-    def __init__(self, run_state: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., num_blocks: _Optional[int] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., visits: _Optional[_Iterable[_Union[VisitRecord, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., total_bytes_down: _Optional[int] = ..., total_bytes_up: _Optional[int] = ..., model_bytes: _Optional[int] = ..., waiting_reason: _Optional[str] = ...) -> None: ...
+    visits_total: int
+    next_visits_before_round: int
+    def __init__(self, run_state: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., num_blocks: _Optional[int] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., visits: _Optional[_Iterable[_Union[VisitRecord, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., total_bytes_down: _Optional[int] = ..., total_bytes_up: _Optional[int] = ..., model_bytes: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., visits_total: _Optional[int] = ..., next_visits_before_round: _Optional[int] = ...) -> None: ...
 
 class BlockStatus(_message.Message):
     __slots__ = ("index", "name", "sha256", "last_version", "times_trained", "size")
