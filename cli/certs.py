@@ -90,3 +90,21 @@ def make_certs(out_dir: str | Path, server_names: list[str], clients: list[str],
             raise ValueError(f"bad site name {site!r}")
         _save(out, site, *_issue(site, ca_key, ca_cert.subject, client=True))
     return out
+
+
+def revoke_site(out_dir: str | Path, name: str) -> Path:
+    """Add site `name` to the revocation list ``revoked.json`` in `out_dir` (with its certificate's fingerprint when
+    ``<name>.pem`` is there) and return the list's path. The coordinator reloads the list when it changes and
+    refuses the site at its next call; the site's certificate and key stay where they are (a new certificate for
+    the same name is refused too: the name is revoked)."""
+    from fedcybgd.server.revocation import REVOCATION_FILE, add_revocation
+
+    out = Path(out_dir)
+    if not name or any(c in name for c in "/\\\0") or name.startswith(".") or name in ("ca", "server"):
+        raise ValueError(f"bad site name {name!r}")
+    if not out.is_dir():
+        raise ValueError(f"no certificates folder {out}")
+    pem = out / f"{name}.pem"
+    path = out / REVOCATION_FILE
+    add_revocation(path, name, pem.read_bytes() if pem.is_file() else None)
+    return path

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedcybgd.cli.certs import make_certs
 from fedcybgd.cli.partition import partition_corpus, shakespeare_texts
 from fedcybgd.cli.prepare import packaged_smollm2, prepare_model
+from fedcybgd.cli.status import full_status, visit_pages
 from fedcybgd.common.tiny import TINY_TEXT, write_tiny_model_dir
 from fedcybgd.common.transport import client_channel
 from fedcybgd.server.export import export_version
@@ -59,6 +60,7 @@ class DemoOptions:
     eval_sequences: int = 64
     prompt: str | None = None  # default: a line of verse (tiny) or a stage cue (Shakespeare)
     metrics_port: int = 0
+    deltas: str = "arith"      # version deltas, coordinator and clients: "arith" or "xor" (common/delta_arith.py)
     port: int = 0              # the coordinator's port on 127.0.0.1; 0: a free one
     clients_dial: str | None = None  # the address clients dial instead of the coordinator's (a proxy in between)
     threads: int = 0           # torch threads per client; 0: all cores (visits are sequential)
@@ -183,6 +185,7 @@ def run_demo(o: DemoOptions) -> dict:
              "--layers-per-block", str(o.layers_per_block), "--local-steps", str(o.local_steps),
              "--batch-size", str(o.batch_size), "--seq-len", str(o.seq_len), "--eval-data", str(eval_data),
              "--metrics-port", str(o.metrics_port), "--dtype", o.dtype, "--context-compression", o.context,
+             "--deltas", o.deltas,
              "--strategy", o.strategy, "--max-concurrent-visits", str(o.max_concurrent_visits),
              "--clients-per-round", str(o.clients_per_round), "--lora-rank", str(o.lora_rank),
              *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
@@ -204,7 +207,7 @@ def run_demo(o: DemoOptions) -> dict:
                 clients.append(subprocess.Popen(
                     [*cmd, "client", "--coordinator", o.clients_dial or address, "--data", str(data),
                      "--cache-dir", str(out / "cache" / f"client-{i}"), "--name", f"site-{i}", "--device", "auto",
-                     "--threads", str(threads), "--tls-ca", str(tls / "ca.pem"),
+                     "--threads", str(threads), "--deltas", o.deltas, "--tls-ca", str(tls / "ca.pem"),
                      "--tls-cert", str(tls / f"site-{i}.pem"), "--tls-key", str(tls / f"site-{i}.key"),
                      *(["--base-model", str(model_dir)] if o.clients_hold_base else [])],
                     stdout=log, stderr=subprocess.STDOUT, env=env))
@@ -250,19 +253,19 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
 
 def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[subprocess.Popen], log_path: Path,
             timeout_s: float) -> pb.GetStatusResponse:
-    """Print each visit as it is merged; return the final status once the run is finished."""
-    shown = 0
+    """Print each visit as it is merged; return the final status, with every visit, once the run is finished."""
+    shown: set[int] = set()  # rounds printed
     last_progress: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     with operator.channel() as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         while time.monotonic() < deadline:
-            status = stub.GetStatus(pb.GetStatusRequest(), timeout=30)
-            for v in status.visits[shown:]:
+            status, new = _new_visits(stub, shown)
+            for v in new:
                 print(f"  round {v.round + 1:>3}/{status.total_rounds}  {v.client_name:<8} block {v.block_name:<12} "
                       f"loss {v.loss_before:.4f} -> {v.loss_after:.4f}  down {v.bytes_down / 1e6:7.2f} MB  "
                       f"up {v.bytes_up / 1e6:6.2f} MB  {v.visit_seconds:5.1f}s", flush=True)
-            shown = len(status.visits)
+                shown.add(v.round)
             names = {c.client_id: c.name for c in status.clients}
             for t in status.tasks:
                 progress = f"step {t.step}/{t.steps}" if t.phase == "train" else t.phase
@@ -271,13 +274,29 @@ def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[su
                     print(line + " ...", flush=True)
                     last_progress[t.task_id] = line
             if status.run_state == "done":
-                return status
+                return full_status(stub)
             if coordinator.poll() is not None:
                 raise RuntimeError(f"coordinator exited with {coordinator.returncode}:\n{_tail(log_path)}")
             if status.round < status.total_rounds and all(c.poll() is not None for c in clients):
                 raise RuntimeError("every client exited before the run finished; see the logs folder")
             time.sleep(1.0)
     raise TimeoutError(f"the run did not finish within {timeout_s:.0f}s")
+
+
+def _new_visits(stub: pb_grpc.CoordinatorStub,
+                shown: set[int]) -> tuple[pb.GetStatusResponse, list[pb.VisitRecord]]:
+    """The newest status and the visits merged since the rounds in `shown`, oldest first: pages back from the
+    newest until a page holds a visit already shown (parallel rounds may merge out of order)."""
+    newest: pb.GetStatusResponse | None = None
+    new: list[pb.VisitRecord] = []
+    for page in visit_pages(stub, page=50):
+        if newest is None:
+            newest = page
+        new[:0] = [v for v in page.visits if v.round not in shown]
+        if any(v.round in shown for v in page.visits):
+            break
+    assert newest is not None  # visit_pages yields at least one reply
+    return newest, new
 
 
 def build_summary(status: pb.GetStatusResponse, export_dir: Path, seconds: float, tasks_per_visit: int = 1) -> dict:

@@ -36,6 +36,8 @@ COORDINATOR_FLAGS = [
     ("--task-timeout", "task_timeout_s", float, "seconds without heartbeat or transfer progress before reassigning"),
     ("--metrics-port", "metrics_port", int, "Prometheus endpoint port (0: off)"),
     ("--metrics-address", "metrics_address", str, "Prometheus endpoint address (default 127.0.0.1)"),
+    ("--deltas", "deltas", str, "version deltas both ways: arith (default: the arithmetic float delta where the "
+                                "client decodes it, else XOR) | xor (XOR only)"),
     ("--cycles", "schedule.cycles", int, "cycles over all blocks (default 1)"),
     ("--order", "schedule.order", str, "ascending | descending | random (fresh seeded permutation per cycle)"),
     ("--lr", "schedule.lr", float, "peak learning rate"),
@@ -63,12 +65,20 @@ COORDINATOR_FLAGS = [
      "lossy download of frozen blocks: none (default) | int8 | int4 | prune | drop"),
     ("--context-ratio", "context.ratio", float, "prune: share of each block's change zeroed (0.9); drop: share of "
                                                 "changed frozen blocks not sent (0.5)"),
+    ("--checkpoint-every", "retention.checkpoint_every", int,
+     "model versions kept on disk besides the base, the newest and those clients need: every N-th (default: the "
+     "last of every cycle; 0: keep every version)"),
+    ("--active-client-window", "retention.active_client_s", float,
+     "seconds since a client was heard from for the versions it holds to stay as its delta bases (default 3600)"),
     ("--insecure", "insecure", bool, "plaintext, no client authentication: tests and trusted networks only"),
     ("--tls-cert", "tls_cert", str, "server certificate (PEM)"),
     ("--tls-key", "tls_key", str, "server private key (PEM)"),
     ("--tls-client-ca", "tls_client_ca", str, "require client certificates signed by this CA (mutual TLS)"),
     ("--join-token", "join_token", str, "secret a client must present to register (or env FEDCYBGD_JOIN_TOKEN)"),
     ("--operator-token", "operator_token", str, "bearer token for operator calls (or env FEDCYBGD_OPERATOR_TOKEN)"),
+    ("--revocation-list", "revocation_list", str,
+     "revoked sites, reloaded when it changes (default: revoked.json next to --tls-client-ca; `fedcybgd certs "
+     "--revoke` writes it)"),
 ]
 
 CLIENT_FLAGS = [
@@ -81,6 +91,8 @@ CLIENT_FLAGS = [
     ("--skip-invalid-records", "skip_invalid_records", bool,
      "skip records that cannot be used (counted and logged) instead of stopping with an error"),
     ("--cache-dir", "cache_dir", str, "block cache, identity and tokenizer (persist it across restarts)"),
+    ("--cache-max-bytes", "cache_max_bytes", str,
+     "budget of the block cache, e.g. 20GiB (default 0: 3x the model's bytes); older block versions go first"),
     ("--name", "name", str, "site name shown to operators"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--base-model", "base_model", str, "local Hugging Face directory with the base weights (saves the download)"),
@@ -96,6 +108,8 @@ CLIENT_FLAGS = [
      "coordinator gives this client only blocks predicted to fit, and it exits (code 3) if none does"),
     ("--metrics-port", "metrics_port", int, "Prometheus endpoint port (0: off)"),
     ("--metrics-address", "metrics_address", str, "Prometheus endpoint address (default 127.0.0.1)"),
+    ("--deltas", "deltas", str, "version deltas both ways: arith (default: the arithmetic float delta where the "
+                                "coordinator decodes it, else XOR) | xor (XOR only)"),
     ("--insecure", "insecure", bool, "plaintext: tests and trusted networks only"),
     ("--tls-ca", "tls_ca", str, "CA certificate that signed the coordinator's certificate"),
     ("--tls-cert", "tls_cert", str, "this site's client certificate (mutual TLS)"),
@@ -158,45 +172,22 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import grpc
-    from google.protobuf.json_format import MessageToDict
+    from fedcybgd.cli.status import run_status
 
-    from fedcybgd.common.transport import client_channel
-    from fedcybgd.v1 import coordinator_pb2 as pb
-    from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
-
-    token = args.operator_token or os.environ.get(SECRET_ENV["operator_token"])
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    try:
-        with client_channel(args.coordinator, insecure=args.insecure, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                            tls_key=args.tls_key, server_name=args.server_name) as channel:
-            status = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(max_visits=args.visits),
-                                                                metadata=metadata, timeout=10)
-    except grpc.RpcError as err:
-        raise ConnectionError(f"cannot reach coordinator at {args.coordinator}: {err.code().name}") from err
-    if args.json:
-        print(json.dumps(MessageToDict(status), indent=2))
-        return 0
-    print(f"run {status.run_state}: round {status.round}/{status.total_rounds}, cycle {status.cycle}, "
-          f"model version {status.version}, {status.num_blocks} blocks")
-    print(f"bytes down {status.total_bytes_down:,}  up {status.total_bytes_up:,}  (model {status.model_bytes:,} bytes)")
-    if status.waiting_reason:
-        print(f"waiting: {status.waiting_reason}")
-    for c in status.clients:
-        memory = f"{c.memory_bytes / 2**30:.2f} GiB, fits {c.fits_blocks}/{status.num_blocks}" if c.memory_bytes \
-            else "memory unknown"
-        print(f"  client {c.client_id} {c.name:<16} {c.device_kind:<10} visits {c.visits_completed:>4}  "
-              f"task {c.current_task or '-'}  ({memory})")
-        if c.memory_note:
-            print(f"    {c.memory_note}")
-    for e in status.evals:
-        print(f"  eval: version {e.version} after {e.rounds_done} rounds: loss {e.loss:.4f}")
-    return 0
+    return run_status(args, SECRET_ENV["operator_token"], sys.stdout)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedcybgd.cli.certs import make_certs
+    from fedcybgd.cli.certs import make_certs, revoke_site
 
+    if args.revoke:
+        for name in args.revoke:
+            path = revoke_site(args.out, name)
+            print(f"revoked {name} in {path}: the coordinator refuses it at its next call (reloaded within a second)")
+        return 0
+    if not args.server_names:
+        print("fedcybgd certs: --server-name is required (unless --revoke)", file=sys.stderr)
+        return 2
     out = make_certs(args.out, args.server_names, args.clients)
     print(f"certificates in {out}: ca.pem (give to every site), server.pem/.key (coordinator), "
           f"<site>.pem/.key per site, operator.pem/.key; keep ca.key offline")
@@ -276,6 +267,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedcybgd.cli.status import add_arguments as status_arguments
+
     parser = argparse.ArgumentParser(prog="fedcybgd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -290,29 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(p, CLIENT_FLAGS)
     p.set_defaults(func=cmd_client)
 
-    p = sub.add_parser("status", help="where the run stands")
-    p.add_argument("--coordinator", default="127.0.0.1:50051")
-    p.add_argument("--visits", type=int, default=20, help="completed visits to include (0: all)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--insecure", action="store_true", help="plaintext connection")
-    p.add_argument("--tls-ca", dest="tls_ca")
-    p.add_argument("--tls-cert", dest="tls_cert", help="operator certificate (mutual TLS)")
-    p.add_argument("--tls-key", dest="tls_key")
-    p.add_argument("--server-name", dest="server_name")
-    p.add_argument("--operator-token", dest="operator_token", help="or env FEDCYBGD_OPERATOR_TOKEN")
+    p = sub.add_parser("status", help="where the run stands (a summary; page the visit history with --visits, "
+                                      "--before, --all)")
+    status_arguments(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("certs", help="create a CA, a server certificate and client certificates (mutual TLS)")
     p.add_argument("--out", required=True)
-    p.add_argument("--server-name", dest="server_names", action="append", required=True,
-                   help="host name or IP the clients dial (repeatable)")
+    p.add_argument("--server-name", dest="server_names", action="append", default=[],
+                   help="host name or IP the clients dial (repeatable; required unless --revoke)")
     p.add_argument("--client", dest="clients", action="append", default=[], help="site name (repeatable)")
+    p.add_argument("--revoke", action="append", default=[], metavar="NAME",
+                   help="add site NAME to revoked.json in --out (repeatable); the coordinator refuses it from its "
+                        "next call and reassigns its task")
     p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("export", help="write a model version as a Hugging Face directory")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    p.add_argument("--version", type=int, default=None,
+                   help="model version (default: latest); one the retention rule pruned fails, naming the nearest "
+                        "kept ones")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="coordinator and N clients on loopback, end to end")
@@ -346,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=8, help="fedlora: adapter rank")
     p.add_argument("--context-compression", dest="context", default="none",
                    help="lossy download of frozen blocks: none | int8 | int4 | prune | drop")
+    p.add_argument("--deltas", default="arith",
+                   help="version deltas, coordinator and clients: arith (default) | xor (the older XOR delta only)")
     p.add_argument("--context-ratio", dest="context_ratio", type=float, default=None,
                    help="prune: share of each block's change zeroed; drop: share of changed frozen blocks not sent")
     p.add_argument("--eval-sequences", dest="eval_sequences", type=int, default=64)

@@ -5,6 +5,7 @@ import importlib.util
 import socket
 from dataclasses import dataclass, field
 
+from fedcybgd.common.delta_arith import accepted as accepted_deltas
 from fedcybgd.common.records import RecordOptions, parse_columns
 from fedcybgd.common.sizes import parse_size
 from fedcybgd.training.compact import COMPACT_METHODS
@@ -23,6 +24,14 @@ class ClientConfig:
     data_split: str = ""
     skip_invalid_records: bool = False
     cache_dir: str = "./fedcybgd-cache"    # block cache (content-addressed), identity, tokenizer
+    # Budget of the block cache (blobs and partial downloads): a size ("20GiB", "500MB") or bytes; 0 (default): 3x
+    # the model's bytes, which holds the base weights, the newest version of each block and one whole download.
+    # Older versions go first; the base, the newest versions and the visit's blobs always stay
+    # (client/cache_budget.py).
+    cache_max_bytes: str | int = 0
+    # Version deltas, both ways: "arith" (the arithmetic float delta where the coordinator decodes it, else XOR) or
+    # "xor" (XOR only: the older encoding, e.g. to compare; common/delta_arith.py).
+    deltas: str = "arith"
     name: str = field(default_factory=socket.gethostname)
     device: str = "auto"                   # "auto": CUDA when present, else CPU; or "cpu", "cuda:1", ...
     base_model: str | None = None          # local Hugging Face directory with the base weights, if held
@@ -62,12 +71,19 @@ class ClientConfig:
             raise ValueError("compact_frozen needs torchao: pip install 'fedcybgd[compact]' (torchao==0.18.0)")
         if self.memory != "":
             parse_size(self.memory)  # a typo fails at start, not at registration
+        parse_size(self.cache_max_bytes)
         parse_columns(self.data_columns)
+        accepted_deltas(self.deltas)  # a typo fails at start
 
     @property
     def record_options(self) -> RecordOptions:
         return RecordOptions(columns=parse_columns(self.data_columns), split=self.data_split,
                              skip_invalid=self.skip_invalid_records)
+
+    @property
+    def cache_limit_bytes(self) -> int | None:
+        """The block cache's budget in bytes, or None when it follows from the model's size."""
+        return parse_size(self.cache_max_bytes) or None
 
     @property
     def memory_bytes(self) -> int | None:

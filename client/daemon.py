@@ -21,6 +21,8 @@ import grpc
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedcybgd.client.backoff import rate_limit_delay
+from fedcybgd.client.cache_budget import CacheBudget
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.data_cache import DataKey, TokenisedData
 from fedcybgd.client.metrics import ClientMetrics
@@ -31,6 +33,8 @@ from fedcybgd.common.allocator import return_freed_memory
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec, block_tensors
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, serialize_block
+from fedcybgd.common.delta_arith import accepted as accepted_deltas
+from fedcybgd.common.delta_arith import choose as choose_delta
 from fedcybgd.common.modeling import DTYPES, TOKENIZER_FILES, config_from_json, model_from_config
 from fedcybgd.common.partition import partition_model
 from fedcybgd.common.procfs import mem_available_bytes, rss_bytes
@@ -75,6 +79,7 @@ class ClientDaemon:
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.client_id = ""
         self.resident: ResidentModel | None = None  # after _prepare_model
+        self.budget: CacheBudget | None = None  # the block cache's retention rule, after _prepare_model
         self._sequences: dict[int, Sequences] = {}
         self._tokenised = TokenisedData(self.cache_dir / "tokenised")
         self._phase = "idle"
@@ -91,13 +96,18 @@ class ClientDaemon:
     # -- connection ----------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T], also_retry: tuple[grpc.StatusCode, ...] = ()) -> T:
         """Retry while the coordinator is unreachable (restarting, network blip), or answers one of ``also_retry``,
-        up to retry_seconds."""
+        up to retry_seconds. A rate-limit refusal (RESOURCE_EXHAUSTED with a retry hint) is waited out as hinted."""
         deadline = time.monotonic() + self.config.retry_seconds
         delay = 0.2
         while True:
             try:
                 return fn()
             except grpc.RpcError as err:
+                hint = rate_limit_delay(err)
+                if hint is not None and time.monotonic() + hint <= deadline:
+                    log.info("%s: rate limited by the coordinator; retrying in %.2fs", what, hint)
+                    time.sleep(hint)
+                    continue
                 if err.code() not in RETRYABLE + also_retry or time.monotonic() > deadline:
                     raise
                 reason = "unreachable" if err.code() in RETRYABLE else f"answered: {err.details()}"
@@ -170,6 +180,8 @@ class ClientDaemon:
         self.dtype = DTYPES[info.dtype]
         # The best codec both sides know (an older coordinator announces none: plain zstd).
         self.upload_codec = next((c for c in ACCEPT_CODECS if c in info.upload_codecs), pb.CODEC_ZSTD)
+        # Version deltas: the best encoding both sides decode (a coordinator that lists none reads XOR).
+        self.upload_delta = choose_delta(frozenset(info.accept_deltas), accepted_deltas(self.config.deltas))
         model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
         specs = partition_model(model, info.layers_per_block, info.max_block_params)
         if len(specs) != info.num_blocks:
@@ -177,6 +189,8 @@ class ClientDaemon:
                              f"{info.layers_per_block} decoder layers, this client into {len(specs)}: "
                              "client and coordinator disagree on the model or on the partition (versions?)")
         self.resident = ResidentModel(model, specs, self.cache)
+        self.budget = CacheBudget(self.cache, self.cache_dir / "cache-index.json", self.config.cache_limit_bytes,
+                                  sum(spec.nbytes for spec in specs), self.metrics)
         if self.config.base_model:
             self._seed_cache_from_base(self.config.base_model, specs)
 
@@ -184,8 +198,7 @@ class ClientDaemon:
         """Blocks of locally held base weights go into the cache under their hash: whichever of
         them the coordinator's manifest names will not be downloaded."""
         base = AutoModelForCausalLM.from_pretrained(base_model, dtype=self.dtype)
-        for spec in specs:
-            self.cache.put(serialize_block(block_tensors(base, spec)))
+        self._budget().seeded([self.cache.put(serialize_block(block_tensors(base, spec))) for spec in specs])
         del base
         log.info("seeded the block cache from base weights in %s", base_model)
 
@@ -225,6 +238,7 @@ class ClientDaemon:
                     raise
                 finally:
                     self._phase, self._task_id = "idle", ""
+                    self._budget().after_visit()
                 self.visits_done += 1
         finally:
             stop_heartbeat.set()
@@ -239,7 +253,7 @@ class ClientDaemon:
                 pb.GetTaskRequest(wait_seconds=self.config.poll_seconds), metadata=self.metadata,
                 timeout=self.config.poll_seconds + 30))
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and rate_limit_delay(err) is None:
                 log.error("the coordinator gives this client no task: %s", err.details())
                 raise NotEnoughMemory(err.details() or "no block of the run fits this client's memory") from err
             raise
@@ -250,15 +264,18 @@ class ClientDaemon:
         handler = handler_for(task)  # before any download: a task that cannot be trained costs nothing
         self._task_id, self._phase, self._step = task.task_id, "download", 0
         started = time.perf_counter()
+        self._budget().before_download()  # before 'have' is sent: it names only what the cache keeps
         try:
             manifest, bytes_down = self._call(
-                "download", lambda: download_model(self.stub, self.metadata, task, self.cache))
+                "download", lambda: download_model(self.stub, self.metadata, task, self.cache,
+                                                   accepted_deltas(self.config.deltas)))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # reassigned while we could not reach it
                 raise TaskWithdrawn(f"round {task.round}: download refused: {err.details()}") from err
             raise
         download_seconds = time.perf_counter() - started
         self.metrics.transfer_bytes.labels(direction="down").inc(bytes_down)
+        self._budget().downloaded(manifest, task)
         self._resident().load_manifest(manifest)
 
         self._phase = "train"
@@ -276,18 +293,25 @@ class ClientDaemon:
             # RESOURCE_EXHAUSTED on an upload: the coordinator's disk is full and it stored nothing; the trained
             # block is worth the wait (the task stays ours while our heartbeats go on).
             reply, bytes_up = self._call("upload", lambda: upload_blobs(
-                self.stub, self.metadata, header, upload.blobs, self.cache, DEFAULT_CHUNK_BYTES, self.upload_codec),
+                self.stub, self.metadata, header, upload.blobs, self.cache, DEFAULT_CHUNK_BYTES, self.upload_codec,
+                self.upload_delta),
                 also_retry=(grpc.StatusCode.RESOURCE_EXHAUSTED,))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise TaskWithdrawn(f"round {task.round}: upload refused: {err.details()}") from err
             raise
         self.metrics.transfer_bytes.labels(direction="up").inc(bytes_up)
+        self._budget().accepted(task, header, reply)
         self.metrics.visits.labels(outcome="completed").inc()
         log.info("round %d: %s -> version %d; loss %.4f -> %.4f; %.1f MB down, %.2f MB up, %.1fs",
                  task.round, task.block_name, reply.new_version, result.loss_before, result.loss_after,
                  bytes_down / 1e6, bytes_up / 1e6, time.perf_counter() - started)
         return reply
+
+    def _budget(self) -> CacheBudget:
+        if self.budget is None:
+            raise RuntimeError("the model is not prepared yet (GetModelInfo first)")
+        return self.budget
 
     def _resident(self) -> ResidentModel:
         if self.resident is None:

@@ -5,6 +5,8 @@ which includes other processes) when the `pynvml` module is present.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -24,6 +26,12 @@ class ClientMetrics:
         self.train_loss = Gauge("fedcybgd_client_train_loss", "Loss of the last local step", registry=r)
         self.visit_peak = Gauge("fedcybgd_client_visit_peak_memory_bytes",
                                 "Peak memory of the last visit (CUDA allocated, or RSS on CPU)", registry=r)
+        self.cache_bytes = Gauge("fedcybgd_client_cache_bytes",
+                                 "Bytes of the block cache on disk (blobs and partial downloads)", registry=r)
+        self.cache_limit = Gauge("fedcybgd_client_cache_limit_bytes", "Budget of the block cache (--cache-max-bytes)",
+                                 registry=r)
+        self.cache_evicted = Counter("fedcybgd_client_cache_evicted_blobs_total",
+                                     "Blobs the cache's retention rule removed", registry=r)
         rss = Gauge("fedcybgd_client_host_memory_bytes", "Resident memory of the daemon", registry=r)
         rss.set_function(rss_bytes)
         gpu = Gauge("fedcybgd_client_gpu_memory_bytes", "CUDA allocator memory (0 on CPU-only clients)", ["kind"],
@@ -43,6 +51,11 @@ class ClientMetrics:
             self.visits.labels(outcome=outcome)
         for direction in ("down", "up"):
             self.transfer_bytes.labels(direction=direction)
+
+    def watch_cache(self, disk_bytes: Callable[[], int], limit: Callable[[], int]) -> None:
+        """Read the cache's size and budget at each scrape (both change between visits)."""
+        self.cache_bytes.set_function(disk_bytes)
+        self.cache_limit.set_function(limit)
 
     def _add_nvml(self, device: torch.device) -> None:
         try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fedcybgd.common.blobstore import BlobStore, BlobWriter
 from fedcybgd.common.codec import BlobAssembler, CodecError, encode_chunks
+from fedcybgd.common.delta_arith import DELTA_SETTINGS
 from fedcybgd.v1 import coordinator_pb2 as pb
 from fedcybgd.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -32,16 +33,18 @@ class UploadBlob:
 
 
 def download_model(stub: pb_grpc.CoordinatorStub, metadata: Metadata, task: pb.Task,
-                   cache: BlobStore) -> tuple[pb.Manifest, int]:
+                   cache: BlobStore,
+                   deltas: Sequence[pb.DeltaCodec] = DELTA_SETTINGS["arith"]) -> tuple[pb.Manifest, int]:
     """Fetch the task's base model into `cache`; returns (manifest, bytes on the wire).
 
     Only the blobs the cache lacks are sent; frozen blocks may come as approximations (the
     manifest's `approx`), which are blobs of their own. Each is reassembled into a temporary file, checked
     chunk by chunk (CRC-32) and as a whole (SHA-256) before it becomes visible in the cache.
+    `deltas`: the version-delta encodings this client decodes (common/delta_arith.py).
     """
     partial = cache.partial_sizes()
     request = pb.DownloadRequest(task_id=task.task_id, have=list(cache), accept_codecs=ACCEPT_CODECS,
-                                 accept_context=ACCEPT_CONTEXT,
+                                 accept_context=ACCEPT_CONTEXT, accept_deltas=list(deltas),
                                  resume=[pb.BlobOffset(sha256=sha, offset=n) for sha, n in partial.items() if n > 0])
     stream = stub.DownloadModel(request, metadata=metadata)
     first = next(stream)
@@ -83,7 +86,8 @@ def download_model(stub: pb_grpc.CoordinatorStub, metadata: Metadata, task: pb.T
                 if chunk.offset != writer.size:  # the coordinator did not resume (or we had nothing)
                     writer.abort()
                     writer = cache.resumable_writer(sha, sizes[sha])
-                assembler = BlobAssembler(sha, sizes[sha], writer, received=writer.size, delta_source=delta_source)
+                assembler = BlobAssembler(sha, sizes[sha], writer, received=writer.size, delta_source=delta_source,
+                                          deltas=frozenset(deltas))
             assembler.add(chunk)
         if assembler is not None and writer is not None:
             _finish(assembler, writer)
@@ -121,9 +125,10 @@ def _finish(assembler: BlobAssembler, writer: BlobWriter) -> None:
 
 def upload_blobs(stub: pb_grpc.CoordinatorStub, metadata: Metadata, header: pb.UploadHeader,
                  blobs: Sequence[UploadBlob], cache: BlobStore, chunk_bytes: int,
-                 codec: int) -> tuple[pb.UploadResponse, int]:
+                 codec: int, delta_codec: int = pb.DELTA_XOR) -> tuple[pb.UploadResponse, int]:
     """Send the header, then each blob's chunks, in order. Encoded as it streams, so a whole model's upload is never
-    held encoded in memory; returns (the coordinator's answer, bytes on the wire)."""
+    held encoded in memory; returns (the coordinator's answer, bytes on the wire). `delta_codec`: the delta encoding
+    of blobs with a delta base, one the coordinator announced (XOR is always readable)."""
     wire = [0]
 
     def stream() -> Iterator[pb.UploadMessage]:
@@ -135,7 +140,7 @@ def upload_blobs(stub: pb_grpc.CoordinatorStub, metadata: Metadata, header: pb.U
                 base = blob.delta_base
                 delta = (base, stack.enter_context(cache.open_mmap(base))) if base else None
                 for chunk in encode_chunks(blob.sha256, blob.data, chunk_bytes=chunk_bytes, codec=codec,
-                                           word_size=blob.word_size, delta=delta):
+                                           word_size=blob.word_size, delta=delta, delta_codec=delta_codec):
                     message = pb.UploadMessage(chunk=chunk)
                     wire[0] += message.ByteSize()
                     yield message

@@ -8,6 +8,7 @@ memory-mapped so serving a block to many clients costs no copy per client.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -25,6 +26,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unlink(path: Path) -> int:
+    """Remove a file; the bytes it held (0 when it was not there)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 class BlobWriter:
@@ -154,6 +165,26 @@ class BlobStore:
     def partial_sizes(self) -> dict[str, int]:
         """Blobs received in part, and how many bytes of each."""
         return {p.name: p.stat().st_size for p in self.partial_dir.iterdir() if p.is_file()}
+
+    def discard_partial(self, sha256: str) -> int:
+        """Drop the received part of a blob (a download that will not be resumed); returns the bytes freed."""
+        self.path(sha256)  # validates the name: nothing outside partial/ is touched
+        return _unlink(self.partial_dir / sha256)
+
+    def remove(self, sha256: str) -> int:
+        """Delete a blob (a retention rule decided it goes); returns the bytes freed, 0 when it was not there.
+        Atomic like a write: a reader that opened it first keeps reading its bytes."""
+        return _unlink(self.path(sha256))
+
+    def disk_bytes(self) -> int:
+        """Bytes of the blobs held and of the parts received: what the store occupies on disk. Safe while blobs
+        come and go (a metrics thread reads it): a file removed under it counts 0."""
+        files = [*self.partial_dir.iterdir(), *(blob for sub in self.objects_dir.iterdir() for blob in sub.iterdir())]
+        total = 0
+        for file in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += file.stat().st_size
+        return total
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()

@@ -237,6 +237,13 @@ def decode_into(frame: bytes | memoryview, raw_size: int, out: np.ndarray | None
     return out
 
 
+def frame_word_size(frame: bytes | memoryview) -> int:
+    """The word size a frame's header declares (checked against the frame by `decode_into`)."""
+    if len(frame) < _HEADER.size:
+        raise CodecError("byte-group frame too short")
+    return int(frame[0])
+
+
 def _parse(view: memoryview, raw_size: int) -> tuple[int, int, list[tuple[int, memoryview]], memoryview]:
     """(word size, words, [(method, payload)] per plane, tail) of a frame, checked against the
     chunk's raw size; payloads are views of the frame."""

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 import zstandard
 
-from fedcybgd.common import bytegroup
+from fedcybgd.common import bytegroup, delta_arith
 from fedcybgd.common.errors import CodecError  # re-exported: part of this module's API
 from fedcybgd.v1 import coordinator_pb2 as pb
 
@@ -72,6 +72,7 @@ def encode_chunks(
     start: int = 0,
     word_size: int = 1,
     delta: tuple[str, Buffer] | None = None,
+    delta_codec: int = pb.DELTA_XOR,
 ) -> Generator[pb.Chunk, None, None]:
     """Cut `data` into chunks from raw offset `start` and encode each one.
 
@@ -81,6 +82,11 @@ def encode_chunks(
     no receiver time is spent on bytes that cannot compress. With `delta` = (sha256, bytes of an
     older version of the same block, as long as `data`) each chunk carries the XOR against it:
     weights a visit changed keep their sign and exponent, so the XOR is mostly zero bits.
+    `delta_codec` DELTA_ARITH (which the receiver must decode) sends the arithmetic delta instead
+    (common/delta_arith.py: 15-20 % fewer bytes on trained blocks) wherever it applies: a
+    byte-grouped chunk of 2- or 4-byte words at a word-aligned offset that shrinks. The receiver
+    learns the word size from the byte-group frame. Any other chunk falls back to the XOR delta, so
+    a blob of mixed element sizes (word_size 1) or a chunk that does not compress stays readable.
     """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % 8:
         raise ValueError(f"chunk_bytes must be a multiple of 8 in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
@@ -88,17 +94,26 @@ def encode_chunks(
     base = memoryview(delta[1]) if delta is not None else None
     if base is not None and len(base) != len(view):
         raise ValueError("a delta base must have the blob's length")
+    if delta_codec not in (pb.DELTA_XOR, pb.DELTA_ARITH):
+        raise ValueError(f"cannot send {delta_arith.delta_name(delta_codec)}")
+    arith = delta_codec == pb.DELTA_ARITH and codec == pb.CODEC_BYTEGROUP and word_size in delta_arith.WORD_SIZES
     encode = functools.partial(_encode_chunk, blob_sha256, view, chunk_bytes, codec, level, word_size,
-                               delta[0] if delta is not None else "", base)
+                               delta[0] if delta is not None else "", base, arith)
     offsets = range(start, len(view), chunk_bytes)
     yield from map(encode, offsets)
 
 
 def _encode_chunk(blob_sha256: str, view: memoryview, chunk_bytes: int, codec: int, level: int, word_size: int,
-                  base_sha256: str, base: memoryview | None, offset: int) -> pb.Chunk:
+                  base_sha256: str, base: memoryview | None, arith: bool, offset: int) -> pb.Chunk:
     raw = view[offset : offset + chunk_bytes]
     size, crc = len(raw), zlib.crc32(raw)
     with bytegroup.workspace() as ws:
+        if base is not None and arith and offset % word_size == 0:
+            diff = delta_arith.encode_into(raw, base[offset : offset + size], word_size, ws.array(7, size, np.uint8))
+            packed = bytegroup.encode(diff.data, word_size)
+            if len(packed) < size:
+                return pb.Chunk(blob_sha256=blob_sha256, offset=offset, raw_size=size, codec=pb.CODEC_BYTEGROUP,
+                                data=packed, crc32=crc, delta_base=base_sha256, delta=pb.DELTA_ARITH)
         if base is not None:
             xored = ws.array(7, size, np.uint8)
             np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8),
@@ -114,7 +129,8 @@ def _encode_chunk(blob_sha256: str, view: memoryview, chunk_bytes: int, codec: i
             if len(packed) < size:
                 payload, used = packed, pb.CODEC_BYTEGROUP
         return pb.Chunk(blob_sha256=blob_sha256, offset=offset, raw_size=size, codec=used,
-                        data=raw.tobytes() if payload is None else payload, crc32=crc, delta_base=base_sha256)
+                        data=raw.tobytes() if payload is None else payload, crc32=crc, delta_base=base_sha256,
+                        delta=pb.DELTA_XOR if base is not None else pb.DELTA_UNSPECIFIED)
 
 
 def decode_chunk(chunk: pb.Chunk, delta: Buffer | None = None) -> bytes:
@@ -130,6 +146,7 @@ def _decode(chunk: pb.Chunk, base: bytes | memoryview | None, out: np.ndarray | 
     are decoded into `out` (a uint8 array of at least raw_size bytes) when given."""
     if not 0 < chunk.raw_size <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk raw_size {chunk.raw_size} outside (0, {MAX_CHUNK_BYTES}]")
+    _check_delta(chunk)
     if len(chunk.data) > MAX_CHUNK_BYTES:
         raise CodecError(f"chunk payload of {len(chunk.data)} bytes exceeds {MAX_CHUNK_BYTES}")
     size = chunk.raw_size
@@ -163,7 +180,11 @@ def _decode(chunk: pb.Chunk, base: bytes | memoryview | None, out: np.ndarray | 
     if chunk.delta_base:
         if base is None or len(base) < size:
             raise CodecError(f"delta chunk against {chunk.delta_base[:12]}, a blob the receiver cannot use")
-        if isinstance(raw, np.ndarray):  # decoded into an array of ours: XOR in place
+        if chunk.delta == pb.DELTA_ARITH:
+            if not isinstance(raw, np.ndarray):  # byte-grouped (checked above): always an array of ours
+                raise CodecError(f"chunk at offset {chunk.offset}: DELTA_ARITH without a byte-grouped frame")
+            raw = delta_arith.decode_in_place(raw, base, bytegroup.frame_word_size(chunk.data))
+        elif isinstance(raw, np.ndarray):  # decoded into an array of ours: XOR in place
             raw = np.bitwise_xor(raw, np.frombuffer(base, dtype=np.uint8, count=size), out=raw)
         else:
             raw = np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), np.frombuffer(base, dtype=np.uint8, count=size),
@@ -173,6 +194,21 @@ def _decode(chunk: pb.Chunk, base: bytes | memoryview | None, out: np.ndarray | 
     if zlib.crc32(view) != chunk.crc32:
         raise CodecError(f"chunk at offset {chunk.offset}: CRC-32 mismatch")
     return view
+
+
+def _check_delta(chunk: pb.Chunk) -> None:
+    """A chunk's delta fields are consistent before anything is decoded."""
+    if chunk.delta not in delta_arith.KNOWN_DELTAS:
+        raise CodecError(f"chunk at offset {chunk.offset}: unknown {delta_arith.delta_name(chunk.delta)}")
+    if chunk.delta != pb.DELTA_UNSPECIFIED and not chunk.delta_base:
+        raise CodecError(f"chunk at offset {chunk.offset} names {delta_arith.delta_name(chunk.delta)} "
+                         "but no delta base")
+    if chunk.delta == pb.DELTA_ARITH:
+        if chunk.codec != pb.CODEC_BYTEGROUP:
+            raise CodecError(f"chunk at offset {chunk.offset}: DELTA_ARITH needs a byte-grouped chunk "
+                             "(its frame gives the word size)")
+        if bytegroup.frame_word_size(chunk.data) not in delta_arith.WORD_SIZES:
+            raise CodecError(f"chunk at offset {chunk.offset}: DELTA_ARITH of words that are not 2 or 4 bytes")
 
 
 def compress_small(data: bytes, level: int = 19) -> bytes:
@@ -206,6 +242,9 @@ class BlobAssembler:
     received: int = 0
     #: Bytes of a blob the receiver holds, by SHA-256, for delta chunks (KeyError: not usable).
     delta_source: Callable[[str], Buffer] | None = None
+    #: Delta encodings this receiver negotiated (DELTA_UNSPECIFIED reads as DELTA_XOR); a chunk
+    #: in any other is refused.
+    deltas: frozenset[int] = delta_arith.KNOWN_DELTAS
     _spare: list = field(default_factory=list, init=False, repr=False)
 
     def add(self, chunk: pb.Chunk) -> None:
@@ -218,6 +257,10 @@ class BlobAssembler:
         if chunk.raw_size < MIN_CHUNK_BYTES and self.received + chunk.raw_size != self.size:
             raise CodecError(f"chunks other than a blob's last carry at least {MIN_CHUNK_BYTES} bytes")
         delta = None
+        if chunk.delta_base and chunk.delta not in (pb.DELTA_UNSPECIFIED, pb.DELTA_XOR, *self.deltas):
+            _check_delta(chunk)  # an unknown value is named as such; XOR is always readable
+            raise CodecError(f"chunk at offset {chunk.offset}: {delta_arith.delta_name(chunk.delta)} "
+                             "was not negotiated")
         if chunk.delta_base:
             try:
                 delta = self.delta_source(chunk.delta_base) if self.delta_source else None

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedcybgd.common.context import DEFAULT_GROUP_SIZE
 from fedcybgd.common.context import METHODS as CONTEXT_METHODS
+from fedcybgd.common.delta_arith import accepted as accepted_deltas
 from fedcybgd.common.prompts import TRAIN_ON
 from fedcybgd.common.records import RecordOptions, parse_columns
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -91,6 +92,53 @@ class ContextConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """Which model versions the coordinator keeps on disk (``server/retention.py``): the base (0), the newest, the
+    versions in-flight tasks started from, the ones active clients hold (their best delta bases), and checkpoints.
+    ``checkpoint_every``: None: the last version of every cycle (the run replays from its checkpoints); 0: keep every
+    version; N: every N-th version. ``active_client_s``: a client heard from within this long counts as active."""
+
+    checkpoint_every: int | None = None
+    active_client_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ValueError("retention.checkpoint_every must be 0 (keep every version), N > 0, or unset (each cycle)")
+        if self.active_client_s < 0:
+            raise ValueError("retention.active_client_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Per-client token buckets on every RPC (``server/ratelimit.py``): ``<rpc>_per_s`` tokens refill each second, up
+    to ``<rpc>_burst``. The defaults are far above what a daemon does (one long-polling GetTask at a time, a
+    Heartbeat every few seconds, one DownloadModel and UploadBlock per visit, each retried a few times; tools and
+    tests that poll fast) and bound only floods (thousands of calls a second). Register and GetStatus are counted
+    per peer address (no client identity yet / operators). ``enabled = false`` turns every limit off."""
+
+    enabled: bool = True
+    register_per_s: float = 10.0
+    register_burst: int = 200
+    get_model_info_per_s: float = 5.0
+    get_model_info_burst: int = 50
+    heartbeat_per_s: float = 20.0
+    heartbeat_burst: int = 200
+    get_task_per_s: float = 20.0
+    get_task_burst: int = 200
+    download_model_per_s: float = 10.0
+    download_model_burst: int = 100
+    upload_block_per_s: float = 10.0
+    upload_block_burst: int = 100
+    get_status_per_s: float = 50.0
+    get_status_burst: int = 500
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name != "enabled" and not value > 0:
+                raise ValueError(f"rate_limits.{name} must be > 0 (set rate_limits.enabled = false to turn limits off)")
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     model: str = ""                       # Hugging Face model directory (safetensors + tokenizer)
     state_dir: str = "./fedcybgd-state"
@@ -107,6 +155,9 @@ class CoordinatorConfig:
     task_timeout_s: float = 300.0         # no heartbeat and no transfer progress for this long: reassign
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     zstd_level: int = DEFAULT_ZSTD_LEVEL
+    # Version deltas, both ways: "arith" (the arithmetic float delta where the client decodes it, else XOR) or "xor"
+    # (XOR only: the older encoding, e.g. to compare; common/delta_arith.py).
+    deltas: str = "arith"
     metrics_port: int = 0                 # Prometheus endpoint; 0: off
     metrics_address: str = "127.0.0.1"
     # Security: TLS is on unless `insecure` says otherwise (tests, a trusted loopback demo).
@@ -122,10 +173,16 @@ class CoordinatorConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    # Revoked client names / certificate fingerprints (`fedcybgd certs --revoke`), reloaded when it changes;
+    # None: revoked.json next to tls_client_ca when that is set, else no revocation list.
+    revocation_list: str | None = None
 
     def __post_init__(self) -> None:
         if self.layers_per_block < 1:
             raise ValueError("layers_per_block must be >= 1")
+        accepted_deltas(self.deltas)  # a typo fails at start
         if self.max_block_params is not None and self.max_block_params < 0:
             raise ValueError("max_block_params must be 0 (no bound), a positive number, or unset (automatic)")
         if self.max_concurrent_visits < 1:

@@ -121,5 +121,7 @@ class ContextPlanner:
 
 
 def wire_size(sha: str, data, words: int, delta) -> int:
-    """Encoded size of a blob with the default download codec (byte grouping)."""
-    return sum(len(c.data) for c in encode_chunks(sha, data, codec=pb.CODEC_BYTEGROUP, word_size=words, delta=delta))
+    """Encoded size of a blob with the default download codec (byte grouping) and the smallest delta encoding
+    (arithmetic): an approximation is sent only when it beats the best lossless download."""
+    return sum(len(c.data) for c in encode_chunks(sha, data, codec=pb.CODEC_BYTEGROUP, word_size=words, delta=delta,
+                                                  delta_codec=pb.DELTA_ARITH))

@@ -11,6 +11,7 @@ Each part has one job and is testable without gRPC (they raise `Refusal`, never 
 ``uploads``            an upload received, reassembled and checked before it is stored
 ``commit``             accepted work recorded as model versions (state, history, metrics)
 ``evaluation``         held-out loss of versions, in a thread of its own
+``retention``          which versions stay on disk (base, newest, checkpoints, what clients hold)
 ``status``             the operator's view of the run
 ``strategies/``        everything that differs between strategies
 ``messages``           protobuf <-> the records above
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedcybgd.common.codec import compress_small
+from fedcybgd.common.delta_arith import accepted as accepted_deltas
 from fedcybgd.server import messages
 from fedcybgd.server.accounting import TaskAccounts
 from fedcybgd.server.commit import Commits
@@ -43,6 +45,8 @@ from fedcybgd.server.memory_fit import MemoryFit, PlannerPredictor, Predictor
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.records import UploadClaim, VisitStats
+from fedcybgd.server.retention import Retention, directory_bytes
+from fedcybgd.server.revocation import Revocations, default_path
 from fedcybgd.server.run import open_run
 from fedcybgd.server.state import ClientRow, CoordinatorState, SqliteState, TaskRow, current_version
 from fedcybgd.server.status import StatusReport
@@ -93,18 +97,25 @@ class Coordinator:
                                                 config.training)
         self.memory = MemoryFit(memory_predictor)
         self.enroller = Enroller(config, self.state, self.metrics, self.memory)
+        self.revocations = Revocations(Path(config.revocation_list) if config.revocation_list
+                                       else default_path(config.tls_client_ca), self.state, self.accounts,
+                                       self.metrics, self._lock)
         self.tasks = TaskBoard(config, self.state, self.strategy, self.rounds, self.accounts, self.metrics, self._lock,
                                self.memory)
         self.context = ContextPlanner(config.context, self.store.blobs, self.run, self.history,
                                       self.state_dir / "context-blobs")
         self.downloads = Downloads(config, self.state, self.store.blobs, self.run, self.strategy, self.history,
                                    self.context, self.accounts, self.metrics)
-        self.receiver = UploadReceiver(self.store.blobs, self.metrics)
+        self.receiver = UploadReceiver(self.store.blobs, self.metrics, accepted_deltas(config.deltas))
         self.report = StatusReport(config, self.state, self.store, self.run, self.strategy, self.rounds, self.accounts,
                                    self.memory, self.tasks)
         self.evaluator = (Evaluator(config.eval, config.training.seq_len, self.state, self.store, self.run,
                                     self.strategy, self.rounds, self.metrics, config.clients_per_round)
                           if config.eval.data else None)
+        self.retention = Retention(config.retention, self.state, self.store.blobs, self.schedule, self._lock,
+                                   self.metrics, extra_blob=self.strategy.extra_blob,
+                                   pinned=self.evaluator.pending if self.evaluator is not None else frozenset)
+        self.metrics.measure_disk(self.store.blobs.disk_bytes, lambda: directory_bytes(self.state_dir))
         self._model_info: pb.ModelInfo | None = None
 
         self.metrics.count_active_clients(self.tasks.active_clients)
@@ -115,11 +126,14 @@ class Coordinator:
 
     # -- clients -------------------------------------------------------------------------------
     def register(self, req: pb.RegisterRequest, peer_name: str | None = None) -> pb.RegisterResponse:
+        self.revocations.refuse((peer_name if self.config.tls_client_ca else None) or req.name.strip())
         credentials = self.enroller.register(messages.enrolment(req), peer_name)
         return pb.RegisterResponse(client_id=credentials.client_id, token=credentials.token)
 
     def authenticate(self, metadata: dict[str, str], peer_name: str | None = None) -> ClientRow:
-        return self.enroller.authenticate(metadata, peer_name)
+        client = self.enroller.authenticate(metadata, peer_name)
+        self.revocations.refuse(client.name)  # even over an existing connection and token
+        return client
 
     def authorize_operator(self, metadata: dict[str, str], peer_name: str | None) -> None:
         self.enroller.authorize_operator(metadata, peer_name)
@@ -182,7 +196,8 @@ class Coordinator:
     # -- progress ------------------------------------------------------------------------------
     def _version_committed(self, version: int) -> None:
         if self.evaluator is not None:
-            self.evaluator.version_committed(version)
+            self.evaluator.version_committed(version)  # pins it before retention looks
+        self.retention.committed(version)
 
     @property
     def rounds_done(self) -> int:
@@ -211,8 +226,9 @@ class Coordinator:
 
     # -- operators -----------------------------------------------------------------------------
     def status(self, req: pb.GetStatusRequest) -> pb.GetStatusResponse:
-        return self.report.build(req.max_visits, self.finished)
+        return self.report.build(req, self.finished)
 
     def close(self) -> None:
+        self.revocations.close()
         if self.evaluator is not None:
             self.evaluator.close()

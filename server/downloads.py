@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.codec import encode_chunks
+from fedcybgd.common.delta_arith import KNOWN_DELTAS, MAX_ACCEPT_ENTRIES, choose, delta_name
+from fedcybgd.common.delta_arith import accepted as accepted_deltas
 from fedcybgd.common.modeling import word_size
 from fedcybgd.server import messages
 from fedcybgd.server.accounting import TaskAccounts
@@ -42,6 +44,7 @@ class DownloadRequest:
     resume: tuple[tuple[str, int], ...]   # (blob, bytes already received and verified), as sent
     codecs: tuple[int, ...]        # chunk codecs, in the client's order
     context_codecs: frozenset[int]
+    deltas: tuple[int, ...] = ()   # delta encodings the client decodes, as sent (empty: XOR only)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class DownloadPlan:
     approximations: dict[int, Approximation]
     blobs: list[OutgoingBlob]      # in sending order
     codec: int
+    delta: int = pb.DELTA_XOR      # how delta blobs are encoded (common/delta_arith.py)
 
 
 class Downloads:
@@ -85,6 +89,11 @@ class Downloads:
             raise Refusal(Status.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'have' entries")
         if len(request.resume) > MAX_HAVE_ENTRIES:
             raise Refusal(Status.INVALID_ARGUMENT, f"at most {MAX_HAVE_ENTRIES} 'resume' entries")
+        if len(request.deltas) > MAX_ACCEPT_ENTRIES:
+            raise Refusal(Status.INVALID_ARGUMENT, f"at most {MAX_ACCEPT_ENTRIES} 'accept_deltas' entries")
+        unknown = [d for d in request.deltas if d not in KNOWN_DELTAS]
+        if unknown:
+            raise Refusal(Status.INVALID_ARGUMENT, f"accept_deltas lists an unknown {delta_name(unknown[0])}")
         have, resume = set(request.have), dict(request.resume)
         manifest = self._state.manifest(task.base_version)
         trainable = self._strategy.trainable_blobs(task, manifest)
@@ -115,7 +124,8 @@ class Downloads:
                 start=start if start < store.size(sha) else 0))
         codec = next((c for c in (pb.CODEC_BYTEGROUP, pb.CODEC_ZSTD) if c in request.codecs), pb.CODEC_NONE)
         return DownloadPlan(version=task.base_version, manifest=manifest, extra=extra, approximations=approx,
-                            blobs=blobs, codec=codec)
+                            blobs=blobs, codec=codec,
+                            delta=choose(frozenset(request.deltas), accepted_deltas(self._config.deltas)))
 
     def stream(self, task: TaskRow, plan: DownloadPlan) -> Iterator[pb.DownloadMessage]:
         """The manifest, then every planned blob chunk by chunk; bytes counted as they go (also
@@ -135,7 +145,7 @@ class Downloads:
                          if blob.delta_base else None)
                 chunks = encode_chunks(blob.sha256, data, chunk_bytes=self._config.chunk_bytes, codec=plan.codec,
                                        level=self._config.zstd_level, start=blob.start, word_size=blob.word_size,
-                                       delta=delta)
+                                       delta=delta, delta_codec=plan.delta)
                 try:
                     for chunk in chunks:
                         message = pb.DownloadMessage(chunk=chunk)

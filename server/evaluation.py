@@ -33,6 +33,8 @@ class Evaluator:
         self._rounds = rounds
         self._metrics = metrics
         self._queue: queue.Queue[int | None] = queue.Queue()
+        self._pending: set[int] = set()  # queued or being evaluated: retention keeps them (`pending`)
+        self._pending_lock = threading.Lock()
         if not config.data:
             raise ValueError("evaluation needs held-out data (eval.data)")
         sequences = load_packed(config.data, store.tokenizer(), seq_len, run.prompt, config.record_options)
@@ -46,7 +48,7 @@ class Evaluator:
         self._thread.start()
         for version in (0, latest) if self._rounds.all_done else (0,):
             if version not in evaluated:
-                self._queue.put(version)
+                self._enqueue(version)
 
     def version_committed(self, version: int) -> None:
         """Queue an evaluation after each cycle's worth of training (and at the end of the run)."""
@@ -54,7 +56,17 @@ class Evaluator:
         done, before = self._rounds.count * per_round, (self._rounds.count - 1) * per_round
         blocks = len(self._run.specs)
         if self._rounds.all_done or (self._config.every_cycle and done // blocks > before // blocks):
-            self._queue.put(version)
+            self._enqueue(version)
+
+    def _enqueue(self, version: int) -> None:
+        with self._pending_lock:
+            self._pending.add(version)
+        self._queue.put(version)
+
+    def pending(self) -> frozenset[int]:
+        """The versions waiting for (or in) evaluation: they must stay on disk until it is done."""
+        with self._pending_lock:
+            return frozenset(self._pending)
 
     def evaluate(self, version: int) -> float:
         """Held-out loss of one model version."""
@@ -66,12 +78,15 @@ class Evaluator:
         while (version := self._queue.get()) is not None:
             try:
                 loss = self.evaluate(version)
-                rounds = sum(1 for v in self._state.visits() if v.new_version <= version)
+                rounds = self._state.count_visits(up_to_version=version)
                 self._state.add_eval(version, rounds, loss)
                 self._metrics.eval_loss.set(loss)
                 log.info("held-out loss of version %d (after %d rounds): %.4f", version, rounds, loss)
             except Exception:
                 log.exception("evaluation of version %d failed", version)
+            finally:
+                with self._pending_lock:
+                    self._pending.discard(version)
 
     def close(self) -> None:
         self._queue.put(None)

@@ -1,7 +1,8 @@
 """Export a model version from a coordinator's state directory (the coordinator may be running).
 
 A version is its blocks plus, for fedlora, an adapter (state metadata ``adapter:<version>``),
-merged into the exported weights with the LoRA settings stored with the run."""
+merged into the exported weights with the LoRA settings stored with the run. A version the retention rule pruned
+(``server/retention.py``) cannot be exported: the error names the nearest versions kept."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,25 @@ from torch import nn
 
 from fedcybgd.common.modeling import specs_from_json
 from fedcybgd.server.model_store import ModelStore
-from fedcybgd.server.state import SqliteState, current_version
+from fedcybgd.server.state import CoordinatorState, SqliteState, current_version
 from fedcybgd.server.strategies.fedlora import lora_from_meta
 from fedcybgd.training.lora import merge_adapter
+
+
+class PrunedVersionError(ValueError):
+    """The version asked for is no longer on disk: the retention rule pruned it."""
+
+
+def check_exportable(state: CoordinatorState, version: int) -> None:
+    """Raise a clear error for a version that does not exist or was pruned, naming what can be exported."""
+    latest, _ = current_version(state)
+    if not 0 <= version <= latest:
+        raise ValueError(f"no model version {version}: the run has versions 0 to {latest}")
+    if state.is_pruned(version):
+        below, above = state.kept_neighbours(version)
+        nearest = " and ".join(str(v) for v in (below, above) if v is not None)
+        raise PrunedVersionError(f"version {version} was pruned by the coordinator's retention rule (its blobs are "
+                                 f"no longer kept); the nearest kept versions are {nearest}")
 
 
 def export_version(state_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:
@@ -26,6 +43,7 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
         if blocks is None or dtype is None:
             raise ValueError(f"the run in {state_dir} was never initialised")
         version = current_version(state)[0] if version is None else version
+        check_exportable(state, version)
         manifest = state.manifest(version)
         store = ModelStore(state_dir)
         adapter, lora = state.get_meta(f"adapter:{version}"), state.get_meta("lora")
@@ -39,6 +57,10 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
 
             def merge(model: nn.Module) -> None:
                 merge_adapter(model, tensors, settings)
-        return store.export(specs_from_json(blocks), manifest, dtype, out_dir, merge=merge)
+        try:
+            return store.export(specs_from_json(blocks), manifest, dtype, out_dir, merge=merge)
+        except FileNotFoundError:
+            check_exportable(state, version)  # a running coordinator pruned it meanwhile: say so
+            raise
     finally:
         state.close()

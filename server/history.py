@@ -55,6 +55,13 @@ class BlockHistory:
         the blob `sha` then travels as the XOR against it."""
         size = self._blobs.size(sha)
         for older in reversed(self._by_block.get(block, [])):
-            if older != sha and older in have and self._blobs.has(older) and self._blobs.size(older) == size:
+            if older != sha and older in have and self._size(older) == size:
                 return older
         return None
+
+    def _size(self, sha: str) -> int | None:
+        """A blob's size; None when the store no longer has it (its versions were pruned: `server/retention.py`)."""
+        try:
+            return self._blobs.size(sha)
+        except FileNotFoundError:
+            return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec
+from fedcybgd.common.delta_arith import accepted as accepted_deltas
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
 from fedcybgd.server.context_plan import Approximation
 from fedcybgd.server.downloads import DownloadRequest
@@ -35,7 +36,7 @@ def beat(req: pb.HeartbeatRequest) -> Beat:
 def download_request(req: pb.DownloadRequest) -> DownloadRequest:
     return DownloadRequest(task_id=req.task_id, have=tuple(req.have),
                            resume=tuple((r.sha256, r.offset) for r in req.resume), codecs=tuple(req.accept_codecs),
-                           context_codecs=frozenset(req.accept_context))
+                           context_codecs=frozenset(req.accept_context), deltas=tuple(req.accept_deltas))
 
 
 def upload_claim(header: pb.UploadHeader) -> UploadClaim:
@@ -95,5 +96,6 @@ def model_info(config: CoordinatorConfig, run: RunInfo, config_json: str,
         tokenizer_codec=pb.CODEC_ZSTD, upload_codecs=UPLOAD_CODECS, dtype=run.dtype, num_blocks=len(run.specs),
         layers_per_block=config.layers_per_block, max_block_params=run.max_block_params, strategy=config.strategy,
         lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules)),
-        prompt_template=run.prompt.template, prompt_name=run.prompt.name, train_on=run.prompt.train_on)
+        prompt_template=run.prompt.template, prompt_name=run.prompt.name, train_on=run.prompt.train_on,
+        accept_deltas=accepted_deltas(config.deltas))
 

@@ -72,6 +72,16 @@ class CoordinatorMetrics:
         self.client_visit_peak = Gauge("fedcybgd_client_visit_peak_memory_bytes",
                                        "Peak memory of a client's last visit (CUDA allocated, or RSS on CPU)",
                                        ["client"], registry=r)
+        self.blob_bytes = Gauge("fedcybgd_coordinator_blob_bytes",
+                                "Bytes of the coordinator's blob store (the versions it keeps, uploads in part)",
+                                registry=r)
+        self.state_dir_bytes = Gauge("fedcybgd_coordinator_state_bytes",
+                                     "Bytes of the coordinator's whole state directory (blobs, database, caches)",
+                                     registry=r)
+        self.versions_pruned = Counter("fedcybgd_versions_pruned_total",
+                                       "Model versions the retention rule removed from disk", registry=r)
+        self.pruned_bytes = Counter("fedcybgd_pruned_blob_bytes_total",
+                                    "Blob bytes the retention rule deleted", registry=r)
         self._round_fedavg_bytes = 0
         # Every fixed label value exists from the start, so dashboards show 0 rather than nothing.
         for direction in DIRECTIONS:
@@ -90,6 +100,11 @@ class CoordinatorMetrics:
 
     def count_active_clients(self, count: Callable[[], int]) -> None:
         self.active_clients.set_function(count)
+
+    def measure_disk(self, blob_bytes: Callable[[], int], state_bytes: Callable[[], int]) -> None:
+        """Disk use, measured when scraped (a walk of the directories: the kept versions' blobs, not the run's)."""
+        self.blob_bytes.set_function(blob_bytes)
+        self.state_dir_bytes.set_function(state_bytes)
 
     def count_transfer(self, direction: str, kind: str, wire: int, raw: int) -> None:
         self.transfer_bytes.labels(direction=direction, kind=kind).inc(wire)

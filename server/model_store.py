@@ -1,5 +1,6 @@
-"""The global model on the coordinator's disk: blocks of every version as content-addressed
-blobs, plus the config and tokenizer files that every client needs to build the same model.
+"""The global model on the coordinator's disk: blocks of the kept versions as content-addressed
+blobs (`server/retention.py` decides which versions stay), plus the config and tokenizer files that
+every client needs to build the same model.
 
 Importing a model is done once per run and atomically; afterwards the coordinator never holds
 the whole model in memory except to evaluate or export it.

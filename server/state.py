@@ -12,11 +12,24 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
+from fedcybgd.server import visit_totals
 from fedcybgd.server.records import VisitStats
+from fedcybgd.server.state_records import (
+    ClientRow,
+    ContributionRow,
+    CoordinatorState,
+    KeptVersion,
+    StaleTaskError,
+    TaskRow,
+    VisitRow,
+    current_version,
+)
+from fedcybgd.server.visit_totals import VisitTotals
+
+__all__ = ["ClientRow", "ContributionRow", "CoordinatorState", "KeptVersion", "SqliteState", "StaleTaskError",
+           "TaskRow", "VisitRow", "current_version"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,9 +57,13 @@ CREATE TABLE IF NOT EXISTS visits (
 CREATE TABLE IF NOT EXISTS contributions (
     task_id TEXT PRIMARY KEY, round INTEGER NOT NULL, slot INTEGER NOT NULL, client_id TEXT NOT NULL,
     blobs TEXT NOT NULL, record TEXT NOT NULL, committed_unix REAL NOT NULL, UNIQUE (round, slot));
+CREATE TABLE IF NOT EXISTS pruned_versions (
+    version INTEGER PRIMARY KEY, pruned_unix REAL NOT NULL, blobs_deleted INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS tasks_by_client ON tasks (client_id, issued_unix);
+CREATE INDEX IF NOT EXISTS visits_by_client ON visits (client_id, round);
 CREATE TABLE IF NOT EXISTS evals (
     version INTEGER PRIMARY KEY, rounds_done INTEGER NOT NULL, loss REAL NOT NULL, created_unix REAL NOT NULL);
-"""
+""" + visit_totals.SCHEMA
 
 #: Columns added since the first release: (table, column, definition). A state directory made by an older
 #: version gets them at start (`ALTER TABLE ... ADD COLUMN`), with the default that means what older clients did.
@@ -54,89 +71,6 @@ ADDED_COLUMNS = (
     ("clients", "checkpoint_above", "INTEGER NOT NULL DEFAULT 0"),
     ("clients", "compact_frozen", "TEXT NOT NULL DEFAULT ''"),
 )
-
-
-@dataclass(frozen=True)
-class ClientRow:
-    id: str
-    name: str
-    device_kind: str
-    memory_bytes: int
-    registered_unix: float
-    last_seen_unix: float
-    gpu_peak_allocated_bytes: int = 0
-    gpu_peak_reserved_bytes: int = 0
-    host_rss_bytes: int = 0
-    checkpoint_above: bool = False  # recomputes activations above the block: changes its visits' memory
-    compact_frozen: str = ""  # frozen decoder layers held quantized ("int8" | "nf4"): changes its visits' memory
-
-
-@dataclass(frozen=True)
-class TaskRow:
-    id: str
-    round: int
-    block_index: int
-    client_id: str
-    base_version: int
-    status: str
-    issued_unix: float
-    last_progress_unix: float
-    finished_unix: float | None = None
-    bytes_down: int = 0
-    bytes_up: int = 0
-    slot: int = 0  # FedAvg-family strategies: which of the round's C tasks (block_index unused)
-
-
-@dataclass(frozen=True)
-class ContributionRow:
-    """One client's upload to a FedAvg-family round, waiting for (or part of) the round's average."""
-
-    task_id: str
-    round: int
-    slot: int
-    client_id: str
-    blobs: list[str]          # fedavg-full: one blob per block, in block order; fedlora: [adapter]
-    committed_unix: float
-    record: VisitStats
-
-
-@dataclass(frozen=True)
-class VisitRow:
-    round: int
-    task_id: str
-    client_id: str
-    block_index: int
-    base_version: int
-    new_version: int
-    blob_sha256: str
-    committed_unix: float
-    record: VisitStats        # losses, memory, timings, bytes, lr, seed
-
-
-class CoordinatorState(Protocol):
-    def get_meta(self, key: str) -> str | None: ...
-    def set_meta(self, values: dict[str, str]) -> None: ...
-    def add_client(self, client: ClientRow, token_sha256: str) -> None: ...
-    def client_by_token(self, token_sha256: str) -> ClientRow | None: ...
-    def clients(self) -> list[ClientRow]: ...
-    def touch_client(self, client_id: str, **resources: int) -> None: ...
-    def add_version(self, version: int, manifest: list[str], round_: int | None, replace: bool = False) -> None: ...
-    def latest_version(self) -> tuple[int, list[str]] | None: ...
-    def manifest(self, version: int) -> list[str]: ...
-    def issue_task(self, task: TaskRow) -> None: ...
-    def task(self, task_id: str) -> TaskRow | None: ...
-    def tasks_with_status(self, status: str) -> list[TaskRow]: ...
-    def note_progress(self, task_id: str, *, bytes_down: int = 0, bytes_up: int = 0) -> None: ...
-    def expire_task(self, task_id: str) -> bool: ...
-    def commit_visit(self, visit: VisitRow, manifest: list[str]) -> None: ...
-    def add_contribution(self, contribution: ContributionRow) -> None: ...
-    def contributions(self, round_: int) -> list[ContributionRow]: ...
-    def contribution_of_task(self, task_id: str) -> ContributionRow | None: ...
-    def commit_merge(self, visit: VisitRow, manifest: list[str]) -> None: ...
-    def visits(self) -> list[VisitRow]: ...
-    def visit_of_task(self, task_id: str) -> VisitRow | None: ...
-    def add_eval(self, version: int, rounds_done: int, loss: float) -> None: ...
-    def evals(self) -> list[tuple[int, int, float]]: ...
 
 
 class SqliteState:
@@ -162,6 +96,10 @@ class SqliteState:
             with self._tx() as db:
                 if column not in self._columns(table):  # another process may have added it meanwhile
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        if self.get_meta(visit_totals.META_KEY) is None:  # older than the visit totals (or new): sum up once
+            with self._tx() as db:
+                if visit_totals.needs_summing(db):  # another process may have done it meanwhile
+                    visit_totals.sum_up(db)
 
     def _columns(self, table: str) -> set[str]:
         return {row["name"] for row in self._query(f"PRAGMA table_info({table})")}
@@ -330,6 +268,7 @@ class SqliteState:
             (visit.round, visit.task_id, visit.client_id, visit.block_index, visit.base_version,
              visit.new_version, visit.blob_sha256, visit.record.to_json(), visit.committed_unix),
         )
+        visit_totals.add_visit(db, visit.client_id, visit.block_index, visit.new_version, visit.record)
 
     # -- contributions (FedAvg-family rounds) ----------------------------------------------------
     def add_contribution(self, contribution: ContributionRow) -> None:
@@ -369,6 +308,31 @@ class SqliteState:
         rows = self._query("SELECT * FROM visits WHERE task_id = ?", (task_id,))
         return self._visit(rows[0]) if rows else None
 
+    def visits_page(self, before_round: int | None, limit: int) -> list[VisitRow]:
+        """Up to `limit` visits of the rounds below `before_round` (None: from the newest), newest first: a walk
+        down the round key, so a page costs the same at any length of the run."""
+        if before_round is None:
+            rows = self._query("SELECT * FROM visits ORDER BY round DESC LIMIT ?", (limit,))
+        else:
+            rows = self._query("SELECT * FROM visits WHERE round < ? ORDER BY round DESC LIMIT ?",
+                               (before_round, limit))
+        return [self._visit(r) for r in rows]
+
+    def visit_of_version(self, version: int) -> VisitRow | None:
+        rows = self._query("SELECT * FROM visits WHERE new_version = ?", (version,))
+        return self._visit(rows[0]) if rows else None
+
+    def count_visits(self, up_to_version: int | None = None) -> int:
+        """Visits committed (that produced a version up to `up_to_version`), counted on the version index."""
+        if up_to_version is None:
+            return self._query("SELECT COUNT(*) AS n FROM visits")[0]["n"]
+        return self._query("SELECT COUNT(*) AS n FROM visits WHERE new_version <= ?", (up_to_version,))[0]["n"]
+
+    def visit_totals(self) -> VisitTotals:
+        """Every visit summed up by scope and by client, read from the totals each commit keeps."""
+        with self._lock:
+            return visit_totals.read(self._db)
+
     # -- evaluations ---------------------------------------------------------------------------
     def add_eval(self, version: int, rounds_done: int, loss: float) -> None:
         with self._tx() as db:
@@ -381,14 +345,63 @@ class SqliteState:
         rows = self._query("SELECT * FROM evals ORDER BY version")
         return [(r["version"], r["rounds_done"], r["loss"]) for r in rows]
 
+    def newest_evals(self, limit: int) -> list[tuple[int, int, float]]:
+        """The `limit` evaluations of the newest versions, oldest first."""
+        rows = self._query("SELECT * FROM evals ORDER BY version DESC LIMIT ?", (limit,))
+        return [(r["version"], r["rounds_done"], r["loss"]) for r in reversed(rows)]
 
-def current_version(state: CoordinatorState) -> tuple[int, list[str]]:
-    """The newest version and its manifest, in a run that is open (it has version 0 at least)."""
-    latest = state.latest_version()
-    if latest is None:
-        raise LookupError("no model version yet: the run was never initialised")
-    return latest
+    def first_eval(self) -> tuple[int, int, float] | None:
+        rows = self._query("SELECT * FROM evals ORDER BY version LIMIT 1")
+        return (rows[0]["version"], rows[0]["rounds_done"], rows[0]["loss"]) if rows else None
 
+    # -- retention (server/retention.py) ---------------------------------------------------------
+    def kept_versions(self, since: int = 0) -> list[KeptVersion]:
+        """The versions from `since` on that were not pruned, with their manifests, oldest first."""
+        rows = self._query("SELECT version, manifest FROM versions WHERE version >= ? AND version NOT IN"
+                           " (SELECT version FROM pruned_versions) ORDER BY version", (since,))
+        return [KeptVersion(r["version"], json.loads(r["manifest"])) for r in rows]
 
-class StaleTaskError(RuntimeError):
-    """The task was expired or already completed; its upload must not be merged."""
+    def held_by_active_clients(self, seen_since_unix: float) -> set[int]:
+        """The versions whose blobs clients heard from since `seen_since_unix` hold: the bases of each one's two
+        newest tasks (its last downloads: the one in progress takes its delta bases from the one before) and the
+        version its newest visit made (its own upload). Indexed look-ups per client: the cost does not grow with
+        the run's length."""
+        held: set[int] = set()
+        with self._lock:
+            active = [r["id"] for r in self._db.execute(
+                "SELECT id FROM clients WHERE last_seen_unix >= ?", (seen_since_unix,))]
+            for client_id in active:
+                for sql in ("SELECT base_version AS v FROM tasks WHERE client_id = ? ORDER BY issued_unix DESC LIMIT 2",
+                            "SELECT new_version AS v FROM visits WHERE client_id = ? ORDER BY round DESC LIMIT 1"):
+                    held.update(r["v"] for r in self._db.execute(sql, (client_id,)))
+        return held
+
+    def prune_versions(self, versions: list[int]) -> None:
+        """Record versions as pruned, before their blobs are deleted (`mark_blobs_deleted` after): a crash in
+        between leaves them pending, and the next start finishes the deletion."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO pruned_versions (version, pruned_unix) VALUES (?, ?)",
+                           [(v, now) for v in versions])
+
+    def pruned_pending(self) -> list[int]:
+        return [r["version"] for r in
+                self._query("SELECT version FROM pruned_versions WHERE blobs_deleted = 0 ORDER BY version")]
+
+    def mark_blobs_deleted(self, versions: list[int]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE pruned_versions SET blobs_deleted = 1 WHERE version = ?", [(v,) for v in versions])
+
+    def is_pruned(self, version: int) -> bool:
+        return bool(self._query("SELECT 1 FROM pruned_versions WHERE version = ?", (version,)))
+
+    def kept_neighbours(self, version: int) -> tuple[int | None, int | None]:
+        """The nearest versions below and above `version` that were not pruned (None where there is none)."""
+        below = self._query("SELECT MAX(version) AS v FROM versions WHERE version < ? AND version NOT IN"
+                            " (SELECT version FROM pruned_versions)", (version,))[0]["v"]
+        above = self._query("SELECT MIN(version) AS v FROM versions WHERE version > ? AND version NOT IN"
+                            " (SELECT version FROM pruned_versions)", (version,))[0]["v"]
+        return below, above
+
+    def count_pruned(self) -> int:
+        return self._query("SELECT COUNT(*) AS n FROM pruned_versions")[0]["n"]

@@ -4,20 +4,21 @@ The strategy says which blobs a task must bring (`Strategy.expected_uploads`); t
 the header, reassembles each blob from its chunks (CRC per chunk, SHA-256 per blob), checks it
 against its block spec, and publishes the blobs only once every one of them has passed: a
 multi-blob upload stands or falls as a whole. A delta may refer only to the version of that
-blob the visit started from.
+blob the visit started from, in an encoding the coordinator announced (`ModelInfo.accept_deltas`).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fedcybgd.common.blobstore import BlobStore, BlobWriter
 from fedcybgd.common.block_check import validate_block_file
 from fedcybgd.common.codec import BlobAssembler, CodecError
+from fedcybgd.common.delta_arith import DELTA_SETTINGS
 from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.records import ExpectedUpload, UploadClaim
@@ -44,9 +45,11 @@ def check_claim(task: TaskRow, claim: UploadClaim) -> None:
 
 
 class UploadReceiver:
-    def __init__(self, blobs: BlobStore, metrics: CoordinatorMetrics) -> None:
+    def __init__(self, blobs: BlobStore, metrics: CoordinatorMetrics,
+                 deltas: Iterable[int] = DELTA_SETTINGS["arith"]) -> None:
         self._blobs = blobs
         self._metrics = metrics
+        self._deltas = frozenset(deltas)  # delta encodings announced for uploads; others are refused
 
     def receive(self, header_bytes: int, messages: Iterator[pb.UploadMessage],
                 expected: list[ExpectedUpload]) -> Received:
@@ -67,7 +70,8 @@ class UploadReceiver:
                     mapped[base] = self._blobs.open_mmap(base)
                 return mapped[base]
             sink = self._blobs.writer(upload.sha256, upload.size)
-            return sink, BlobAssembler(upload.sha256, upload.size, sink, delta_source=delta_source)
+            return sink, BlobAssembler(upload.sha256, upload.size, sink, delta_source=delta_source,
+                                       deltas=self._deltas)
 
         def check_current(writer: BlobWriter, assembler: BlobAssembler) -> None:
             assembler.verify()  # checked now, published once every blob has passed

@@ -135,8 +135,9 @@ def check_history(state: SqliteState, state_dir: Path, total_rounds: int) -> Non
         assert [s for i, s in enumerate(after) if i != v.block_index] == \
             [s for i, s in enumerate(before) if i != v.block_index]
     checked: set[str] = set()
-    for version in range(latest + 1):
-        for sha in state.manifest(version):
+    for kept in state.kept_versions():  # the versions the retention rule pruned have no blobs left to check
+        version = kept.version
+        for sha in kept.manifest:
             if sha in checked:
                 continue
             path = state_blob_path(state_dir)(sha)

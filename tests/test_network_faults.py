@@ -100,8 +100,10 @@ def test_cut_download_resumes_and_cut_upload_retries_cleanly(tmp_path, coordinat
     coordinator = running.coordinator
     model_wire = sum(coordinator.store.blobs.size(sha) for sha in coordinator.state.manifest(0))
     block0 = coordinator.store.blobs.size(coordinator.state.manifest(0)[0])
-    # Cut the download a third of the way in; cut the upload (of block 0, > 1 MB) half way.
-    proxy = CuttingProxy(running.port, cut_down=model_wire // 3, cut_up=block0 // 2)
+    # Cut the download a third of the way in; cut the upload (of block 0, > 1 MB raw) three chunks in: its delta
+    # compresses to a fraction of the raw block, so a cut at half the raw size could come after its end.
+    assert block0 > 6 * CHUNK
+    proxy = CuttingProxy(running.port, cut_down=model_wire // 3, cut_up=3 * CHUNK)
     try:
         client = clients.start(f"127.0.0.1:{proxy.port}", data[0], tmp_path / "caches" / "site-0", "site-0",
                                "--max-visits", "1")

@@ -185,7 +185,8 @@ class Strategy(ABC):
         blob), for rebuilding the delta-base history at start-up."""
 
     def trained_blocks(self, visit: VisitRow) -> Iterable[int]:
-        """The blocks a committed visit or round changed (for status; cheaper than `blobs_of`)."""
+        """The blocks a committed visit or round changed (for status; cheaper than `blobs_of`). Must depend
+        only on the visit's `block_index` (its scope): status asks once per scope, not once per visit."""
         return self.blobs_of(visit).keys()
 
     def recover(self) -> None:
