@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import grpc
 
 from fedcybgd.cli.certs import make_certs
 from fedcybgd.cli.demo import DemoOptions, prepare_inputs
+from fedcybgd.client.cache_budget import DEFAULT_MODEL_MULTIPLE
 from fedcybgd.common import procfs
 from fedcybgd.common.transport import client_channel
 from fedcybgd.v1 import coordinator_pb2 as pb
@@ -73,7 +74,7 @@ class SoakOptions:
     threads: int = 1               # torch threads per client
     coordinator_args: str = ""     # extra coordinator flags (storage budgets, retention), shell-quoted
     client_args: str = ""          # extra client flags
-    cache_budget_bytes: int = 0    # per client, checked at every sample (0: not checked)
+    cache_budget_bytes: int = 0    # per client, checked at every sample (0: the client's default, 3x the model)
     state_budget_bytes: int = 0    # the coordinator's state folder, checked at every sample (0: not checked)
     timeout_s: float = 4 * 3600.0
     seed: int = 0
@@ -268,6 +269,10 @@ class Soak:
         model_dir, client_data, eval_data = prepare_inputs(DemoOptions(out=str(self.out), model="tiny",
                                                                        clients=o.clients, seed=o.seed), self.out)
         cmd = [sys.executable, "-m", "fedcybgd.cli.main"]
+        if not o.cache_budget_bytes:  # the budget a client gives itself by default
+            model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+            self.o = o = replace(o, cache_budget_bytes=DEFAULT_MODEL_MULTIPLE * model_bytes)
+            self.result.options = o
         blocks = self._blocks(model_dir)
         cycles = math.ceil(o.visits / blocks)
         coordinator_argv = [
@@ -503,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
-    options = SoakOptions(**vars(args))
-    result = Soak(options).run()
+    result = Soak(SoakOptions(**vars(args))).run()
+    options = result.options  # with the budget the run checked
     v = write_report(result, Path(options.out))
     ok = (not result.missing_versions and v.rss_slope_mb_per_100_visits < RSS_SLOPE_TARGET_MB
           and (not options.cache_budget_bytes or v.max_client_cache_bytes <= options.cache_budget_bytes)
