@@ -90,7 +90,7 @@ class Sample:
     state_db_bytes: int
     blob_store_bytes: int
     state_dir_bytes: int
-    client_cache_bytes: list[int]
+    client_cache_bytes: list[int]  # each client's block cache (its blobs folder, what the budget bounds)
     get_task_ms: float
     heartbeat_ms: float
 
@@ -259,7 +259,8 @@ class Soak:
                       threads=procfs.status_field("Threads", pid) or 0, state_db_bytes=db,
                       blob_store_bytes=folder_bytes(blobs) if blobs.exists() else 0,
                       state_dir_bytes=folder_bytes(self.state_dir),
-                      client_cache_bytes=[folder_bytes(self.out / "cache" / f"client-{s.index}") for s in self.sites],
+                      client_cache_bytes=[folder_bytes(self.out / "cache" / f"client-{s.index}" / "blobs")
+                                          for s in self.sites],
                       get_task_ms=get_task_ms, heartbeat_ms=heartbeat_ms)
 
     # -- the run ------------------------------------------------------------------------------------------------
