@@ -113,7 +113,7 @@ def folder_bytes(path: Path) -> int:
     for root, _, files in os.walk(path):
         for name in files:
             with contextlib.suppress(FileNotFoundError):  # deleted while we walked
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512  # what the disk holds, not sparse sizes
+                total += os.lstat(os.path.join(root, name)).st_size  # bytes, as the budgets count them
     return total
 
 
