@@ -252,7 +252,7 @@ class Soak:
             return None  # restarting
         pid = coordinator.pid
         db = sum(folder_bytes(p) if p.is_dir() else p.stat().st_size
-                 for p in self.state_dir.glob("*.db*") if p.exists())
+                 for p in self.state_dir.glob("state.sqlite*") if p.exists())  # with its WAL
         blobs = self.state_dir / "blobs"
         return Sample(seconds=time.monotonic() - started, visits=visits,
                       coordinator_rss_bytes=procfs.status_field("VmRSS", pid) or 0, open_fds=open_fds(pid),
