@@ -31,6 +31,7 @@ from pathlib import Path
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.server.config import RetentionConfig
 from fedcybgd.server.metrics import CoordinatorMetrics
+from fedcybgd.server.records import ALL_BLOCKS
 from fedcybgd.server.scheduler import Schedule
 from fedcybgd.server.state import CoordinatorState
 
@@ -148,7 +149,9 @@ class Retention:
             with self._lock:
                 self._catch_up()
                 self._unannounced.discard(version)
-                return self.sweep()
+                result = self.sweep()
+                self._release_contributions(version)
+                return result
         except Exception:  # the commit stands; what was not deleted now goes at the next sweep or start
             log.exception("retention: the sweep after version %d failed", version)
             return None
@@ -173,6 +176,19 @@ class Retention:
         log.debug("retention: pruned versions %s (%d blobs, %d bytes); kept %s", plan.prune, deleted, freed,
                   plan.kept)
         return SweepResult(pruned=plan.prune, blobs_deleted=deleted, bytes_freed=freed)
+
+    def _release_contributions(self, version: int) -> int:
+        """A FedAvg-family round merged into `version`: its clients' uploads (each a whole model, or an adapter) are
+        no longer needed (recovery merges only rounds not merged yet), so the blobs no kept version references go.
+        An upload equal to a kept block (a block a client did not change) stays. Returns the bytes freed."""
+        visit = self._state.visit_of_version(version)
+        if visit is None or visit.block_index != ALL_BLOCKS:
+            return 0
+        uploads = {sha for c in self._state.contributions(visit.round) for sha in c.blobs}
+        freed = sum(self._blobs.remove(sha) for sha in uploads if sha not in self._refs)
+        self._metrics.pruned_bytes.inc(freed)
+        log.debug("retention: round %d's uploads released (%d bytes)", visit.round, freed)
+        return freed
 
     def _blobs_of(self, version: int, manifest: list[str]) -> tuple[str, ...]:
         extra = self._extra_blob(version)

@@ -201,7 +201,8 @@ def test_a_run_keeps_only_retained_versions_and_exports_them_exactly(tiny_model_
 
     kept = {k.version for k in state.kept_versions()}
     assert {0, 3, 6, 9, 12, 13} <= kept, "the base, the checkpoints and the newest stay"
-    assert {1, 2} <= set(range(14)) - kept, "early versions nobody holds any more were pruned"
+    # Which versions an active client still holds depends on how the clients raced; the first is never held long.
+    assert 1 not in kept and len(set(range(14)) - kept) >= 2, "versions nobody holds any more were pruned"
     assert set(store.blobs) == {sha for k in state.kept_versions() for sha in k.manifest}
     assert {v for v, _, _ in state.evals()} >= {0, 13}, "evaluation never met a pruned version"
     registry = coordinator.metrics.registry
@@ -243,3 +244,26 @@ def test_a_run_keeps_only_retained_versions_and_exports_them_exactly(tiny_model_
     assert proc.returncode != 0
     assert "version 1 was pruned" in proc.stderr and f"nearest kept versions are {below} and {above}" in proc.stderr
     assert not (tmp_path / "export-1").exists() or not any((tmp_path / "export-1").iterdir())
+
+
+@pytest.mark.multiprocess
+def test_a_fedavg_round_s_uploads_go_once_it_is_merged(tmp_path, coordinators: Coordinators,
+                                                        clients: ClientProcesses):
+    """Each client of a FedAvg-full round uploads the whole model; once the round is averaged into a version those
+    uploads are needed by nothing, so they go (else the store grows by clients x model per round)."""
+    data, _ = write_data(tmp_path, clients=2)
+    config = coordinators.config(strategy="fedavg-full", clients_per_round=2, schedule=SCHEDULE, training=TRAINING,
+                                 retention=RetentionConfig(checkpoint_every=2))
+    running = coordinators.start(config, grace=1)
+    procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}")
+             for i in range(2)]
+    wait_clients(procs)
+    coordinator = running.coordinator
+    wait_for(lambda: coordinator.finished, 120, "the run's end")
+    state, store = coordinator.state, coordinator.store
+    rounds = [v.round for v in state.visits()]
+    uploads = {sha for r in rounds for c in state.contributions(r) for sha in c.blobs}
+    kept = {sha for k in state.kept_versions() for sha in k.manifest}
+    assert len(rounds) >= 2 and uploads - kept, "the rounds uploaded blobs of their own"
+    assert set(store.blobs) == kept, "only the kept versions' blobs remain: every round's uploads went"
+    coordinators.stop(running, grace=1)

@@ -240,16 +240,15 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, c
     running = coordinators.start(config)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     specs = partition_model(model, 1)
-    uploads = []
+    uploads: list[list[bytes]] = []  # kept here: once merged, the uploads leave the store (server/retention.py)
     coordinator = running.coordinator
     channel = coordinators.channel(running)
     stub = pb_grpc.CoordinatorStub(channel)
     for name, scale in (("a", 1.01), ("b", 0.99)):
         md = _register(stub, name)
         task = stub.GetTask(pb.GetTaskRequest(wait_seconds=1), metadata=md).task
-        blobs = [coordinator.store.blobs.put(serialize_block({k: v * scale
-                                                              for k, v in block_tensors(model, s).items()}))
-                 for s in specs]
+        raw = [serialize_block({k: v * scale for k, v in block_tensors(model, s).items()}) for s in specs]
+        blobs = [coordinator.store.blobs.put(b) for b in raw]
         row = coordinator.state.task(task.task_id)
         assert row is not None
         # Stored as the upload path stores it, without the merge that would follow.
@@ -259,7 +258,7 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, c
                 lr=1e-4, seed=0, samples=6, bytes_down=0, bytes_up=0, train_seconds=1.0, download_seconds=0.0,
                 visit_seconds=1.0, tokens=0, loss_before=1.0, loss_after=0.5, peak_memory_bytes=0,
                 client_name=name, device="cpu")))
-        uploads.append(blobs)
+        uploads.append(raw)
     channel.close()
     before = coordinator.state.latest_version()
     assert before is not None and before[0] == 0
@@ -271,7 +270,6 @@ def test_a_round_completed_before_a_crash_is_merged_on_restart(tiny_model_dir, c
     assert latest == 1 and restarted.coordinator.rounds_done == 1
     for spec, sha in zip(specs, manifest, strict=True):
         merged = safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(sha)))
-        parts = [safetensors.torch.load_file(str(restarted.coordinator.store.blobs.path(u[spec.index])))
-                 for u in uploads]
+        parts = [safetensors.torch.load(u[spec.index]) for u in uploads]
         for name, value in merged.items():
             assert torch.equal(value, parts[0][name].float() * 0.5 + parts[1][name].float() * 0.5), name
