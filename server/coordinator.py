@@ -125,14 +125,18 @@ class Coordinator:
         self.strategy.recover()
 
     # -- clients -------------------------------------------------------------------------------
-    def register(self, req: pb.RegisterRequest, peer_name: str | None = None) -> pb.RegisterResponse:
-        self.revocations.refuse((peer_name if self.config.tls_client_ca else None) or req.name.strip())
+    def register(self, req: pb.RegisterRequest, peer_name: str | None = None,
+                 fingerprint: str | None = None) -> pb.RegisterResponse:
+        self.revocations.refuse((peer_name if self.config.tls_client_ca else None) or req.name.strip(), fingerprint)
         credentials = self.enroller.register(messages.enrolment(req), peer_name)
         return pb.RegisterResponse(client_id=credentials.client_id, token=credentials.token)
 
-    def authenticate(self, metadata: dict[str, str], peer_name: str | None = None) -> ClientRow:
+    def authenticate(self, metadata: dict[str, str], peer_name: str | None = None,
+                     fingerprint: str | None = None) -> ClientRow:
+        """The caller, unless its site or its certificate (`fingerprint`) is revoked: checked at every call, so a
+        revocation holds over an existing connection and token."""
         client = self.enroller.authenticate(metadata, peer_name)
-        self.revocations.refuse(client.name)  # even over an existing connection and token
+        self.revocations.refuse(client.name, fingerprint)
         return client
 
     def authorize_operator(self, metadata: dict[str, str], peer_name: str | None) -> None:

@@ -68,16 +68,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _client(self, context: grpc.ServicerContext, rpc: str) -> ClientRow:
         """The authenticated, unrevoked caller, charged one call of `rpc` (RateLimited when over its rate)."""
-        client = self.coordinator.authenticate(_metadata(context), peer_common_name(context))
-        self.coordinator.revocations.refuse(client.name, peer_fingerprint(context))
+        client = self.coordinator.authenticate(_metadata(context), peer_common_name(context), peer_fingerprint(context))
         self.limits.check(client.id, rpc)
         return client
 
     @_unary
     def Register(self, request, context):
         self.limits.check(_peer_host(context), "Register")
-        self.coordinator.revocations.refuse("", peer_fingerprint(context))
-        return self.coordinator.register(request, peer_common_name(context))
+        return self.coordinator.register(request, peer_common_name(context), peer_fingerprint(context))
 
     @_unary
     def GetModelInfo(self, request, context):

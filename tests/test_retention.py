@@ -13,10 +13,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import PROCESS_ENV, ClientProcesses, Coordinators, address_of, wait_clients, wait_for, write_data
+from conftest import (
+    PROCESS_ENV,
+    ClientProcesses,
+    Coordinators,
+    address_of,
+    wait_clients,
+    wait_for,
+    write_data,
+)
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.data import load_packed
-from fedcybgd.server.config import EvalConfig, RetentionConfig, TrainingConfig
+from fedcybgd.server.app import RunningCoordinator
+from fedcybgd.server.config import CoordinatorConfig, EvalConfig, RetentionConfig, TrainingConfig
 from fedcybgd.server.export import PrunedVersionError, check_exportable
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.reference import run_reference
@@ -182,6 +191,16 @@ def _export(state_dir: Path, out: Path, version: int) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=300, env=PROCESS_ENV)
 
 
+def _run_to_the_end(coordinators: Coordinators, clients: ClientProcesses, config: CoordinatorConfig,
+                    data: list[Path], tmp_path: Path) -> RunningCoordinator:
+    """A coordinator and one client process per data folder, until the run (and its last evaluation) is over."""
+    running = coordinators.start(config, grace=1)
+    wait_clients([clients.start(address_of(running), folder, tmp_path / "caches" / f"site-{i}", f"site-{i}")
+                  for i, folder in enumerate(data)])
+    wait_for(lambda: running.coordinator.finished, 120, "the run's end")
+    return running
+
+
 @pytest.mark.multiprocess
 def test_a_run_keeps_only_retained_versions_and_exports_them_exactly(tiny_model_dir, tmp_path,
                                                                      coordinators: Coordinators,
@@ -189,12 +208,8 @@ def test_a_run_keeps_only_retained_versions_and_exports_them_exactly(tiny_model_
     data, eval_data = write_data(tmp_path, clients=3)
     config = coordinators.config(schedule=SCHEDULE, training=TRAINING, retention=RetentionConfig(checkpoint_every=3),
                                  eval=EvalConfig(data=str(eval_data), max_sequences=8, batch_size=4))
-    running = coordinators.start(config, grace=1)
-    procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}")
-             for i in range(3)]
-    wait_clients(procs)
+    running = _run_to_the_end(coordinators, clients, config, data, tmp_path)
     coordinator = running.coordinator
-    wait_for(lambda: coordinator.finished, 120, "the final evaluation")
     state, store = coordinator.state, coordinator.store
     visits = state.visits()
     assert [v.new_version for v in visits] == list(range(1, 14))
@@ -254,13 +269,8 @@ def test_a_fedavg_round_s_uploads_go_once_it_is_merged(tmp_path, coordinators: C
     data, _ = write_data(tmp_path, clients=2)
     config = coordinators.config(strategy="fedavg-full", clients_per_round=2, schedule=SCHEDULE, training=TRAINING,
                                  retention=RetentionConfig(checkpoint_every=2))
-    running = coordinators.start(config, grace=1)
-    procs = [clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}")
-             for i in range(2)]
-    wait_clients(procs)
-    coordinator = running.coordinator
-    wait_for(lambda: coordinator.finished, 120, "the run's end")
-    state, store = coordinator.state, coordinator.store
+    running = _run_to_the_end(coordinators, clients, config, data, tmp_path)
+    state, store = running.coordinator.state, running.coordinator.store
     rounds = [v.round for v in state.visits()]
     uploads = {sha for r in rounds for c in state.contributions(r) for sha in c.blobs}
     kept = {sha for k in state.kept_versions() for sha in k.manifest}
