@@ -66,6 +66,8 @@ class DemoOptions:
     threads: int = 0           # torch threads per client; 0: all cores (visits are sequential)
     cache: str | None = None   # where prepared models are kept; default ~/.cache/fedcybgd
     timeout_s: float = 3600.0
+    coordinator_args: tuple[str, ...] = ()  # more `fedcybgd coordinator` flags (e.g. differential privacy)
+    client_args: tuple[str, ...] = ()       # more `fedcybgd client` flags, for every client
 
 
 def free_port() -> int:
@@ -191,7 +193,7 @@ def run_demo(o: DemoOptions) -> dict:
              *(["--context-ratio", str(o.context_ratio)] if o.context_ratio is not None else []),
              *(["--embed-head-every", str(o.embed_head_every)] if o.embed_head_every is not None else []),
              "--eval-max-sequences", str(o.eval_sequences), "--tls-cert", str(tls / "server.pem"),
-             "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem")],
+             "--tls-key", str(tls / "server.key"), "--tls-client-ca", str(tls / "ca.pem"), *o.coordinator_args],
             stdout=log, stderr=subprocess.STDOUT, env=env)
     clients: list[subprocess.Popen] = []
     started = time.monotonic()
@@ -209,7 +211,7 @@ def run_demo(o: DemoOptions) -> dict:
                      "--cache-dir", str(out / "cache" / f"client-{i}"), "--name", f"site-{i}", "--device", "auto",
                      "--threads", str(threads), "--deltas", o.deltas, "--tls-ca", str(tls / "ca.pem"),
                      "--tls-cert", str(tls / f"site-{i}.pem"), "--tls-key", str(tls / f"site-{i}.key"),
-                     *(["--base-model", str(model_dir)] if o.clients_hold_base else [])],
+                     *(["--base-model", str(model_dir)] if o.clients_hold_base else []), *o.client_args],
                     stdout=log, stderr=subprocess.STDOUT, env=env))
         status = _follow(operator, coordinator, clients, coordinator_log, o.timeout_s)
         for proc in clients:  # each hears "done" at its next poll and exits
@@ -323,6 +325,9 @@ def build_summary(status: pb.GetStatusResponse, export_dir: Path, seconds: float
         "fedavg_full_equivalent_bytes": 2 * status.model_bytes * len(visits) * tasks_per_visit,
         "wall_seconds": seconds,
         "export_dir": str(export_dir),
+        # Differential privacy each site reports having spent (both 0 without `[privacy]`), and declines.
+        "privacy": [{"client": c.name, "record_epsilon": c.record_epsilon, "update_epsilon": c.update_epsilon,
+                     "declined": c.declined} for c in status.clients],
     }
 
 

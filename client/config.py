@@ -55,12 +55,17 @@ class ClientConfig:
     # a size ("24GiB", "16G", "8000MB") or bytes; "" (default): the device's total memory on CUDA, the host's
     # MemAvailable at start on CPU; "0": unknown (no constraint).
     memory: str | int = ""
+    # This site's own differential-privacy limit (epsilon at the run's delta, either level), whatever the
+    # coordinator's target; > 0 also refuses a run that is not private. 0 (default): the run's target only.
+    max_epsilon: float = 0.0
     metrics_port: int = 0                  # Prometheus endpoint; 0: off
     metrics_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("a client needs local data (--data)")
+        if not self.max_epsilon >= 0:
+            raise ValueError("max_epsilon must be >= 0 (0: the run's privacy target only)")
         if not self.insecure and not self.tls_ca:
             raise ValueError("TLS is on by default: give tls_ca (the coordinator's CA certificate), "
                              "or set insecure = true on a trusted network")

@@ -7,10 +7,8 @@ sample counts, memory, seconds) are sent.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +23,9 @@ from fedcybgd.client.backoff import rate_limit_delay
 from fedcybgd.client.cache_budget import CacheBudget
 from fedcybgd.client.config import ClientConfig
 from fedcybgd.client.data_cache import DataKey, TokenisedData
+from fedcybgd.client.host import device_kind, gpu_peaks, memory_bytes, prompt_format_of, software_version, write_private
 from fedcybgd.client.metrics import ClientMetrics
+from fedcybgd.client.privacy import LEDGER_FILE, PrivacyBudgetSpent, PrivacyLedger, SitePrivacy, VisitPrivacy
 from fedcybgd.client.resident import ResidentModel
 from fedcybgd.client.tasks import TaskRefused, VisitContext, handler_for, visit_hyper_from_proto
 from fedcybgd.client.transfer import ACCEPT_CODECS, download_model, upload_blobs
@@ -37,8 +37,7 @@ from fedcybgd.common.delta_arith import accepted as accepted_deltas
 from fedcybgd.common.delta_arith import choose as choose_delta
 from fedcybgd.common.modeling import DTYPES, TOKENIZER_FILES, config_from_json, model_from_config
 from fedcybgd.common.partition import partition_model
-from fedcybgd.common.procfs import mem_available_bytes, rss_bytes
-from fedcybgd.common.prompts import PromptFormat
+from fedcybgd.common.procfs import rss_bytes
 from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.transport import client_channel
 from fedcybgd.training import OnStep
@@ -88,7 +87,7 @@ class ClientDaemon:
         self._withdrawn = False
         self.visits_done = 0
         # What decides which blocks the coordinator gives us, announced at registration.
-        self.memory_bytes = config.memory_bytes if config.memory_bytes is not None else _memory_bytes(self.device)
+        self.memory_bytes = config.memory_bytes if config.memory_bytes is not None else memory_bytes(self.device)
         self.metrics = ClientMetrics(self.device)
         if config.metrics_port:
             self.metrics.serve(config.metrics_port, config.metrics_address)
@@ -119,7 +118,7 @@ class ClientDaemon:
         """What the coordinator knows of this client's memory from its registration: a change (another
         device, --memory, --checkpoint-above) needs a new registration. A measured default memory is left
         out: it moves a little at every start."""
-        return {"device_kind": _device_kind(self.device), "checkpoint_above": self.config.checkpoint_above,
+        return {"device_kind": device_kind(self.device), "checkpoint_above": self.config.checkpoint_above,
                 "compact_frozen": self.config.compact_frozen,
                 "memory": self.memory_bytes if self.config.memory_bytes is not None else "measured"}
 
@@ -144,15 +143,15 @@ class ClientDaemon:
                 except grpc.RpcError as err:
                     if err.code() != grpc.StatusCode.UNAUTHENTICATED:
                         raise
-        request = pb.RegisterRequest(name=self.config.name, device_kind=_device_kind(self.device),
-                                     memory_bytes=self.memory_bytes, software_version=_version(),
+        request = pb.RegisterRequest(name=self.config.name, device_kind=device_kind(self.device),
+                                     memory_bytes=self.memory_bytes, software_version=software_version(),
                                      join_token=self.config.join_token or "",
                                      checkpoint_above=self.config.checkpoint_above,
                                      compact_frozen=self.config.compact_frozen)
         reply = self._call("register", lambda: self.stub.Register(request))
         self.client_id = reply.client_id
         self.metadata = (("authorization", f"Bearer {reply.token}"),)
-        _write_private(identity_file, json.dumps({"coordinator": self.config.coordinator,
+        write_private(identity_file, json.dumps({"coordinator": self.config.coordinator,
                                                   "client_id": reply.client_id, "token": reply.token,
                                                   "profile": self._profile()}))
         log.info("registered as %s (memory %s)", self.client_id,
@@ -177,6 +176,11 @@ class ClientDaemon:
         self.tokenizer_digest = tokenizer_digest.hexdigest()
         self.prompt = prompt_format_of(info)
         self.model_info = info
+        self.privacy = SitePrivacy(PrivacyLedger(self.cache_dir / LEDGER_FILE, info.model_id), self.metrics,
+                                   decline=lambda task_id, reason: self._call("decline", lambda: self.stub.DeclineTask(
+                                       pb.DeclineTaskRequest(task_id=task_id, reason=reason),
+                                       metadata=self.metadata, timeout=30)),
+                                   site_limit=self.config.max_epsilon)
         self.dtype = DTYPES[info.dtype]
         # The best codec both sides know (an older coordinator announces none: plain zstd).
         self.upload_codec = next((c for c in ACCEPT_CODECS if c in info.upload_codecs), pb.CODEC_ZSTD)
@@ -231,6 +235,9 @@ class ClientDaemon:
                 except TaskWithdrawn as err:
                     self.metrics.visits.labels(outcome="withdrawn").inc()
                     log.warning("%s", err)
+                except PrivacyBudgetSpent as err:
+                    log.error("%s; stopping: this site takes no more tasks in this run", err)
+                    raise
                 except TaskRefused as err:
                     # This client cannot do the run's tasks (a newer coordinator, another strategy): it stops, so
                     # that its heartbeats stop and the coordinator reassigns the task to a client that can.
@@ -253,6 +260,9 @@ class ClientDaemon:
                 pb.GetTaskRequest(wait_seconds=self.config.poll_seconds), metadata=self.metadata,
                 timeout=self.config.poll_seconds + 30))
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # this site declined a task for its privacy budget
+                log.error("the coordinator gives this client no task: %s", err.details())
+                raise PrivacyBudgetSpent(err.details() or "this site declined a task") from err
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and rate_limit_delay(err) is None:
                 log.error("the coordinator gives this client no task: %s", err.details())
                 raise NotEnoughMemory(err.details() or "no block of the run fits this client's memory") from err
@@ -263,6 +273,8 @@ class ClientDaemon:
         for a task this client cannot train and ``TaskWithdrawn`` when the coordinator took the task back."""
         handler = handler_for(task)  # before any download: a task that cannot be trained costs nothing
         self._task_id, self._phase, self._step = task.task_id, "download", 0
+        hyper = visit_hyper_from_proto(task.hyper)
+        private = self.privacy.plan(task, lambda: len(self._training_sequences(hyper.seq_len)))  # before download
         started = time.perf_counter()
         self._budget().before_download()  # before 'have' is sent: it names only what the cache keeps
         try:
@@ -279,16 +291,19 @@ class ClientDaemon:
         self._resident().load_manifest(manifest)
 
         self._phase = "train"
-        hyper = visit_hyper_from_proto(task.hyper)
         sequences, on_step = self._training_sequences(hyper.seq_len), self._on_step(hyper.steps)
         log.info("round %d: training %s for %d steps at lr %.3g", task.round, task.block_name, hyper.steps, hyper.lr)
-        upload = handler.train(self._visit_context(), task, manifest, sequences, hyper, on_step)
+        if private is not None:
+            hyper = self.privacy.charge(private, hyper)  # spent once the data is touched, whatever happens next
+        upload = handler.train(self._visit_context(private), task, manifest, sequences, hyper, on_step)
         result = upload.result
         self.metrics.tokens_per_second.set(result.tokens / max(result.seconds, 1e-9))
         self.metrics.visit_peak.set(result.peak_memory_bytes)
 
         self._phase = "upload"
-        header = upload.header(task, download_seconds=download_seconds, device=_device_kind(self.device))
+        header = upload.header(task, download_seconds=download_seconds, device=device_kind(self.device))
+        if private is not None:
+            self.privacy.report(header, private, hyper)
         try:
             # RESOURCE_EXHAUSTED on an upload: the coordinator's disk is full and it stored nothing; the trained
             # block is worth the wait (the task stays ours while our heartbeats go on).
@@ -318,14 +333,15 @@ class ClientDaemon:
             raise RuntimeError("the model is not prepared yet (GetModelInfo first)")
         return self.resident
 
-    def _visit_context(self) -> VisitContext:
+    def _visit_context(self, private: VisitPrivacy | None = None) -> VisitContext:
         """What the task's handler may use and change: the resident model, the cache, the training settings."""
         resident = self._resident()
         return VisitContext(model=resident.model, specs=resident.specs, loaded=resident.loaded, cache=self.cache,
                             lora=self.model_info.lora, upload_codec=self.upload_codec,
                             checkpoint_above=self.config.checkpoint_above,
                             cache_block_inputs=self.config.cache_block_inputs,
-                            compact_frozen=self.config.compact_frozen or None)
+                            compact_frozen=self.config.compact_frozen or None,
+                            update_privacy=private.update if private is not None else None)
 
     def _training_sequences(self, seq_len: int) -> Sequences:
         """The local data packed into rows of ``seq_len`` tokens in the run's prompt format, once per length, from
@@ -361,54 +377,9 @@ class ClientDaemon:
             try:
                 reply = self.stub.Heartbeat(pb.HeartbeatRequest(
                     task_id=self._task_id, phase=self._phase, step=self._step,
-                    host_rss_bytes=rss_bytes(), **_gpu_peaks(self.device)), metadata=self.metadata, timeout=10)
+                    host_rss_bytes=rss_bytes(), **gpu_peaks(self.device)), metadata=self.metadata, timeout=10)
                 interval = max(1.0, reply.heartbeat_interval_s)
                 if self._task_id and not reply.task_valid and self._phase == "train":
                     self._withdrawn = True
             except (grpc.RpcError, ValueError):
                 pass  # the main loop sees and retries real outages (ValueError: channel closed)
-
-
-def prompt_format_of(info: pb.ModelInfo) -> PromptFormat:
-    """The run's prompt format, as the coordinator fixed it."""
-    if not info.prompt_template:
-        raise ValueError("the coordinator sent no prompt format: it is older than this client; update it")
-    return PromptFormat(info.prompt_template, info.prompt_name or "coordinator's", info.train_on or "responses")
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("fedcybgd")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _device_kind(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
-
-
-def _memory_bytes(device: torch.device) -> int:
-    """The memory a visit may use when none is configured: the GPU's on CUDA; on CPU what the host has
-    available now (MemAvailable: not what is installed, since other processes hold part of it)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    available = mem_available_bytes()
-    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _gpu_peaks(device: torch.device) -> dict[str, int]:
-    if device.type != "cuda":
-        return {}
-    return {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Credentials: readable by this user only, replaced atomically."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

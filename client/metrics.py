@@ -26,6 +26,9 @@ class ClientMetrics:
         self.train_loss = Gauge("fedcybgd_client_train_loss", "Loss of the last local step", registry=r)
         self.visit_peak = Gauge("fedcybgd_client_visit_peak_memory_bytes",
                                 "Peak memory of the last visit (CUDA allocated, or RSS on CPU)", registry=r)
+        self.dp_epsilon = Gauge("fedcybgd_client_dp_epsilon", "Differential privacy this site has spent in the run "
+                                "(epsilon at the run's delta), by level: records (DP-SGD) or updates", ["level"],
+                                registry=r)
         self.cache_bytes = Gauge("fedcybgd_client_cache_bytes",
                                  "Bytes of the block cache on disk (blobs and partial downloads)", registry=r)
         self.cache_limit = Gauge("fedcybgd_client_cache_limit_bytes", "Budget of the block cache (--cache-max-bytes)",

@@ -10,19 +10,24 @@ handler here; a kind this client does not know is refused before anything is dow
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from fedcybgd.client.transfer import UploadBlob
 from fedcybgd.common.blobstore import BlobStore
-from fedcybgd.common.blocks import BlockSpec, block_values
+from fedcybgd.common.blocks import BlockSpec, block_tensors, block_values
 from fedcybgd.common.codec import serialize_block
 from fedcybgd.common.modeling import word_size
 from fedcybgd.common.sequences import Sequences
 from fedcybgd.training import OnStep, VisitHyper, VisitResult, train_block, train_full, train_lora
+from fedcybgd.training.hyper import UpdatePrivacy
 from fedcybgd.training.layers import block_layers
+from fedcybgd.training.loop import cpu_copies
+from fedcybgd.training.privacy import privatize_update, secret_generator
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 __all__ = ["TrainedUpload", "VisitContext", "TaskHandler", "BlockTask", "FullTask", "LoraTask",
@@ -71,6 +76,20 @@ class VisitContext:
     checkpoint_above: bool = False
     cache_block_inputs: bool = False
     compact_frozen: str | None = None
+    update_privacy: UpdatePrivacy | None = None  # client-level DP: the update is clipped and noised before upload
+
+    def start_of(self, tensors: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """Copies of what the visit will train, before it does, when the update is to be privatized (else None)."""
+        return cpu_copies(tensors()) if self.update_privacy is not None else None
+
+    def privatize(self, result: VisitResult, start: dict[str, torch.Tensor] | None) -> bool:
+        """Client-level DP: the result's tensors become ``start`` plus the clipped, noised update (noise from a
+        secret generator: the coordinator knows everything else about the visit). True when it did so; the model
+        then holds the un-noised training, and its trained tensors must be reloaded from the uploaded blob."""
+        if self.update_privacy is None or start is None:
+            return False
+        result.tensors, _ = privatize_update(start, result.tensors, self.update_privacy, secret_generator("cpu"))
+        return True
 
     def outgoing(self, data: bytes, words: int, started: str) -> UploadBlob:
         """Keep a trained blob in the cache and describe its upload: as a delta against ``started``, the version the
@@ -97,6 +116,7 @@ class BlockTask(TaskHandler):
               hyper: VisitHyper, on_step: OnStep) -> TrainedUpload:
         spec = ctx.specs[task.block_index]
         ctx.loaded.pop(task.block_index, None)  # training changes it in place: until done it is no known blob
+        start = ctx.start_of(lambda: block_tensors(ctx.model, spec))
         result = train_block(ctx.model, spec, sequences, hyper, on_step=on_step,
                              checkpoint_above=ctx.checkpoint_above, cache_block_inputs=ctx.cache_block_inputs,
                              compact_frozen=ctx.compact_frozen)
@@ -104,8 +124,10 @@ class BlockTask(TaskHandler):
             for index, other in enumerate(ctx.specs):
                 if index != task.block_index and block_layers(ctx.model, other) is not None:
                     ctx.loaded.pop(index, None)
+        noised = ctx.privatize(result, start)
         blob = ctx.outgoing(serialize_block(result.tensors), word_size(spec), manifest.blocks[task.block_index].sha256)
-        ctx.loaded[task.block_index] = blob.sha256
+        if not noised:  # else the model holds the un-noised block: reloaded from the cache at the next manifest
+            ctx.loaded[task.block_index] = blob.sha256
         return TrainedUpload([blob], pb.UploadHeader(block_index=task.block_index, blob_sha256=blob.sha256,
                                                      blob_size=len(blob.data)), result)
 
@@ -116,11 +138,14 @@ class FullTask(TaskHandler):
     def train(self, ctx: VisitContext, task: pb.Task, manifest: pb.Manifest, sequences: Sequences,
               hyper: VisitHyper, on_step: OnStep) -> TrainedUpload:
         ctx.loaded.clear()  # training changes the model in place: until done it holds no known blob
+        start = ctx.start_of(lambda: {n: t for spec in ctx.specs for n, t in block_tensors(ctx.model, spec).items()})
         result = train_full(ctx.model, sequences, hyper, on_step=on_step)
+        noised = ctx.privatize(result, start)
         blobs = [serialize_block(block_values(spec, result.tensors)) for spec in ctx.specs]
         outgoing = [ctx.outgoing(blob, word_size(spec), entry.sha256)
                     for spec, blob, entry in zip(ctx.specs, blobs, manifest.blocks, strict=True)]
-        ctx.loaded.update({i: blob.sha256 for i, blob in enumerate(outgoing)})
+        if not noised:  # else the model holds the un-noised training: reloaded from the cache at the next manifest
+            ctx.loaded.update({i: blob.sha256 for i, blob in enumerate(outgoing)})
         announced = pb.UploadHeader(blobs=[pb.UploadedBlob(block_index=i, sha256=blob.sha256, size=len(blob.data))
                                            for i, blob in enumerate(outgoing)])
         return TrainedUpload(outgoing, announced, result)
@@ -138,6 +163,7 @@ class LoraTask(TaskHandler):
         result = train_lora(ctx.model, sequences, hyper, rank=lora.rank, alpha=lora.alpha,
                             target_modules=list(lora.target_modules) or None, adapter=global_adapter,
                             on_step=on_step)
+        ctx.privatize(result, ctx.start_of(lambda: global_adapter))  # the adapter is not kept in the model
         blob = ctx.outgoing(serialize_block(result.tensors), ADAPTER_WORD_SIZE, manifest.adapter.sha256)
         return TrainedUpload([blob], pb.UploadHeader(block_index=manifest.adapter.index, blob_sha256=blob.sha256,
                                                      blob_size=len(blob.data)), result)

@@ -131,11 +131,48 @@ class RateLimitConfig:
     upload_block_burst: int = 100
     get_status_per_s: float = 50.0
     get_status_burst: int = 500
+    decline_task_per_s: float = 5.0
+    decline_task_burst: int = 50
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if name != "enabled" and not value > 0:
                 raise ValueError(f"rate_limits.{name} must be > 0 (set rate_limits.enabled = false to turn limits off)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy of each site's records (off by default; docs/security.md says what it protects).
+
+    ``records``: DP-SGD within every visit: each training sequence's gradient clipped to ``clip_norm``, Gaussian
+    noise of std ``noise_multiplier * clip_norm`` added to the sum, sequences drawn by Poisson sampling.
+    ``updates``: the visit's update (trained minus started-from) clipped to ``update_clip_norm`` with noise of std
+    ``update_noise_multiplier * update_clip_norm`` before upload, against a curious coordinator. Each site composes
+    its epsilon at ``delta`` over all its visits (RDP accountant) and declines a task that would take either level
+    past ``target_epsilon`` (0: no limit, epsilon only reported)."""
+
+    records: bool = False
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    updates: bool = False
+    update_noise_multiplier: float = 1.0
+    update_clip_norm: float = 1.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or self.update_noise_multiplier < 0:
+            raise ValueError("privacy noise multipliers must be >= 0")
+        if not self.clip_norm > 0 or not self.update_clip_norm > 0:
+            raise ValueError("privacy clip norms must be > 0")
+        if self.target_epsilon < 0:
+            raise ValueError("privacy.target_epsilon must be >= 0 (0: no limit)")
+        if not 0 < self.delta < 1:
+            raise ValueError("privacy.delta must be in (0, 1), e.g. 1e-5 or less than 1 / a site's records")
+
+    @property
+    def enabled(self) -> bool:
+        return self.records or self.updates
 
 
 @dataclass(frozen=True)
@@ -175,6 +212,7 @@ class CoordinatorConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Revoked client names / certificate fingerprints (`fedcybgd certs --revoke`), reloaded when it changes;
     # None: revoked.json next to tls_client_ca when that is set, else no revocation list.
     revocation_list: str | None = None

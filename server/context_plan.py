@@ -4,6 +4,12 @@ approximations themselves (encoded once, kept on disk, content-addressed).
 Only blocks the client lacks exactly, never a trainable blob, and only with a codec the client
 announced. An approximation is relative to the newest exact version of the block the client
 holds, and is used only when it is smaller on the wire than that block's lossless delta.
+
+The index of approximations lives in memory, and retention (`server/retention.py`) calls `retain` after each
+sweep: approximations of a blob no kept version references, or relative to one, go (entry and file), so the
+store holds about as much as the kept versions do, not an approximation per visit forever. Files a previous
+process left have no index entry: they are removed at start (encodings are deterministic, so one asked for
+again is the same blob, and a client resuming its download of it resumes the same bytes).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import logging
 import math
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +51,25 @@ class Approximation:
     group_size: int = 0
 
 
+@dataclass(frozen=True)
+class _Key:
+    """What an approximation is made from: the settings, the exact blob and the blob it is relative to."""
+
+    method: str
+    ratio: float
+    group_size: int
+    sha256: str
+    reference: str | None
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """An approximation on disk (in `ContextPlanner.store`) and its size."""
+
+    sha256: str
+    size: int
+
+
 class ContextPlanner:
     def __init__(self, config: ContextConfig, blobs: BlobStore, run: RunInfo, history: BlockHistory,
                  directory: Path) -> None:
@@ -52,8 +78,10 @@ class ContextPlanner:
         self._run = run
         self._history = history
         self.store = BlobStore(directory)   # the encoded approximations
-        self._made: dict[tuple, tuple[str, int] | None] = {}
-        self._key_locks: dict[tuple, threading.Lock] = {}
+        for leftover in list(self.store):   # a previous process's: not in the index (see the module's docstring)
+            self.store.remove(leftover)
+        self._made: dict[_Key, _Encoded | None] = {}   # None: not worth sending (the exact block is smaller)
+        self._key_locks: dict[_Key, threading.Lock] = {}
         self._index_lock = threading.Lock()
 
     @property
@@ -79,16 +107,33 @@ class ContextPlanner:
         for i, sha, ref in frozen:
             made = self._approximation(i, sha, ref)
             if made is not None:
-                plan[i] = Approximation(codec=codec, sha256=made[0], size=made[1], reference=ref or "",
+                plan[i] = Approximation(codec=codec, sha256=made.sha256, size=made.size, reference=ref or "",
                                         group_size=cfg.group_size)
         return plan
 
-    def _approximation(self, block: int, sha: str, reference: str | None) -> tuple[str, int] | None:
+    def retain(self, kept: Callable[[str], bool]) -> int:
+        """Drop the approximations of blobs for which `kept` is false, or relative to one: retention deleted them,
+        so no download plans them again. Their files go unless a remaining approximation has the same bytes.
+        Returns how many entries went. An approximation made while this runs from a blob deleted meanwhile is
+        dropped at the next call."""
+        with self._index_lock:
+            gone = [key for key in self._made
+                    if not kept(key.sha256) or (key.reference is not None and not kept(key.reference))]
+            dropped = {made.sha256 for made in (self._made.pop(key) for key in gone) if made is not None}
+            remaining = {made.sha256 for made in self._made.values() if made is not None}
+            for sha in dropped - remaining:
+                self.store.remove(sha)
+        if gone:
+            log.debug("context: %d approximations of deleted blobs dropped (%d files)", len(gone),
+                      len(dropped - remaining))
+        return len(gone)
+
+    def _approximation(self, block: int, sha: str, reference: str | None) -> _Encoded | None:
         """The encoded approximation of blob `sha` relative to `reference`, made once and kept;
         None when it would not be smaller on the wire than the exact block. Different blocks are
         encoded concurrently; the same one only once."""
         cfg = self._config
-        key = (cfg.method, cfg.effective_ratio, cfg.group_size, sha, reference)
+        key = _Key(cfg.method, cfg.effective_ratio, cfg.group_size, sha, reference)
         with self._index_lock:
             if key in self._made:
                 return self._made[key]
@@ -103,7 +148,7 @@ class ContextPlanner:
                 self._key_locks.pop(key, None)
             return made
 
-    def _encode(self, block: int, sha: str, reference: str | None) -> tuple[str, int] | None:
+    def _encode(self, block: int, sha: str, reference: str | None) -> _Encoded | None:
         cfg = self._config
         tensors = safetensors.torch.load_file(str(self._blobs.path(sha)))
         ref = safetensors.torch.load_file(str(self._blobs.path(reference))) if reference else None
@@ -117,7 +162,7 @@ class ContextPlanner:
         worth_it = lossy < lossless
         log.debug("block %d: %s approximation of %s: %d bytes on the wire vs %d exact%s", block, cfg.method,
                   sha[:12], lossy, lossless, "" if worth_it else ": sent exactly")
-        return (self.store.put(blob), len(blob)) if worth_it else None
+        return _Encoded(self.store.put(blob), len(blob)) if worth_it else None
 
 
 def wire_size(sha: str, data, words: int, delta) -> int:

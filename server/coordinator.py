@@ -44,6 +44,7 @@ from fedcybgd.server.history import BlockHistory, CompletedRounds
 from fedcybgd.server.memory_fit import MemoryFit, PlannerPredictor, Predictor
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.model_store import ModelStore
+from fedcybgd.server.privacy import PrivacyReports
 from fedcybgd.server.records import UploadClaim, VisitStats
 from fedcybgd.server.retention import Retention, directory_bytes
 from fedcybgd.server.revocation import Revocations, default_path
@@ -94,7 +95,7 @@ class Coordinator:
 
         if memory_predictor is None and self.strategy.memory_planned:
             memory_predictor = PlannerPredictor(self.store.config_json(), self.run, config.layers_per_block,
-                                                config.training)
+                                                config.training, private=config.privacy.records)
         self.memory = MemoryFit(memory_predictor)
         self.enroller = Enroller(config, self.state, self.metrics, self.memory)
         self.revocations = Revocations(Path(config.revocation_list) if config.revocation_list
@@ -107,14 +108,16 @@ class Coordinator:
         self.downloads = Downloads(config, self.state, self.store.blobs, self.run, self.strategy, self.history,
                                    self.context, self.accounts, self.metrics)
         self.receiver = UploadReceiver(self.store.blobs, self.metrics, accepted_deltas(config.deltas))
+        self.privacy = PrivacyReports(self.state, self.accounts, self.metrics, self._lock)
         self.report = StatusReport(config, self.state, self.store, self.run, self.strategy, self.rounds, self.accounts,
-                                   self.memory, self.tasks)
+                                   self.memory, self.tasks, self.privacy)
         self.evaluator = (Evaluator(config.eval, config.training.seq_len, self.state, self.store, self.run,
                                     self.strategy, self.rounds, self.metrics, config.clients_per_round)
                           if config.eval.data else None)
         self.retention = Retention(config.retention, self.state, self.store.blobs, self.schedule, self._lock,
                                    self.metrics, extra_blob=self.strategy.extra_blob,
-                                   pinned=self.evaluator.pending if self.evaluator is not None else frozenset)
+                                   pinned=self.evaluator.pending if self.evaluator is not None else frozenset,
+                                   records=(self.history, self.context))
         self.metrics.measure_disk(self.store.blobs.disk_bytes, lambda: directory_bytes(self.state_dir))
         self._model_info: pb.ModelInfo | None = None
 
@@ -153,8 +156,14 @@ class Coordinator:
         return pb.HeartbeatResponse(task_valid=valid, heartbeat_interval_s=self.config.heartbeat_interval_s)
 
     def get_task(self, client: ClientRow, req: pb.GetTaskRequest) -> pb.GetTaskResponse:
+        self.privacy.refuse_declined(client)
         offer = self.tasks.get_task(client, req.wait_seconds)
-        return messages.task_offer(offer, self.strategy, self.config.training)
+        return messages.task_offer(offer, self.strategy, self.config.training, self.config.privacy)
+
+    def decline_task(self, client: ClientRow, req: pb.DeclineTaskRequest) -> pb.DeclineTaskResponse:
+        """The client will not do its task (its privacy budget): reassigned now, the reason kept for status."""
+        self.privacy.declined(client, req.task_id, req.reason)
+        return pb.DeclineTaskResponse()
 
     # -- transfers -----------------------------------------------------------------------------
     def download(self, client: ClientRow, req: pb.DownloadRequest) -> Iterator[pb.DownloadMessage]:
@@ -183,6 +192,7 @@ class Coordinator:
         received = self.receiver.receive(first.ByteSize(), stream, expected)
         self.accounts.count(task.id, "up", self.strategy.transfer_kind, received.wire, received.raw)
         accepted = self.strategy.accept(task, expected, self._stats(client, task, claim, received.wire))
+        self.privacy.reported(client, claim)
         return pb.UploadResponse(new_version=accepted.new_version, blob_sha256=accepted.blob_sha256)
 
     def _stats(self, client: ClientRow, task: TaskRow, claim: UploadClaim, wire_bytes: int) -> VisitStats:

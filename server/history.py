@@ -1,12 +1,12 @@
 """What the run has committed so far, as the parts that plan work need it in memory: which
-rounds are done, and every blob each block has had (the candidates for version deltas).
+rounds are done, and the blobs each block has had that are still on disk (the candidates for version deltas).
 
 Both are rebuilt from the durable state at start-up; strategies say which blobs a committed
 visit or round added (`Strategy.blobs_of`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fedcybgd.common.blobstore import BlobStore
 
@@ -38,8 +38,18 @@ class CompletedRounds:
 
 
 class BlockHistory:
-    """Every blob each block has had, oldest first. Index `len(blocks)` is the place of a blob
-    beyond the blocks (fedlora's adapter)."""
+    """The blobs each block has had that the store may still hold, oldest first: the candidates for a
+    download's delta base. Index `len(blocks)` is the place of a blob beyond the blocks (fedlora's adapter).
+
+    Retention (`server/retention.py`) calls `retain` after it deletes blobs, so the history holds about what the
+    kept versions hold instead of a blob per visit forever. Writers (`add`, `retain`) hold the scheduling lock;
+    readers (`delta_base`, from download threads) take a slice of a list, which a writer replaces or appends to
+    but never edits in place."""
+
+    #: How many of a block's newest blobs a delta base is looked for among, besides its first (the base model's,
+    #: which many clients hold): a client holding none of them (it missed that many changes of the block)
+    #: downloads the block whole.
+    WALK = 16
 
     def __init__(self, blobs: BlobStore, slots: int) -> None:
         self._blobs = blobs
@@ -50,11 +60,22 @@ class BlockHistory:
         for index, sha in changed.items():
             self._by_block[index].append(sha)
 
+    def retain(self, kept: Callable[[str], bool]) -> None:
+        """Forget the blobs for which `kept` is false (retention deleted them: they can be no delta base)."""
+        for index, shas in self._by_block.items():
+            if not all(kept(sha) for sha in shas):
+                self._by_block[index] = [sha for sha in shas if kept(sha)]
+
+    def blobs(self, block: int) -> list[str]:
+        """The blobs remembered for a block, oldest first."""
+        return list(self._by_block.get(block, []))
+
     def delta_base(self, block: int, sha: str, have: set[str]) -> str | None:
-        """The newest earlier version of this block that the client holds (same size), if any:
-        the blob `sha` then travels as the XOR against it."""
+        """The newest earlier version of this block that the client holds (same size), looked for among the
+        block's newest `WALK` blobs and its first, if any: the blob `sha` then travels as a delta against it."""
+        shas = self._by_block.get(block, [])
         size = self._blobs.size(sha)
-        for older in reversed(self._by_block.get(block, [])):
+        for older in [*reversed(shas[-self.WALK:]), *shas[:1]]:
             if older != sha and older in have and self._size(older) == size:
                 return older
         return None

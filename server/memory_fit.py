@@ -77,9 +77,12 @@ Predictor = Callable[[MemoryProfile], list[PredictedVisit]]
 
 class PlannerPredictor:
     """The memory planner's predictions for this run: its model config, partition (`layers_per_block`, the
-    resolved block bound), exchange dtype, and the visit's batch shape (`TrainingConfig`)."""
+    resolved block bound), exchange dtype, the visit's batch shape (`TrainingConfig`) and whether visits run
+    DP-SGD (`private`)."""
 
-    def __init__(self, config_json: str, run: RunInfo, layers_per_block: int, training: TrainingConfig) -> None:
+    def __init__(self, config_json: str, run: RunInfo, layers_per_block: int, training: TrainingConfig,
+                 private: bool = False) -> None:
+        self._private = private  # record-level DP-SGD: one row backpropagated at a time, fp32 gradient sums
         self._config_json = config_json
         self._run = run
         self._layers_per_block = layers_per_block
@@ -91,7 +94,8 @@ class PlannerPredictor:
                                 device_type=profile.device_type, checkpoint_above=profile.checkpoint_above,
                                 compact_frozen=profile.compact_frozen or None,
                                 layers_per_block=self._layers_per_block,
-                                max_block_params=run.max_block_params)  # resolved: 0 is "no bound", as clients
+                                max_block_params=run.max_block_params,  # resolved: 0 is "no bound", as clients
+                                privacy=self._private)
         plans = plan_visits(config_from_json(self._config_json), settings)
         names = [spec.name for spec in run.specs]
         if [p.block for p in plans] != names:

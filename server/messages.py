@@ -5,7 +5,7 @@ from __future__ import annotations
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.blocks import BlockSpec
 from fedcybgd.common.delta_arith import accepted as accepted_deltas
-from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.config import CoordinatorConfig, PrivacyConfig, TrainingConfig
 from fedcybgd.server.context_plan import Approximation
 from fedcybgd.server.downloads import DownloadRequest
 from fedcybgd.server.enrolment import Enrolment
@@ -46,23 +46,36 @@ def upload_claim(header: pb.UploadHeader) -> UploadClaim:
         listed=tuple(ClaimedBlob(b.block_index, b.sha256, b.size) for b in header.blobs),
         samples=header.samples, tokens=header.tokens, loss_before=header.loss_before,
         loss_after=header.loss_after, peak_memory_bytes=header.peak_memory_bytes,
-        train_seconds=header.train_seconds, download_seconds=header.download_seconds, device=header.device)
+        train_seconds=header.train_seconds, download_seconds=header.download_seconds, device=header.device,
+        record_epsilon=header.record_epsilon, update_epsilon=header.update_epsilon)
 
 
 # -- replies -----------------------------------------------------------------------------------
-def task(row: TaskRow, strategy: Strategy, training: TrainingConfig) -> pb.Task:
+def task(row: TaskRow, strategy: Strategy, training: TrainingConfig, privacy: PrivacyConfig) -> pb.Task:
     """A task with its hyper-parameters: the scheduled learning rate and seed, the run's rest."""
     visit = training.visit_hyper(strategy.schedule.lr_of(row.round), strategy.seed_of(row))
     hyper = pb.Hyper(lr=visit.lr, local_steps=visit.steps, batch_size=visit.batch_size, seq_len=visit.seq_len,
-                     seed=visit.seed, weight_decay=visit.weight_decay, max_grad_norm=visit.max_grad_norm)
+                     seed=visit.seed, weight_decay=visit.weight_decay, max_grad_norm=visit.max_grad_norm,
+                     privacy=privacy_of(privacy))
     return pb.Task(task_id=row.id, cycle=strategy.schedule.cycle_of(row.round), round=row.round,
                    block_index=max(row.block_index, 0), block_name=strategy.scope_name(row.block_index),
                    base_version=row.base_version, hyper=hyper, kind=strategy.task_kind)
 
 
-def task_offer(offer: TaskOffer, strategy: Strategy, training: TrainingConfig) -> pb.GetTaskResponse:
+def privacy_of(config: PrivacyConfig) -> pb.Privacy | None:
+    """The run's differential privacy as a task carries it (None: off)."""
+    if not config.enabled:
+        return None
+    return pb.Privacy(records=config.records, noise_multiplier=config.noise_multiplier, clip_norm=config.clip_norm,
+                      updates=config.updates, update_noise_multiplier=config.update_noise_multiplier,
+                      update_clip_norm=config.update_clip_norm, target_epsilon=config.target_epsilon,
+                      delta=config.delta)
+
+
+def task_offer(offer: TaskOffer, strategy: Strategy, training: TrainingConfig,
+               privacy: PrivacyConfig) -> pb.GetTaskResponse:
     if offer.task is not None:
-        return pb.GetTaskResponse(task=task(offer.task, strategy, training))
+        return pb.GetTaskResponse(task=task(offer.task, strategy, training, privacy))
     if offer.final_version is not None:
         return pb.GetTaskResponse(done=pb.Done(final_version=offer.final_version))
     return pb.GetTaskResponse(wait=pb.Wait(retry_after_ms=500, reason=offer.wait_reason))

@@ -56,6 +56,9 @@ class CoordinatorMetrics:
                                       ["reason"], registry=r)
         self.visit_seconds = Histogram("fedcybgd_visit_duration_seconds", "Task issue to commit",
                                        buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
+        self.dp_epsilon = Gauge("fedcybgd_dp_epsilon", "Differential privacy each site reports having spent "
+                                "(epsilon at the run's delta), by level: records (DP-SGD) or updates",
+                                ["client", "level"], registry=r)
         self.round = Gauge("fedcybgd_round", "Rounds (visits) committed so far", registry=r)
         self.cycle = Gauge("fedcybgd_cycle", "Current cycle (0-based)", registry=r)
         self.total_rounds = Gauge("fedcybgd_rounds_planned", "Rounds planned for the run", registry=r)

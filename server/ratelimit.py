@@ -47,6 +47,7 @@ def rates(config: RateLimitConfig) -> dict[str, Rate]:
         "DownloadModel": Rate(config.download_model_per_s, config.download_model_burst),
         "UploadBlock": Rate(config.upload_block_per_s, config.upload_block_burst),
         "GetStatus": Rate(config.get_status_per_s, config.get_status_burst),
+        "DeclineTask": Rate(config.decline_task_per_s, config.decline_task_burst),
     }
 
 

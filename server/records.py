@@ -86,6 +86,8 @@ class UploadClaim:
     train_seconds: float
     download_seconds: float
     device: str
+    record_epsilon: float = 0.0         # differential privacy the site reports having spent (0: off)
+    update_epsilon: float = 0.0
 
     @property
     def last_sha256(self) -> str:

@@ -15,6 +15,11 @@ no kept version references are deleted (blocks are shared between versions: most
 its neighbours'). Only versions that may still go are looked at per sweep (`candidates`: the kept versions that
 are neither the base nor a checkpoint), and a reference count per blob over the kept versions decides what is
 deleted, so a sweep costs the same after ten versions or ten thousand.
+
+A FedAvg-family round's uploads go once the round is merged (`_release_contributions`); a crash between the
+merge's commit and that release is caught up at the next start (`_release_missed`). The parts that remember blobs
+in memory (the block history's delta bases, the lossy-context approximations: `BlobRecords`) forget the deleted
+ones after each sweep and at start, so they stay as bounded as the store.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.server.config import RetentionConfig
@@ -36,6 +42,17 @@ from fedcybgd.server.scheduler import Schedule
 from fedcybgd.server.state import CoordinatorState
 
 log = logging.getLogger("fedcybgd.coordinator")
+
+#: State metadata: every version up to this one had its FedAvg-family round's uploads released (start-up looks
+#: only at later versions for a release a crash cut off).
+RELEASED_META = "retention:released_through"
+
+
+class BlobRecords(Protocol):
+    """A part that remembers blobs in memory (`BlockHistory`, `ContextPlanner`): told which ones are still kept
+    after retention deleted others."""
+
+    def retain(self, kept: Callable[[str], bool]) -> object: ...
 
 
 def checkpoint_rule(every: int | None, schedule: Schedule) -> Callable[[int], bool]:
@@ -108,17 +125,20 @@ class SweepResult:
 
 
 class Retention:
-    """Applies the rule after commits (`committed`) and at start-up (finishing a sweep a crash interrupted).
+    """Applies the rule after commits (`committed`) and at start-up (finishing a sweep, or a merged round's release,
+    that a crash interrupted).
 
     `lock` is the coordinator's scheduling lock: a sweep holds it, so no task is issued and no version committed
     while it decides (a task's base is the newest version when it is issued, and the newest always stays).
     `pinned` names versions a reader still needs (the evaluator's queue). `extra_blob` is the strategy's blob beyond
-    the blocks of a version (fedlora's adapter), part of the version like its blocks."""
+    the blocks of a version (fedlora's adapter), part of the version like its blocks. `records` forget the blobs
+    deleted (after each sweep that pruned, and at start)."""
 
     def __init__(self, config: RetentionConfig, state: CoordinatorState, blobs: BlobStore, schedule: Schedule,
                  lock: AbstractContextManager[object], metrics: CoordinatorMetrics,
                  extra_blob: Callable[[int], str | None] = lambda version: None,
-                 pinned: Callable[[], Collection[int]] = frozenset) -> None:
+                 pinned: Callable[[], Collection[int]] = frozenset,
+                 records: Iterable[BlobRecords] = ()) -> None:
         self._config = config
         self._state = state
         self._blobs = blobs
@@ -126,6 +146,7 @@ class Retention:
         self._metrics = metrics
         self._extra_blob = extra_blob
         self._pinned = pinned
+        self._records = list(records)
         self.is_checkpoint = checkpoint_rule(config.checkpoint_every, schedule)
         self._refs = BlobRefs()
         self._candidates: dict[int, tuple[str, ...]] = {}   # kept, prunable later: version -> its blobs
@@ -133,9 +154,15 @@ class Retention:
         # Committed while this process runs but not announced yet (`committed`): its readers (the evaluator's
         # queue) may not have pinned it yet, so it stays until then.
         self._unannounced: set[int] = set()
+        # Versions whose round's uploads were released (or had none), beyond `_released_through`.
+        self._released_through = int(state.get_meta(RELEASED_META) or 0)
+        self._released: set[int] = set()
         with self._lock:
             self._catch_up()
             self._finish_pending()
+            if self.enabled:
+                self._release_missed()
+            self._retain_records()
 
     @property
     def enabled(self) -> bool:
@@ -150,7 +177,8 @@ class Retention:
                 self._catch_up()
                 self._unannounced.discard(version)
                 result = self.sweep()
-                self._release_contributions(version)
+                merged = self._release_contributions(version)
+                self._note_released(version, persist=merged)
                 return result
         except Exception:  # the commit stands; what was not deleted now goes at the next sweep or start
             log.exception("retention: the sweep after version %d failed", version)
@@ -171,24 +199,61 @@ class Retention:
         freed = sum(self._blobs.remove(sha) for sha in unreferenced)
         deleted = len(unreferenced)
         self._state.mark_blobs_deleted(plan.prune)
+        self._retain_records()
         self._metrics.versions_pruned.inc(len(plan.prune))
         self._metrics.pruned_bytes.inc(freed)
         log.debug("retention: pruned versions %s (%d blobs, %d bytes); kept %s", plan.prune, deleted, freed,
                   plan.kept)
         return SweepResult(pruned=plan.prune, blobs_deleted=deleted, bytes_freed=freed)
 
-    def _release_contributions(self, version: int) -> int:
+    def _release_contributions(self, version: int, keep: Collection[str] = frozenset()) -> bool:
         """A FedAvg-family round merged into `version`: its clients' uploads (each a whole model, or an adapter) are
         no longer needed (recovery merges only rounds not merged yet), so the blobs no kept version references go.
-        An upload equal to a kept block (a block a client did not change) stays. Returns the bytes freed."""
+        An upload equal to a kept block (a block a client did not change) stays, as does one in `keep`. Returns
+        whether `version` was such a merge."""
         visit = self._state.visit_of_version(version)
         if visit is None or visit.block_index != ALL_BLOCKS:
-            return 0
+            return False
         uploads = {sha for c in self._state.contributions(visit.round) for sha in c.blobs}
-        freed = sum(self._blobs.remove(sha) for sha in uploads if sha not in self._refs)
+        freed = sum(self._blobs.remove(sha) for sha in uploads if sha not in self._refs and sha not in keep)
         self._metrics.pruned_bytes.inc(freed)
         log.debug("retention: round %d's uploads released (%d bytes)", visit.round, freed)
-        return freed
+        return True
+
+    def _release_missed(self) -> None:
+        """Start-up: the uploads of rounds merged since the last release recorded (`RELEASED_META`), released now
+        when a crash came between a merge's commit and its release (deleting what is gone already costs nothing).
+        The round after the newest merged one may hold uploads that recovery is about to merge: they stay."""
+        newest = self._known
+        if newest <= self._released_through:
+            return
+        last = self._state.visit_of_version(newest)
+        open_round = last.round + 1 if last is not None else 0
+        waiting = {sha for c in self._state.contributions(open_round) for sha in c.blobs}
+        merged = [v for v in range(self._released_through + 1, newest + 1)
+                  if self._release_contributions(v, keep=waiting)]
+        self._released_through = newest
+        self._state.set_meta({RELEASED_META: str(newest)})
+        if merged:
+            log.info("retention: released the uploads of %d rounds merged before the restart (versions %d to %d)",
+                     len(merged), merged[0], merged[-1])
+
+    def _note_released(self, version: int, persist: bool) -> None:
+        """`version`'s release is done; the mark moves over every version done without a gap, and is written when
+        `persist` (a merged round: a block-cycle run writes nothing per visit, start-up looks at its versions once)."""
+        self._released.add(version)
+        while self._released_through + 1 in self._released:
+            self._released_through += 1
+            self._released.discard(self._released_through)
+        if persist and self._released_through >= version:
+            self._state.set_meta({RELEASED_META: str(self._released_through)})
+
+    def _retain_records(self) -> None:
+        """Let the parts that remember blobs forget those no kept version references (caller holds the lock, with
+        every committed version counted: a blob of a version committed meanwhile is not mistaken for a deleted
+        one)."""
+        for records in self._records:
+            records.retain(self._refs.__contains__)
 
     def _blobs_of(self, version: int, manifest: list[str]) -> tuple[str, ...]:
         extra = self._extra_blob(version)

@@ -99,6 +99,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return self.coordinator.upload(self._client(context, "UploadBlock"), iter(request_iterator))
 
     @_unary
+    def DeclineTask(self, request, context):
+        return self.coordinator.decline_task(self._client(context, "DeclineTask"), request)
+
+    @_unary
     def GetStatus(self, request, context):
         self.limits.check(_peer_host(context), "GetStatus")
         self.coordinator.authorize_operator(_metadata(context), peer_common_name(context))

@@ -20,6 +20,7 @@ from fedcybgd.server.errors import Refusal, Status
 from fedcybgd.server.history import CompletedRounds
 from fedcybgd.server.memory_fit import MemoryFit
 from fedcybgd.server.model_store import ModelStore
+from fedcybgd.server.privacy import PrivacyReports, SitePrivacy
 from fedcybgd.server.records import ALL_BLOCKS
 from fedcybgd.server.run import RunInfo
 from fedcybgd.server.state import CoordinatorState, VisitRow, current_version
@@ -49,7 +50,9 @@ def page_size(max_visits: int) -> int:
 class StatusReport:
     def __init__(self, config: CoordinatorConfig, state: CoordinatorState, store: ModelStore, run: RunInfo,
                  strategy: Strategy, rounds: CompletedRounds, accounts: TaskAccounts,
-                 memory: MemoryFit | None = None, board: TaskBoard | None = None) -> None:
+                 memory: MemoryFit | None = None, board: TaskBoard | None = None,
+                 privacy: PrivacyReports | None = None) -> None:
+        self._privacy = privacy
         self._config = config
         self._state = state
         self._store = store
@@ -82,8 +85,10 @@ class StatusReport:
                             gpu_peak_reserved_bytes=c.gpu_peak_reserved_bytes, host_rss_bytes=c.host_rss_bytes,
                             checkpoint_above=c.checkpoint_above, compact_frozen=c.compact_frozen,
                             fits_blocks=self._memory.fitting_blocks(c, len(self._run.specs)),
-                            memory_note=memory_waits.get(c.id, ""))
-            for c in known
+                            memory_note=memory_waits.get(c.id, ""),
+                            record_epsilon=privacy.record_epsilon, update_epsilon=privacy.update_epsilon,
+                            declined=privacy.declined)
+            for c, privacy in ((c, self._privacy_of(c.id)) for c in known)
         ]
         tasks = []
         for t in in_flight:
@@ -109,6 +114,9 @@ class StatusReport:
             waiting_reason=self._board.memory_stall() if self._board is not None and not finished else "",
             visits_total=totals.visits, next_visits_before_round=cursor,
         )
+
+    def _privacy_of(self, client_id: str) -> SitePrivacy:
+        return self._privacy.of(client_id) if self._privacy is not None else SitePrivacy()
 
     def _page(self, before_round: int, limit: int) -> tuple[list[VisitRow], int]:
         """The newest `limit` visits below the cursor, oldest first, and the cursor of the older page (0: none).

@@ -35,13 +35,19 @@ class Received:
 
 
 def check_claim(task: TaskRow, claim: UploadClaim) -> None:
-    """The header's own figures: the version the task started from, finite non-negative numbers."""
+    """The header's own figures: the version the task started from, finite non-negative numbers (losses may be
+    NaN: not reported)."""
     if claim.base_version != task.base_version:
         raise Refusal(Status.FAILED_PRECONDITION,
                       f"task {task.id} started from version {task.base_version}, not {claim.base_version}")
-    if not all(math.isfinite(x) and x >= 0 for x in (claim.loss_before, claim.loss_after, claim.train_seconds,
-                                                    claim.download_seconds)):
-        raise Refusal(Status.INVALID_ARGUMENT, "losses and seconds in the header must be finite and >= 0")
+    if not all(math.isfinite(x) and x >= 0 for x in (claim.train_seconds, claim.download_seconds)):
+        raise Refusal(Status.INVALID_ARGUMENT, "seconds in the header must be finite and >= 0")
+    # A loss is NaN when it was not reported (differential privacy: it is computed on the site's records without
+    # noise, so a private client does not send it); otherwise finite and >= 0.
+    if not all(math.isnan(x) or (math.isfinite(x) and x >= 0) for x in (claim.loss_before, claim.loss_after)):
+        raise Refusal(Status.INVALID_ARGUMENT, "losses in the header must be finite and >= 0 (or NaN: not reported)")
+    if not all(x >= 0 for x in (claim.record_epsilon, claim.update_epsilon)):  # inf: a mechanism without noise
+        raise Refusal(Status.INVALID_ARGUMENT, "epsilons in the header must be >= 0")
 
 
 class UploadReceiver:

@@ -13,8 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -464,3 +466,96 @@ def assert_matches_reference(model_dir: Path, schedule: ScheduleConfig, training
     reference = replay_reference(model_dir, schedule, training, data_of_visit, checks.get("max_block_params"), prompt)
     assert_same_weights(reference, manifest, blob_path, **checks)
     return reference
+
+
+# -- what travels ---------------------------------------------------------------------------------------
+
+@dataclass
+class TappedCall:
+    """One RPC as the server handled it: the method's name (`DownloadModel`, no service) and its
+    request and response messages, in the order they passed."""
+
+    method: str
+    requests: list[Any] = field(default_factory=list)
+    responses: list[Any] = field(default_factory=list)
+
+
+class MessageTap(grpc.ServerInterceptor):
+    """A server interceptor that records every message of every call, call by call, and changes
+    nothing: the test's own account of what travelled, to search or to compare with what the
+    coordinator reports. Pass it to `coordinators.start(interceptors=[tap])`.
+
+    A request is recorded when the handler takes it and a response when the handler produces it
+    (before gRPC sends it), so a stream the handler stops early, or a call it refuses, records what
+    had passed by then. Every message is kept: meant for the tiny runs of the tests."""
+
+    def __init__(self) -> None:
+        self._calls: list[TappedCall] = []
+        self._lock = threading.Lock()
+
+    def calls(self, method: str | None = None) -> list[TappedCall]:
+        """The calls so far (of `method` only, if given), oldest first; each a snapshot."""
+        with self._lock:
+            return [TappedCall(c.method, list(c.requests), list(c.responses)) for c in self._calls
+                    if method is None or c.method == method]
+
+    def requests(self, method: str | None = None) -> list[Any]:
+        """Every request message so far (of `method`'s calls, if given), call after call."""
+        return [m for call in self.calls(method) for m in call.requests]
+
+    def responses(self, method: str | None = None) -> list[Any]:
+        """Every response message so far (of `method`'s calls, if given), call after call."""
+        return [m for call in self.calls(method) for m in call.responses]
+
+    def _begin(self, method: str) -> TappedCall:
+        call = TappedCall(method)
+        with self._lock:
+            self._calls.append(call)
+        return call
+
+    def _keep(self, messages: list[Any], message: Any) -> Any:
+        with self._lock:
+            messages.append(message)
+        return message
+
+    def _kept(self, messages: list[Any], stream: Iterable[Any]) -> Iterator[Any]:
+        for message in stream:
+            yield self._keep(messages, message)
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        kwargs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            unary_unary = handler.unary_unary
+
+            def unary_unary_call(request: Any, context: grpc.ServicerContext) -> Any:
+                call = self._begin(method)
+                return self._keep(call.responses, unary_unary(self._keep(call.requests, request), context))
+            return grpc.unary_unary_rpc_method_handler(unary_unary_call, **kwargs)
+        if handler.unary_stream:
+            unary_stream = handler.unary_stream
+
+            def unary_stream_call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                call = self._begin(method)
+                yield from self._kept(call.responses, unary_stream(self._keep(call.requests, request), context))
+            return grpc.unary_stream_rpc_method_handler(unary_stream_call, **kwargs)
+        if handler.stream_unary:
+            stream_unary = handler.stream_unary
+
+            def stream_unary_call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                call = self._begin(method)
+                return self._keep(call.responses, stream_unary(self._kept(call.requests, requests), context))
+            return grpc.stream_unary_rpc_method_handler(stream_unary_call, **kwargs)
+        if handler.stream_stream:
+            stream_stream = handler.stream_stream
+
+            def stream_stream_call(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                call = self._begin(method)
+                yield from self._kept(call.responses, stream_stream(self._kept(call.requests, requests), context))
+            return grpc.stream_stream_rpc_method_handler(stream_stream_call, **kwargs)
+        return handler

@@ -9,9 +9,7 @@ weights of a run with the XOR delta.
 from __future__ import annotations
 
 import collections
-import threading
 import zlib
-from typing import Any
 
 import grpc
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import Coordinators, address_of, register, wait_clients, wait_for, write_data
+from conftest import Coordinators, MessageTap, address_of, register, wait_clients, wait_for, write_data
 from fedcybgd.common import bytegroup, delta_arith
 from fedcybgd.common.blocks import block_tensors
 from fedcybgd.common.codec import BlobAssembler, CodecError, decode_chunk, encode_chunks, serialize_block, sha256_hex
@@ -355,35 +353,13 @@ def test_a_coordinator_set_to_xor_refuses_arith_uploads_and_sends_xor(coordinato
 
 # -- end to end ------------------------------------------------------------------------------------
 
-class CountDeltas(grpc.ServerInterceptor):
-    """Counts the delta encodings of the chunks a coordinator receives (uploads) and sends
-    (downloads): what actually travelled."""
-
-    def __init__(self) -> None:
-        self.seen: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._lock = threading.Lock()
-
-    def _count(self, direction: str, message: Any) -> Any:
-        if message.HasField("chunk") and message.chunk.delta_base:
-            with self._lock:
-                self.seen[(direction, message.chunk.delta)] += 1
-        return message
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None:
-            return None
-        kwargs = dict(request_deserializer=handler.request_deserializer,
-                      response_serializer=handler.response_serializer)
-        if details.method.endswith("/UploadBlock"):
-            upload = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(
-                lambda it, ctx: upload((self._count("up", m) for m in it), ctx), **kwargs)
-        if details.method.endswith("/DownloadModel"):
-            download = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                lambda req, ctx: (self._count("down", m) for m in download(req, ctx)), **kwargs)
-        return handler
+def _deltas_seen(tap: MessageTap) -> collections.Counter[tuple[str, int]]:
+    """The delta encodings of the chunks a coordinator received (uploads, "up") and sent (downloads,
+    "down"), counted by (direction, encoding): what actually travelled."""
+    seen: collections.Counter[tuple[str, int]] = collections.Counter()
+    for direction, messages in (("up", tap.requests("UploadBlock")), ("down", tap.responses("DownloadModel"))):
+        seen.update((direction, m.chunk.delta) for m in messages if m.HasField("chunk") and m.chunk.delta_base)
+    return seen
 
 
 def _run(coordinators: Coordinators, clients, tmp_path,
@@ -394,9 +370,9 @@ def _run(coordinators: Coordinators, clients, tmp_path,
     follows the visit's seed), and they take turns, so each downloads the blocks the other changed."""
     out = tmp_path / client_deltas
     data, _ = write_data(out, clients=1)
-    counter = CountDeltas()
+    tap = MessageTap()
     running = coordinators.start(state_dir=str(out / "state"), chunk_bytes=CHUNK, dtype="bfloat16",
-                                 interceptors=[counter],
+                                 interceptors=[tap],
                                  schedule=ScheduleConfig(cycles=2, order="random", lr=3e-3, seed=3),
                                  training=TrainingConfig(local_steps=2, batch_size=2, seq_len=32))
     procs = [clients.start(address_of(running), data[0], out / "caches" / f"site-{i}", f"site-{i}",
@@ -410,7 +386,7 @@ def _run(coordinators: Coordinators, clients, tmp_path,
     assert {v.client_name for v in status.visits} == {"site-0", "site-1"}
     blobs = [coordinator.store.blobs.read(sha) for sha in coordinator.state.manifest(_latest(running))]
     coordinators.stop(running)
-    return blobs, wire, counter.seen
+    return blobs, wire, _deltas_seen(tap)
 
 
 @pytest.mark.multiprocess

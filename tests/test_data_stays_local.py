@@ -3,14 +3,11 @@ coordinator in any message of a complete run. Every request message is recorded 
 side, upload chunks are decoded, and the lot is searched."""
 from __future__ import annotations
 
-import threading
-
-import grpc
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ClientProcesses, Coordinators, address_of, wait_clients, write_data
+from conftest import ClientProcesses, Coordinators, MessageTap, address_of, wait_clients, write_data
 from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.codec import decode_chunk
 from fedcybgd.common.data import load_packed
@@ -22,56 +19,26 @@ from fedcybgd.v1 import coordinator_pb2 as pb
 pytestmark = pytest.mark.multiprocess
 
 
-class RecordRequests(grpc.ServerInterceptor):
-    """Keeps every request message the coordinator receives, whatever the RPC."""
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self._lock = threading.Lock()
-
-    def _keep(self, message):
-        with self._lock:
-            self.messages.append(message)
-        return message
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None:
-            return None
-        kwargs = dict(request_deserializer=handler.request_deserializer,
-                      response_serializer=handler.response_serializer)
-        if handler.unary_unary:
-            inner = handler.unary_unary
-            return grpc.unary_unary_rpc_method_handler(lambda req, ctx: inner(self._keep(req), ctx), **kwargs)
-        if handler.unary_stream:
-            inner = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(lambda req, ctx: inner(self._keep(req), ctx), **kwargs)
-        if handler.stream_unary:
-            inner = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: inner((self._keep(m) for m in it), ctx),
-                                                        **kwargs)
-        return handler
-
-
 def test_no_training_text_or_tokens_reach_the_coordinator(tiny_model_dir, tmp_path, coordinators: Coordinators,
                                                           clients: ClientProcesses):
     data, _ = write_data(tmp_path, clients=2)
-    recorder = RecordRequests()
-    running = coordinators.start(interceptors=[recorder], schedule=ScheduleConfig(cycles=1),
+    tap = MessageTap()  # every request message the coordinator receives, whatever the RPC
+    running = coordinators.start(interceptors=[tap], schedule=ScheduleConfig(cycles=1),
                                  training=TrainingConfig(local_steps=2, batch_size=2, seq_len=64))
     wait_clients([clients.start(address_of(running), data[i], tmp_path / "caches" / f"site-{i}", f"site-{i}")
                   for i in range(2)])
-    coordinators.stop(running, grace=1)  # every request is in the recorder
+    coordinators.stop(running, grace=1)  # every request is in the tap
+    requests = tap.requests()
 
     received = []
     blobs = BlobStore(tmp_path / "state" / "blobs")  # delta chunks decode against blobs held here
-    for message in recorder.messages:
+    for message in requests:
         received.append(message.SerializeToString())
         if isinstance(message, pb.UploadMessage) and message.HasField("chunk"):
             chunk = message.chunk
             delta = blobs.read(chunk.delta_base) if chunk.delta_base else None
             received.append(decode_chunk(chunk, delta))  # what the compressed bytes carry
-    assert any(isinstance(m, pb.UploadMessage) for m in recorder.messages), "the run uploaded nothing?"
+    assert any(isinstance(m, pb.UploadMessage) for m in requests), "the run uploaded nothing?"
     haystack = b"\0".join(received)
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))

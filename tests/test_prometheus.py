@@ -10,11 +10,10 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ClientProcesses, Coordinators, address_of, free_port, wait_clients, wait_for, write_data
+from conftest import (
+    ClientProcesses,
+    Coordinators,
+    MessageTap,
+    address_of,
+    free_port,
+    wait_clients,
+    wait_for,
+    write_data,
+)
 from fedcybgd.server.config import EvalConfig, TrainingConfig
 from fedcybgd.server.scheduler import ScheduleConfig
 
@@ -43,46 +51,20 @@ def _prometheus_binary() -> str:
     return binary
 
 
-class CountBytes(grpc.ServerInterceptor):
-    """Bytes of every transfer as the wire sees them (message sizes), by task and direction."""
-
-    def __init__(self) -> None:
-        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
-        self._lock = threading.Lock()
-
-    def _add(self, task_id: str, direction: str, n: int) -> None:
-        with self._lock:
-            self.bytes[(task_id, direction)] += n
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None:
-            return None
-        kwargs = dict(request_deserializer=handler.request_deserializer,
-                      response_serializer=handler.response_serializer)
-        if details.method.endswith("/DownloadModel"):
-            inner = handler.unary_stream
-
-            def download(request, context):
-                for message in inner(request, context):
-                    self._add(request.task_id, "down", message.ByteSize())
-                    yield message
-            return grpc.unary_stream_rpc_method_handler(download, **kwargs)
-        if details.method.endswith("/UploadBlock"):
-            inner = handler.stream_unary
-
-            def upload(requests, context):
-                task = {}
-
-                def counted():
-                    for message in requests:
-                        if message.HasField("header"):
-                            task["id"] = message.header.task_id
-                        self._add(task.get("id", ""), "up", message.ByteSize())
-                        yield message
-                return inner(counted(), context)
-            return grpc.stream_unary_rpc_method_handler(upload, **kwargs)
-        return handler
+def _wire_bytes(tap: MessageTap) -> Counter[tuple[str, str]]:
+    """Bytes of every transfer as the wire sees them (message sizes), by (task, direction "down" or
+    "up"): a download's task is in its request, an upload's in its header message."""
+    counted: Counter[tuple[str, str]] = Counter()
+    for call in tap.calls("DownloadModel"):
+        task_id = call.requests[0].task_id
+        counted[(task_id, "down")] += sum(m.ByteSize() for m in call.responses)
+    for call in tap.calls("UploadBlock"):
+        task_id = ""
+        for message in call.requests:
+            if message.HasField("header"):
+                task_id = message.header.task_id
+            counted[(task_id, "up")] += message.ByteSize()
+    return counted
 
 
 def _query(base: str, expr: str, **params) -> list:
@@ -107,10 +89,10 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tmp_path, c
     assert len(exprs) >= 10
 
     data, eval_data = write_data(tmp_path, clients=2)
-    counter = CountBytes()
+    tap = MessageTap()
     metrics_port, client_ports = free_port(), [free_port(), free_port()]
     running = coordinators.start(
-        interceptors=[counter], grace=1, metrics_port=metrics_port, heartbeat_interval_s=1,
+        interceptors=[tap], grace=1, metrics_port=metrics_port, heartbeat_interval_s=1,
         schedule=ScheduleConfig(cycles=2, lr=3e-3),
         # Visits long enough (about a second) for several scrapes each.
         training=TrainingConfig(local_steps=60, batch_size=8, seq_len=128),
@@ -154,7 +136,8 @@ def test_prometheus_scrapes_a_run_and_every_dashboard_query_has_data(tmp_path, c
         assert not missing, f"dashboard queries without data: {missing}"
 
         visits = sorted(running.coordinator.state.visits(), key=lambda v: v.round)
-        counted = {v.round: {d: counter.bytes[(v.task_id, d)] for d in ("down", "up")} for v in visits}
+        wire = _wire_bytes(tap)
+        counted = {v.round: {d: wire[(v.task_id, d)] for d in ("down", "up")} for v in visits}
         assert all(c["down"] > 0 and c["up"] > 0 for c in counted.values())
 
         # Cumulative: the counters equal the sum of what the test counted.

@@ -40,6 +40,7 @@ def train_block(
     checkpoint_above: bool = False,
     cache_block_inputs: bool = False,
     compact_frozen: str | None = None,
+    privacy_batches: list[torch.Tensor] | None = None,
 ) -> VisitResult:
     """Train the block ``spec`` of ``model`` (already on its device) on rows of ``sequences`` ``[n, seq_len]`` (ids,
     with labels where some tokens carry no loss).
@@ -57,7 +58,9 @@ def train_block(
     * ``cache_block_inputs``: the hidden states entering the block are kept for rows that recur later in the
       visit (local epochs: ``steps * batch_size > n``) and dropped after their last use; a step whose rows are all
       kept runs from the block upward only (``training/layers.py``). Decoder-layer blocks of the architectures
-      ``decoder_stack`` knows; elsewhere the option changes nothing.
+      ``decoder_stack`` knows; elsewhere the option changes nothing. Ignored by a private visit
+      (``hyper.privacy``), whose per-example steps recompute every row's forward pass from the embeddings: the
+      option only saves work, so a client that sets it still takes private tasks.
 
     And one whose result is *not* within float tolerance, a lossy option (``docs/benchmarks.md`` measures it):
 
@@ -65,6 +68,9 @@ def train_block(
       weights quantized for the visit (``training/compact.py``). The block itself trains in full precision, but
       its gradients pass through approximated layers; afterwards those layers hold *dequantized* weights, which
       the caller must replace by the exact ones before anything else uses the model.
+
+    With ``hyper.privacy`` the visit is record-level DP-SGD (``training/privacy.py``); ``privacy_batches``, for
+    tests and benchmarks only, replaces its secret Poisson batches (``fit``).
     """
     data = check_inputs(sequences, hyper)
     with contextlib.ExitStack() as stack:
@@ -75,13 +81,13 @@ def train_block(
 
             def step_loss(step: int, rows: torch.Tensor) -> torch.Tensor:
                 return causal_lm_loss(model, *data.batch(rows, device), head_rows=head_rows)
-        elif cache_block_inputs:
+        elif cache_block_inputs and hyper.privacy is None:
             step_loss = _BlockInputCache.for_visit(model, spec, data, visit_rows(data, hyper)[1])
         if checkpoint_above:
             stack.enter_context(checkpoint_layers(layers_above(model, spec)))
         stack.enter_context(frozen_layers_compacted(model, spec, compact_frozen))  # None: nothing changes
         return fit(model, trainables.params, data, hyper, what=f"block {spec.name!r}",
-                   on_step=on_step, step_loss=step_loss,
+                   on_step=on_step, step_loss=step_loss, privacy_batches=privacy_batches,
                    collect=lambda: cpu_copies(block_tensors(model, spec)))
 
 

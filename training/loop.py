@@ -10,6 +10,9 @@ A visit, top to bottom:
 4. Run ``steps`` AdamW steps on the trained parameters (fresh optimizer, constant lr unless a schedule is given).
    Low-precision parameters (bf16/fp16) are optimized through fp32 master copies: grad -> fp32 master grad -> clip
    -> step -> copy back.
+   With ``hyper.privacy`` (record-level DP-SGD, ``training/privacy.py``) the steps are private instead: Poisson
+   batches from a secret generator, per-example gradients clipped, summed, noised, divided by the expected batch
+   size, and ``MasterAdamW.step_on`` those gradients (no global clipping).
 5. Measure the same batches again -> ``loss_after``.
 6. Hand back the trained tensors (CPU copies, their dtype), freeze everything again, drop grads.
 
@@ -31,6 +34,7 @@ from fedcybgd.common.eval import causal_lm_loss, mean_loss, model_device
 from fedcybgd.common.sequences import Sequences, SequencesLike, as_sequences
 from fedcybgd.training.hyper import OnStep, VisitHyper, VisitResult
 from fedcybgd.training.memory import peak_memory, reset_peak_memory
+from fedcybgd.training.privacy import poisson_batches, private_steps, secret_generator
 
 __all__ = ["fit", "visit_rows", "check_inputs", "cpu_copies", "MasterAdamW"]
 
@@ -57,10 +61,16 @@ def fit(
     collect: Callable[[], dict[str, torch.Tensor]],
     step_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     lr_at: Callable[[int], float] | None = None,
+    privacy_batches: list[torch.Tensor] | None = None,
 ) -> VisitResult:
     """Train ``params`` (everything else frozen) through one visit; ``collect()`` gives the result's tensors.
-    ``step_loss(step, rows)`` replaces the plain training loss of a batch when given."""
+    ``step_loss(step, rows)`` replaces the plain training loss of a batch when given.
+
+    ``privacy_batches`` (for tests and benchmarks only): the rows of each step of a private visit
+    (``hyper.privacy``) instead of its secret Poisson batches; ``hyper.steps`` of them."""
     sequences = check_inputs(sequences, hyper)
+    if privacy_batches is not None and (hyper.privacy is None or len(privacy_batches) != hyper.steps):
+        raise ValueError(f"privacy_batches needs hyper.privacy and {hyper.steps} batches")
     start = time.perf_counter()
     device = model_device(model)
     reset_peak_memory(device)
@@ -86,6 +96,11 @@ def fit(
 
         # 4. Optimize. Low-precision parameters step on fp32 masters; fp32 ones are optimized in place.
         optimizer = MasterAdamW(params, hyper)
+        samples = hyper.steps * hyper.batch_size
+        if hyper.privacy is not None:  # record-level DP-SGD: private steps instead of the ordinary ones below
+            samples = _private_visit_steps(model, params, sequences, hyper, optimizer, what=what, on_step=on_step,
+                                           step_loss=step_loss, lr_at=lr_at, batches=privacy_batches)
+            train_rows = []
         for step, rows in enumerate(train_rows):
             if lr_at is not None:
                 optimizer.set_lr(lr_at(step))
@@ -116,7 +131,6 @@ def fit(
             p.grad = None
         model.train(was_training)
 
-    samples = hyper.steps * hyper.batch_size
     return VisitResult(
         tensors=tensors,
         loss_before=loss_before,
@@ -146,6 +160,16 @@ class MasterAdamW:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def step_on(self, grads: list[torch.Tensor]) -> None:
+        """One update from the given fp32 gradients, one per parameter in order (a private visit's noisy mean of
+        clipped per-example gradients), without clipping them again. The tensors become the gradients for the
+        step and are dropped from the optimizer afterwards (the caller may reuse them)."""
+        if len(grads) != len(self.masters):
+            raise ValueError(f"{len(grads)} gradients for {len(self.masters)} parameters")
+        for m, g in zip(self.masters, grads, strict=True):
+            m.grad = g
+        self._update()
+
     def step(self) -> None:
         """One update from the gradients ``backward()`` left on the parameters (which it drops)."""
         if self.use_masters:
@@ -154,12 +178,39 @@ class MasterAdamW:
                 p.grad = None
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.masters, self.max_grad_norm)
+        self._update()
+
+    def _update(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.use_masters:
             with torch.no_grad():
                 for p, m in zip(self.params, self.masters, strict=True):
                     p.copy_(m)
+
+
+def _private_visit_steps(model: nn.Module, params: list[nn.Parameter], sequences: Sequences, hyper: VisitHyper,
+                         optimizer: MasterAdamW, *, what: str, on_step: OnStep | None,
+                         step_loss: Callable[[int, torch.Tensor], torch.Tensor] | None,
+                         lr_at: Callable[[int], float] | None, batches: list[torch.Tensor] | None) -> int:
+    """Step 4 of a private visit (``training/privacy.py``); the number of sequences drawn. Each row's loss comes
+    from ``step_loss`` when given, as the ordinary path's batches do."""
+    privacy = hyper.privacy
+    assert privacy is not None
+    device = model_device(model)
+    if batches is None:  # secret: the coordinator knows hyper.seed (see training/privacy.py)
+        batches = poisson_batches(len(sequences), privacy.sample_rate, hyper.steps, secret_generator("cpu"))
+
+    def loss_of_rows(step: int, rows: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(model, *sequences.batch(rows, device)) if step_loss is None else step_loss(step, rows)
+
+    def step_on(step: int, grads: list[torch.Tensor]) -> None:
+        if lr_at is not None:
+            optimizer.set_lr(lr_at(step))
+        optimizer.step_on(grads)
+
+    return private_steps(params, batches, sequences, privacy, loss_of_rows, step_on, what=what, on_step=on_step,
+                         noise_generator=secret_generator(device))
 
 
 def check_inputs(sequences: SequencesLike, hyper: VisitHyper) -> Sequences:

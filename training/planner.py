@@ -35,7 +35,7 @@ import contextlib
 import functools
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from fedcybgd.training.hyper import VisitHyper
 from fedcybgd.training.layers import checkpoint_layers, decoder_layers, layers_above
 from fedcybgd.training.live_memory import LiveMemory
 from fedcybgd.training.loop import MasterAdamW
+from fedcybgd.training.privacy import ClippedGradSum
 from fedcybgd.training.slices import block_trainables
 
 __all__ = ["PlanSettings", "VisitPlan", "plan_visits", "plan_model_dir_or_config", "SimulatedVisit", "simulate_visit",
@@ -84,7 +85,10 @@ class PlanSettings:
     ``compact_frozen``: every frozen decoder layer held quantized during the visit (``training/compact.py``'s
     ``compact_layers``: ``"int8"`` | ``"nf4"``; None: as they are), as ``train_block(compact_frozen=)`` holds them.
     ``runtime_bytes``: the process's own memory on top of its tensors
-    (None: ``CPU_RUNTIME_BYTES + CPU_ALLOCATOR_BYTES`` on CPU, 0 on CUDA)."""
+    (None: ``CPU_RUNTIME_BYTES + CPU_ALLOCATOR_BYTES`` on CPU, 0 on CUDA).
+    ``privacy``: the visits are record-level DP-SGD (``VisitHyper.privacy``, ``training/privacy.py``): their steps
+    backpropagate one row at a time into fp32 sums of the clipped per-example gradients (``batch_size`` then sizes
+    only the evaluation batches, whose forward pass is still simulated at that size)."""
 
     batch_size: int
     seq_len: int
@@ -95,6 +99,7 @@ class PlanSettings:
     max_block_params: int | None = None
     compact_frozen: str | None = None
     runtime_bytes: int | None = None
+    privacy: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.seq_len < 2:
@@ -117,9 +122,10 @@ class VisitPlan:
     """The predicted peak memory of one block's visit and its parts:
     ``peak_bytes = weights_bytes + trained_bytes + activation_bytes + runtime_bytes``.
 
-    ``trained_bytes`` is the optimizer's state (fp32 masters of low-precision parameters, both AdamW moments), alive
-    throughout the second step; ``activation_bytes`` is the rest of the simulated peak: activations kept for
-    backward, gradients and temporaries. ``runtime_bytes`` is the process's own memory (CPU: runtime and allocator
+    ``trained_bytes`` is the optimizer's state (fp32 masters of low-precision parameters, both AdamW moments; for a
+    private visit also the fp32 sums of clipped per-example gradients), alive throughout the second step;
+    ``activation_bytes`` is the rest of the simulated peak: activations kept for backward, gradients and
+    temporaries. ``runtime_bytes`` is the process's own memory (CPU: runtime and allocator
     retention; CUDA: 0)."""
 
     index: int
@@ -217,6 +223,9 @@ def simulate_visit(model: nn.Module, spec: BlockSpec, settings: PlanSettings) ->
             if settings.device_type == "cuda":  # torch's default there; meta tensors would get the for-loop
                 for group in optimizer.optimizer.param_groups:
                     group["foreach"] = True
+            if settings.privacy:
+                return _simulate_private_steps(params, optimizer, memory, before,
+                                               lambda: causal_lm_loss(model, ids[:1], head_rows=trainables.head_rows))
             # Step 1 creates the optimizer's state; its gradients are stand-ins of the same shapes (see the module
             # docstring). Step 2 runs forward and backward with that state alive.
             for p in params:
@@ -231,6 +240,25 @@ def simulate_visit(model: nn.Module, spec: BlockSpec, settings: PlanSettings) ->
             return SimulatedVisit(state_bytes=state, peak_bytes=memory.peak)
     finally:
         _freeze(model)
+
+
+def _simulate_private_steps(params: list[nn.Parameter], optimizer: MasterAdamW, memory: LiveMemory, before: int,
+                            row_loss: Callable[[], torch.Tensor]) -> SimulatedVisit:
+    """The two steps of ``simulate_visit`` as a private visit takes them (``training/privacy.py``): the fp32 sums
+    live from the first step on; the second backpropagates one row, clips it into the sums, adds the noise and
+    steps on them. (More rows per step repeat the same per-example work: no higher peak.)"""
+    sums = ClippedGradSum(params, clip_norm=1.0)
+    generator = torch.Generator()  # the simulation's noise is no secret (meta tensors accept a CPU generator)
+    optimizer.step_on(sums.noisy_mean(1.0, 1.0, generator))  # step 1: creates the optimizer's state
+    state = memory.live - before
+    sums.reset()
+    loss = row_loss()
+    loss.backward()
+    del loss
+    sums.add_example()
+    optimizer.step_on(sums.noisy_mean(1.0, 1.0, generator))
+    del optimizer, sums
+    return SimulatedVisit(state_bytes=state, peak_bytes=memory.peak)
 
 
 def _freeze(model: nn.Module) -> None:

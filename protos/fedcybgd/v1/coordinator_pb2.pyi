@@ -207,7 +207,7 @@ class Task(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., block_index: _Optional[int] = ..., block_name: _Optional[str] = ..., base_version: _Optional[int] = ..., hyper: _Optional[_Union[Hyper, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ...) -> None: ...
 
 class Hyper(_message.Message):
-    __slots__ = ("lr", "local_steps", "batch_size", "seq_len", "seed", "weight_decay", "max_grad_norm")
+    __slots__ = ("lr", "local_steps", "batch_size", "seq_len", "seed", "weight_decay", "max_grad_norm", "privacy")
     LR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class Hyper(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     lr: float
     local_steps: int
     batch_size: int
@@ -222,7 +223,28 @@ class Hyper(_message.Message):
     seed: int
     weight_decay: float
     max_grad_norm: float
-    def __init__(self, lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    privacy: Privacy
+    def __init__(self, lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ...) -> None: ...
+
+class Privacy(_message.Message):
+    __slots__ = ("records", "noise_multiplier", "clip_norm", "updates", "update_noise_multiplier", "update_clip_norm", "target_epsilon", "delta")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    records: bool
+    noise_multiplier: float
+    clip_norm: float
+    updates: bool
+    update_noise_multiplier: float
+    update_clip_norm: float
+    target_epsilon: float
+    delta: float
+    def __init__(self, records: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., updates: _Optional[bool] = ..., update_noise_multiplier: _Optional[float] = ..., update_clip_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("task_id", "have", "accept_codecs", "resume", "accept_context", "accept_deltas")
@@ -347,7 +369,7 @@ class UploadMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("task_id", "block_index", "base_version", "blob_sha256", "blob_size", "samples", "tokens", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "download_seconds", "device", "blobs")
+    __slots__ = ("task_id", "block_index", "base_version", "blob_sha256", "blob_size", "samples", "tokens", "loss_before", "loss_after", "peak_memory_bytes", "train_seconds", "download_seconds", "device", "blobs", "record_epsilon", "update_epsilon")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +384,8 @@ class UploadHeader(_message.Message):
     DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     block_index: int
     base_version: int
@@ -376,7 +400,9 @@ class UploadHeader(_message.Message):
     download_seconds: float
     device: str
     blobs: _containers.RepeatedCompositeFieldContainer[UploadedBlob]
-    def __init__(self, task_id: _Optional[str] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ..., blob_size: _Optional[int] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ..., device: _Optional[str] = ..., blobs: _Optional[_Iterable[_Union[UploadedBlob, _Mapping]]] = ...) -> None: ...
+    record_epsilon: float
+    update_epsilon: float
+    def __init__(self, task_id: _Optional[str] = ..., block_index: _Optional[int] = ..., base_version: _Optional[int] = ..., blob_sha256: _Optional[str] = ..., blob_size: _Optional[int] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., train_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ..., device: _Optional[str] = ..., blobs: _Optional[_Iterable[_Union[UploadedBlob, _Mapping]]] = ..., record_epsilon: _Optional[float] = ..., update_epsilon: _Optional[float] = ...) -> None: ...
 
 class UploadedBlob(_message.Message):
     __slots__ = ("block_index", "sha256", "size")
@@ -461,7 +487,7 @@ class BlockStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., last_version: _Optional[int] = ..., times_trained: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes", "checkpoint_above", "fits_blocks", "memory_note", "compact_frozen")
+    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes", "checkpoint_above", "fits_blocks", "memory_note", "compact_frozen", "record_epsilon", "update_epsilon", "declined")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -476,6 +502,9 @@ class ClientStatus(_message.Message):
     FITS_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_NOTE_FIELD_NUMBER: _ClassVar[int]
     COMPACT_FROZEN_FIELD_NUMBER: _ClassVar[int]
+    RECORD_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     name: str
     device_kind: str
@@ -490,7 +519,10 @@ class ClientStatus(_message.Message):
     fits_blocks: int
     memory_note: str
     compact_frozen: str
-    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ..., checkpoint_above: _Optional[bool] = ..., fits_blocks: _Optional[int] = ..., memory_note: _Optional[str] = ..., compact_frozen: _Optional[str] = ...) -> None: ...
+    record_epsilon: float
+    update_epsilon: float
+    declined: str
+    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ..., checkpoint_above: _Optional[bool] = ..., fits_blocks: _Optional[int] = ..., memory_note: _Optional[str] = ..., compact_frozen: _Optional[str] = ..., record_epsilon: _Optional[float] = ..., update_epsilon: _Optional[float] = ..., declined: _Optional[str] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix", "phase", "step", "steps", "block_name", "whole_model")
@@ -571,3 +603,15 @@ class EvalPoint(_message.Message):
     rounds_done: int
     loss: float
     def __init__(self, version: _Optional[int] = ..., rounds_done: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class DeclineTaskRequest(_message.Message):
+    __slots__ = ("task_id", "reason")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    reason: str
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeclineTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=fedcybgd_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=fedcybgd_dot_v1_dot_coordinator__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.DeclineTask = channel.unary_unary(
+                '/fedcybgd.v1.Coordinator/DeclineTask',
+                request_serializer=fedcybgd_dot_v1_dot_coordinator__pb2.DeclineTaskRequest.SerializeToString,
+                response_deserializer=fedcybgd_dot_v1_dot_coordinator__pb2.DeclineTaskResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -125,6 +130,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineTask(self, request, context):
+        """The client will not do its task (its privacy budget would be exceeded): the task is reassigned at once and
+        the reason shown in status. FAILED_PRECONDITION: the task is not this client's task in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=fedcybgd_dot_v1_dot_coordinator__pb2.GetStatusRequest.FromString,
                     response_serializer=fedcybgd_dot_v1_dot_coordinator__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'DeclineTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineTask,
+                    request_deserializer=fedcybgd_dot_v1_dot_coordinator__pb2.DeclineTaskRequest.FromString,
+                    response_serializer=fedcybgd_dot_v1_dot_coordinator__pb2.DeclineTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +371,33 @@ class Coordinator:
             '/fedcybgd.v1.Coordinator/GetStatus',
             fedcybgd_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
             fedcybgd_dot_v1_dot_coordinator__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcybgd.v1.Coordinator/DeclineTask',
+            fedcybgd_dot_v1_dot_coordinator__pb2.DeclineTaskRequest.SerializeToString,
+            fedcybgd_dot_v1_dot_coordinator__pb2.DeclineTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
