@@ -41,6 +41,7 @@ class PlanRequest:
     device_type: str = "cuda"
     checkpoint_above: bool = False
     compact_frozen: str | None = None
+    privacy: bool = False       # DP-SGD visits: one row backpropagated at a time, fp32 sums of clipped gradients
     alternatives: bool = True
 
 
@@ -53,7 +54,7 @@ def run_plan(request: PlanRequest) -> int:
     settings = PlanSettings(batch_size=request.batch_size, seq_len=request.seq_len, dtype=request.dtype,
                             device_type=request.device_type, checkpoint_above=request.checkpoint_above,
                             layers_per_block=request.layers_per_block, max_block_params=request.max_block_params,
-                            compact_frozen=request.compact_frozen)
+                            compact_frozen=request.compact_frozen, privacy=request.privacy)
     start = time.perf_counter()
     plans = plan_visits(config, settings)
     _progress(f"planned {len(plans)} visits in {time.perf_counter() - start:.1f} s")
@@ -62,7 +63,7 @@ def run_plan(request: PlanRequest) -> int:
     print(f"{config.model_type} model from {request.model}: {sum(p.params for p in plans) / 1e9:.2f}B parameters, "
           f"{len(plans)} blocks; {request.device_type}, {dtype}, batch {request.batch_size} x {request.seq_len}, "
           f"{request.layers_per_block} layer(s) per block, checkpoint_above {_on(request.checkpoint_above)}, "
-          f"frozen layers {request.compact_frozen or 'exact'}; "
+          f"frozen layers {request.compact_frozen or 'exact'}{', DP-SGD' if request.privacy else ''}; "
           f"memory {format_size(memory)}")
     print(f"{'#':>4}  {'block':<40} {'params':>8} {'weights':>10} {'trained':>10} {'activ.':>10} {'runtime':>10} "
           f"{'peak':>10}  fits")

@@ -143,6 +143,10 @@ def render(status: pb.GetStatusResponse, out: TextIO) -> None:
              f"task {c.current_task or '-'}  ({memory})")
         if c.memory_note:
             line(f"    {c.memory_note}")
+        if c.record_epsilon or c.update_epsilon:
+            line(f"    privacy spent: epsilon {c.record_epsilon:.3g} (records), {c.update_epsilon:.3g} (updates)")
+        if c.declined:
+            line(f"    declined: {c.declined}")
     for t in status.tasks:
         progress = f"step {t.step}/{t.steps}" if t.phase == "train" else t.phase or "issued"
         line(f"  in flight: round {t.round} {t.block_name:<14} {names.get(t.client_id, t.client_id):<16} {progress}")

@@ -199,6 +199,8 @@ def plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="the client recomputes activations above the block")
     p.add_argument("--compact-frozen", dest="compact_frozen", choices=["int8", "nf4"], default=None,
                    help="the client holds the frozen decoder layers quantized (client --compact-frozen)")
+    p.add_argument("--dp", dest="privacy", action="store_true",
+                   help="visits run DP-SGD (coordinator --dp-records): per-sequence gradients, fp32 clipped sums")
     p.add_argument("--no-alternatives", dest="alternatives", action="store_false",
                    help="leave out the summary of other partitions and checkpoint_above (it plans each of them)")
 
@@ -212,4 +214,4 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         layers_per_block=args.layers_per_block, max_block_params=args.max_block_params, dtype=DTYPES[args.dtype],
         device_type=args.device, checkpoint_above=args.checkpoint_above, compact_frozen=args.compact_frozen,
-        alternatives=args.alternatives))
+        privacy=args.privacy, alternatives=args.alternatives))

@@ -6,6 +6,8 @@ The training side (per-example clipping, noise, Poisson sampling, the update-lev
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -17,6 +19,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from safetensors.torch import load_file
 
 from conftest import address_of, wait_clients, write_data
+from fedcybgd.cli.main import main as cli_main
 from fedcybgd.cli.services import EXIT_PRIVACY_BUDGET_SPENT
 from fedcybgd.client.metrics import ClientMetrics
 from fedcybgd.client.privacy import (
@@ -157,6 +160,11 @@ def test_a_site_over_its_budget_declines_and_the_run_goes_on_without_it(coordina
     composed = epsilon_of([Spend(**s) for s in spends], privacy.delta)
     assert status["large"].record_epsilon == pytest.approx(composed) and 0 < composed <= 4.0
     assert status["large"].update_epsilon == 0 and status["large"].declined == ""
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert cli_main(["status", "--insecure", "--coordinator", address]) == 0
+    assert f"privacy spent: epsilon {composed:.3g} (records)" in shown.getvalue()
+    assert "declined: privacy budget" in shown.getvalue()
 
 
 @pytest.mark.multiprocess
