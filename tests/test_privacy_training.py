@@ -295,3 +295,22 @@ def test_planner_adds_the_fp32_sums_and_one_row_of_activations():
         assert p.trained_bytes == o.trained_bytes + 4 * o.params  # the fp32 sums of clipped gradients
         assert p.weights_bytes == o.weights_bytes
     assert private[0].activation_bytes < ordinary[0].activation_bytes  # one row backpropagated, not eight
+
+
+def test_full_and_lora_visits_run_dp_sgd_through_the_shared_loop(sequences):
+    """FedAvg-full and FedLoRA visits take the same private path (the loop is shared): every parameter (or the
+    adapter, from B = 0) trained, the base model left as it was by a LoRA visit."""
+    from fedcybgd.training import train_full, train_lora
+
+    private = hyper(steps=2, privacy=RecordPrivacy(0.5, 1.0, 0.05))
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    full = train_full(model, sequences, private)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(torch.isfinite(t).all() for t in full.tensors.values())
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = train_lora(model, sequences, private, rank=4, alpha=8)
+    assert lora.tensors and all("lora_" in k for k in lora.tensors)
+    assert any(float(t.abs().max()) > 0 for k, t in lora.tensors.items() if "lora_B" in k), "B moved off zero"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the base stays frozen"
