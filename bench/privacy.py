@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ class PrivateRun:
     test_loss: float
     val_loss: float
     peak_memory_bytes: int
-    seconds_per_step: float
+    seconds_per_step: float          # the median visit's training time / its steps (robust to a disturbed one)
     visits: int
 
 
@@ -80,7 +81,8 @@ def run_one(label: str, target: float | None, sigma: float, args: argparse.Names
         declined={p["client"]: p["declined"] for p in summary.get("privacy", []) if p["declined"]},
         base_test_loss=first.test_loss, test_loss=last.test_loss, val_loss=last.val_loss,
         peak_memory_bytes=last.peak_memory_bytes,
-        seconds_per_step=last.compute_seconds / max(1, visits * args.local_steps), visits=visits)
+        seconds_per_step=statistics.median(v["train_seconds"] for v in summary["visits"]) / args.local_steps,
+        visits=visits)
 
 
 def table(runs: list[PrivateRun]) -> str:
