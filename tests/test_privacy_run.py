@@ -160,6 +160,9 @@ def test_a_site_over_its_budget_declines_and_the_run_goes_on_without_it(coordina
     composed = epsilon_of([Spend(**s) for s in spends], privacy.delta)
     assert status["large"].record_epsilon == pytest.approx(composed) and 0 < composed <= 4.0
     assert status["large"].update_epsilon == 0 and status["large"].declined == ""
+    epsilon_series = coordinator.metrics.registry.get_sample_value  # the dashboard's "epsilon per site" panel
+    assert epsilon_series("fedcybgd_dp_epsilon", {"client": "large", "level": "records"}) == pytest.approx(composed)
+    assert epsilon_series("fedcybgd_dp_epsilon", {"client": "small", "level": "records"}) is None  # never spent any
     shown = io.StringIO()
     with contextlib.redirect_stdout(shown):
         assert cli_main(["status", "--insecure", "--coordinator", address]) == 0
