@@ -115,7 +115,9 @@ def run_federated(c: Contender, lr: float, cycles: int, args: argparse.Namespace
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(lr),
                "--threads", str(max(1, args.threads // c.concurrent_clients)),
                "--eval-sequences", str(args.eval_sequences), "--out", str(out),
-               "--embed-head-every", str(c.embed_head_every), *c.demo_args]
+               "--embed-head-every", str(c.embed_head_every),
+               # every evaluated version is exported below for its test loss: retention must keep them all
+               "--coordinator-arg=--checkpoint-every=0", *c.demo_args]
         print(f"[{c.label} lr {lr:g}] {cycles} cycles", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "bench.log", "w") as log:
@@ -149,13 +151,18 @@ def _test_losses(state_dir: Path, versions: list[int], model_dir: Path, test: Pa
 
     from transformers import AutoModelForCausalLM
 
-    from fedcybgd.server.export import export_version
+    from fedcybgd.server.export import PrunedVersionError, export_version
 
     sequences = _test_sequences(model_dir, test, args)
     losses = {}
     for version in versions:
         with tempfile.TemporaryDirectory() as tmp:
-            exported = export_version(state_dir, Path(tmp) / "export", version)
+            try:
+                exported = export_version(state_dir, Path(tmp) / "export", version)
+            except PrunedVersionError as e:  # a run made before --checkpoint-every=0 was passed: its validation
+                print(f"no test loss for version {version}: {e}", flush=True)  # loss stands, its test loss is NaN
+                losses[version] = float("nan")
+                continue
             losses[version] = _loss(AutoModelForCausalLM.from_pretrained(str(exported)), sequences)
     return losses
 
