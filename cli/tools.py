@@ -43,17 +43,34 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--version", type=int, default=None,
-                   help="model version (default: latest); one the retention rule pruned fails, naming the nearest "
-                        "kept ones")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, default=None,
+                       help="model version (default: latest); one the retention rule pruned fails, naming the "
+                            "nearest kept ones")
+    which.add_argument("--best", action="store_true",
+                       help="the version with the lowest held-out loss the coordinator measured (always kept)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fedcybgd.server.export import export_version
 
-    out = export_version(args.state_dir, args.out, args.version)
-    print(f"exported to {out}")
+    out = export_version(args.state_dir, args.out, args.version, best=args.best)
+    which = (_best_of(args.state_dir) if args.best
+             else "the newest version" if args.version is None else f"version {args.version}")
+    print(f"exported {which} to {out}")
     return 0
+
+
+def _best_of(state_dir: str) -> str:
+    from fedcybgd.server.export import best_version
+    from fedcybgd.server.state import SqliteState
+
+    state = SqliteState(Path(state_dir) / "state.sqlite")
+    try:
+        version, loss = best_version(state)
+    finally:
+        state.close()
+    return f"version {version} (the lowest held-out loss, {loss:.4f})"
 
 
 #: Demo defaults that depend on the model: (tiny random model, real pretrained model). The real

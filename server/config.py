@@ -94,7 +94,8 @@ class ContextConfig:
 @dataclass(frozen=True)
 class RetentionConfig:
     """Which model versions the coordinator keeps on disk (``server/retention.py``): the base (0), the newest, the
-    versions in-flight tasks started from, the ones active clients hold (their best delta bases), and checkpoints.
+    versions in-flight tasks started from, the ones active clients hold (their best delta bases), the version with
+    the lowest held-out loss so far (``fedcybgd export --best``), and checkpoints.
     ``checkpoint_every``: None: the last version of every cycle (the run replays from its checkpoints); 0: keep every
     version; N: every N-th version. ``active_client_s``: a client heard from within this long counts as active."""
 

@@ -116,7 +116,7 @@ class Coordinator:
                           if config.eval.data else None)
         self.retention = Retention(config.retention, self.state, self.store.blobs, self.schedule, self._lock,
                                    self.metrics, extra_blob=self.strategy.extra_blob,
-                                   pinned=self.evaluator.pending if self.evaluator is not None else frozenset,
+                                   pinned=self.evaluator.retained if self.evaluator is not None else frozenset,
                                    records=(self.history, self.context))
         self.metrics.measure_disk(self.store.blobs.disk_bytes, lambda: directory_bytes(self.state_dir))
         self._model_info: pb.ModelInfo | None = None

@@ -1,5 +1,9 @@
 """Held-out evaluation on the coordinator, in a thread of its own: the base model at start, a
-version after each cycle's worth of training (when configured), and the final version."""
+version after each cycle's worth of training (when configured), and the final version.
+
+The version with the lowest held-out loss so far is kept on disk whatever the retention rule says (`retained`), so
+that a user who stops early (``fedcybgd export --best``) finds it: past about one pass over the sites' data a run
+can overfit, and its best version is then not its last."""
 from __future__ import annotations
 
 import logging
@@ -35,6 +39,7 @@ class Evaluator:
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._pending: set[int] = set()  # queued or being evaluated: retention keeps them (`pending`)
         self._pending_lock = threading.Lock()
+        self._best = lowest_loss_version(state.evals())  # (version, loss) of the best evaluation so far
         if not config.data:
             raise ValueError("evaluation needs held-out data (eval.data)")
         sequences = load_packed(config.data, store.tokenizer(), seq_len, run.prompt, config.record_options)
@@ -68,6 +73,19 @@ class Evaluator:
         with self._pending_lock:
             return frozenset(self._pending)
 
+    def retained(self) -> frozenset[int]:
+        """What retention must keep for evaluation's sake: the pending versions and the best one evaluated so far
+        (a version is pending until its loss is recorded, and becomes the best before it stops being pending)."""
+        with self._pending_lock:
+            best = {self._best[0]} if self._best is not None else set()
+            return frozenset(self._pending | best)
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        """(version, held-out loss) of the lowest loss evaluated so far; None before the first evaluation."""
+        with self._pending_lock:
+            return self._best
+
     def evaluate(self, version: int) -> float:
         """Held-out loss of one model version."""
         model = self._store.build_model(self._run.specs, self._state.manifest(version), self._run.dtype)
@@ -80,6 +98,9 @@ class Evaluator:
                 loss = self.evaluate(version)
                 rounds = self._state.count_visits(up_to_version=version)
                 self._state.add_eval(version, rounds, loss)
+                with self._pending_lock:
+                    if self._best is None or loss < self._best[1]:
+                        self._best = (version, loss)
                 self._metrics.eval_loss.set(loss)
                 log.info("held-out loss of version %d (after %d rounds): %.4f", version, rounds, loss)
             except Exception:
@@ -91,3 +112,12 @@ class Evaluator:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=60)
+
+
+def lowest_loss_version(evals: list[tuple[int, int, float]]) -> tuple[int, float] | None:
+    """(version, loss) of the lowest held-out loss among ``(version, rounds, loss)`` evaluations (the earliest
+    version on a tie); None when there are none."""
+    if not evals:
+        return None
+    version, _, loss = min(evals, key=lambda e: (e[2], e[0]))
+    return version, loss

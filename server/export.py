@@ -2,7 +2,9 @@
 
 A version is its blocks plus, for fedlora, an adapter (state metadata ``adapter:<version>``),
 merged into the exported weights with the LoRA settings stored with the run. A version the retention rule pruned
-(``server/retention.py``) cannot be exported: the error names the nearest versions kept."""
+(``server/retention.py``) cannot be exported: the error names the nearest versions kept. ``best=True`` exports the
+version with the lowest held-out loss the coordinator measured, which retention keeps (early stopping after the
+fact)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +13,7 @@ import safetensors.torch
 from torch import nn
 
 from fedcybgd.common.modeling import specs_from_json
+from fedcybgd.server.evaluation import lowest_loss_version
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.state import CoordinatorState, SqliteState, current_version
 from fedcybgd.server.strategies.fedlora import lora_from_meta
@@ -33,7 +36,20 @@ def check_exportable(state: CoordinatorState, version: int) -> None:
                                  f"no longer kept); the nearest kept versions are {nearest}")
 
 
-def export_version(state_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:
+def best_version(state: CoordinatorState) -> tuple[int, float]:
+    """(version, held-out loss) of the lowest held-out loss evaluated in the run; a clear error without any."""
+    best = lowest_loss_version(state.evals())
+    if best is None:
+        raise ValueError("the run has no held-out evaluations (the coordinator needs eval.data): no best version")
+    return best
+
+
+def export_version(state_dir: str | Path, out_dir: str | Path, version: int | None = None, *,
+                   best: bool = False) -> Path:
+    """Write ``version`` (default: the newest; ``best``: the lowest held-out loss) as a Hugging Face model
+    directory under ``out_dir``."""
+    if best and version is not None:
+        raise ValueError("give a version or ask for the best one, not both")
     state_path = Path(state_dir) / "state.sqlite"
     if not state_path.is_file():
         raise FileNotFoundError(f"no coordinator state in {state_dir}")
@@ -42,6 +58,8 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
         blocks, dtype = state.get_meta("blocks"), state.get_meta("dtype")
         if blocks is None or dtype is None:
             raise ValueError(f"the run in {state_dir} was never initialised")
+        if best:
+            version = best_version(state)[0]
         version = current_version(state)[0] if version is None else version
         check_exportable(state, version)
         manifest = state.manifest(version)

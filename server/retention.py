@@ -8,7 +8,7 @@ A version is kept while it is any of:
 - a checkpoint (`checkpoint_rule`; by default the last version of every cycle, so the run replays from them);
 - the base of an in-flight task (its client is downloading it, or will upload against it);
 - held by an active client (its last download, its own last upload): the coordinator's best delta bases for it;
-- pinned by the caller (a version queued for evaluation).
+- pinned by the caller (a version queued for evaluation, the best version evaluated so far).
 
 Every other version is pruned: recorded in the state (export names the nearest kept versions), then its blobs that
 no kept version references are deleted (blocks are shared between versions: most of a version's blobs are also in

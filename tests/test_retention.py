@@ -26,7 +26,8 @@ from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.data import load_packed
 from fedcybgd.server.app import RunningCoordinator
 from fedcybgd.server.config import CoordinatorConfig, EvalConfig, RetentionConfig, TrainingConfig
-from fedcybgd.server.export import PrunedVersionError, check_exportable
+from fedcybgd.server.evaluation import lowest_loss_version
+from fedcybgd.server.export import PrunedVersionError, best_version, check_exportable, export_version
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.reference import run_reference
 from fedcybgd.server.retention import Retention, checkpoint_rule, plan_sweep
@@ -97,6 +98,33 @@ def test_only_the_kept_versions_blobs_remain_and_shared_blocks_stay(tmp_path):
     # Version 1's block 0 was replaced in version 4: no kept version has it any more.
     assert not run.blobs.has(run.state.manifest(1)[0])
     assert run.metrics.versions_pruned._value.get() == 7
+
+
+def test_the_best_evaluated_version_stays_until_a_better_one_is_evaluated(tmp_path):
+    """The coordinator pins its evaluator's pending versions and the lowest held-out loss so far (``retained``):
+    past about one pass a run overfits, and `fedcybgd export --best` must still find its best version."""
+    run = SyntheticRun(tmp_path, checkpoint_every=100)
+    evaluated = {2: 3.0, 4: 2.5, 6: 2.7, 8: 2.6}
+
+    def pinned() -> set[int]:
+        best = lowest_loss_version(run.state.evals())
+        return {best[0]} if best else set()
+
+    run.retention = Retention(RetentionConfig(checkpoint_every=100), run.state, run.blobs,
+                              CycleSchedule(run.blocks, ScheduleConfig(cycles=20)), threading.Condition(),
+                              run.metrics, pinned=pinned)
+    with pytest.raises(ValueError, match="no held-out evaluations"):
+        best_version(run.state)
+    for _ in range(10):
+        version = run.commit()
+        if version in evaluated:
+            run.state.add_eval(version, version, evaluated[version])
+    assert run.kept() == {0, 4, 10}, "the base, the best evaluated version and the newest"
+    assert best_version(run.state) == (4, 2.5)
+    run.state.add_eval(10, 10, 2.4)
+    run.commit()
+    assert run.kept() == {0, 10, 11}, "a better evaluation releases the previous best"
+    run.assert_store_holds_exactly_the_kept_versions()
 
 
 def test_every_version_stays_when_checkpoint_every_is_zero(tmp_path):
@@ -220,6 +248,8 @@ def test_a_run_keeps_only_retained_versions_and_exports_them_exactly(tiny_model_
     assert 1 not in kept and len(set(range(14)) - kept) >= 2, "versions nobody holds any more were pruned"
     assert set(store.blobs) == {sha for k in state.kept_versions() for sha in k.manifest}
     assert {v for v, _, _ in state.evals()} >= {0, 13}, "evaluation never met a pruned version"
+    best, _ = best_version(state)
+    assert best in kept, "the version with the lowest held-out loss stays for `export --best`"
     registry = coordinator.metrics.registry
     assert registry.get_sample_value("fedcybgd_coordinator_blob_bytes") == store.blobs.disk_bytes() > 0
     state_bytes = registry.get_sample_value("fedcybgd_coordinator_state_bytes")
@@ -252,6 +282,17 @@ def test_a_run_keeps_only_retained_versions_and_exports_them_exactly(tiny_model_
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export-6")).state_dict()
     for name, tensor in at_checkpoint.items():
         assert torch.equal(exported[name], tensor), f"{name} differs from the reference after 6 visits"
+
+    # --best exports the version with the lowest held-out loss, exactly.
+    proc = subprocess.run([sys.executable, "-m", "fedcybgd.cli.main", "export", "--state-dir", str(config.state_dir),
+                           "--out", str(tmp_path / "export-best"), "--best"],
+                          capture_output=True, text=True, timeout=300, env=PROCESS_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert f"exported version {best} (the lowest held-out loss" in proc.stdout
+    by_number = export_version(config.state_dir, tmp_path / "export-by-number", best)
+    best_weights = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export-best")).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(str(by_number)).state_dict().items():
+        assert torch.equal(best_weights[name], tensor), f"{name} is not version {best}'s"
 
     # A pruned version fails, naming the nearest kept ones.
     below, above = SqliteState(Path(config.state_dir) / "state.sqlite").kept_neighbours(1)
