@@ -14,9 +14,11 @@ evaluated (validation and test split) at every baseline cycle's worth of tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,6 +40,13 @@ class Variant:
     order: str = "ascending"
     lr_schedule: str = "cosine"
     betas: tuple[float, float] = (0.9, 0.999)
+    #: what survives from one visit of a parameter to its next (in one process; a federated run keeps neither):
+    #: "" nothing, "masters" its fp32 master copy, "moments" the master and Adam's moments and step count
+    carry: str = ""
+    #: LISA (Pan et al. 2024): each visit trains this many decoder layers drawn at random (0: the partition's blocks)
+    lisa_layers: int = 0
+    lisa_others: bool = False  # LISA: the embeddings, final norm and head join every visit, as LISA has it
+
 
 
 VARIANTS = [
@@ -72,6 +81,12 @@ VARIANTS = [
     Variant("e4 lr x1.5 random order", others_every=4, lr_factor=1.5, order="random"),
     Variant("e4 lr x1.5 betas 0.9/0.95", others_every=4, lr_factor=1.5, betas=(0.9, 0.95)),
     Variant("e4 lr x1.5 constant lr", others_every=4, lr_factor=1.5, lr_schedule="constant"),
+    # Fifth session: what a visit loses by restarting (fp32 masters rounded to the bf16 model at its end; Adam's
+    # moments restarted), and LISA's layer sampling, at the default's rate.
+    Variant("e4 lr x1.5 carry masters", others_every=4, lr_factor=1.5, carry="masters"),
+    Variant("e4 lr x1.5 carry masters+moments", others_every=4, lr_factor=1.5, carry="moments"),
+    Variant("LISA 6 layers lr x1.5", lr_factor=1.5, lisa_layers=6),
+    Variant("LISA 6 layers + embed/head lr x1.5", lr_factor=1.5, lisa_layers=6, lisa_others=True),
 ]
 
 
@@ -111,7 +126,72 @@ def visit_sequence(specs, v: Variant, visits: int) -> list[int]:
     return [nearest.block_of(r) for r in range(nearest.total_rounds)]
 
 
+def lisa_blocks(model, v: Variant, visits: int) -> tuple[list, list[int]]:
+    """LISA's visits: each trains ``v.lisa_layers`` decoder layers drawn uniformly without replacement (and, with
+    ``lisa_others``, every parameter outside them), one block of its own per visit."""
+    import random
+
+    from fedcybgd.common.blocks import BlockSpec
+    from fedcybgd.common.partition import layer_block_count, partition_model
+
+    specs = partition_model(model, 1, max_block_params=0)
+    layers, others = specs[:layer_block_count(specs)], specs[layer_block_count(specs):]
+    draw = random.Random(0)
+    blocks = []
+    for visit in range(visits):
+        chosen = sorted(draw.sample(range(len(layers)), v.lisa_layers))
+        parts = [layers[i] for i in chosen] + (others if v.lisa_others else [])
+        blocks.append(BlockSpec(visit, "lisa:" + ",".join(map(str, chosen)),
+                                tuple(sorted((t for s in parts for t in s.tensors), key=lambda t: t.name))))
+    return blocks, list(range(visits))
+
+
+@contextlib.contextmanager
+def carried_optimizer(carry: str) -> Iterator[None]:
+    """Visits whose fp32 masters (``carry="masters"``), or masters and Adam's moments (``"moments"``), survive to the
+    parameter's next visit, as if the model were kept in fp32 (and its optimizer state travelled with the block).
+    A measurement of what the restart at each visit costs, not a federated option: the product's visit starts from
+    the bf16 model and a fresh optimizer (``training/loop.py``)."""
+    import torch
+
+    from fedcybgd.training import loop
+
+    if not carry:
+        yield
+        return
+    kept: dict[int, tuple[torch.Tensor, dict]] = {}
+    plain = loop.MasterAdamW
+
+    class Carrying(plain):  # type: ignore[misc, valid-type]
+        def __init__(self, params, hyper) -> None:
+            super().__init__(params, hyper)
+            for i, p in enumerate(self.params):
+                saved = kept.get(id(p))
+                # Reuse only a master that rounds to the parameter as it is now (nothing else changed it since).
+                if saved is None or not self.use_masters or not torch.equal(saved[0].to(p.dtype), p.detach()):
+                    continue
+                self.masters[i].data.copy_(saved[0])
+                if carry == "moments" and saved[1]:
+                    self.optimizer.state[self.masters[i]] = {k: v.clone() for k, v in saved[1].items()}
+
+        def _update(self) -> None:
+            super()._update()
+            for p, m in zip(self.params, self.masters, strict=True):
+                kept[id(p)] = (m.detach(), dict(self.optimizer.state.get(m, {})))
+
+    loop.MasterAdamW = Carrying  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        loop.MasterAdamW = plain  # type: ignore[misc]
+
+
 def run_variant(v: Variant, args: argparse.Namespace) -> dict:
+    with carried_optimizer(v.carry):
+        return _run_variant(v, args)
+
+
+def _run_variant(v: Variant, args: argparse.Namespace) -> dict:
     import torch
 
     from fedcybgd.server.config import TrainingConfig
@@ -124,8 +204,11 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
     tokens_per_visit = v.local_steps * args.batch_size * args.seq_len
     tokens_per_cycle = block_count(model_dir, args.cycle_layers) * args.local_steps * args.batch_size * args.seq_len
     budget = args.cycles * tokens_per_cycle
-    specs = blocks_of(model, v)
-    sequence = visit_sequence(specs, v, budget // tokens_per_visit)
+    if v.lisa_layers:
+        specs, sequence = lisa_blocks(model, v, budget // tokens_per_visit)
+    else:
+        specs = blocks_of(model, v)
+        sequence = visit_sequence(specs, v, budget // tokens_per_visit)
     visits = len(sequence)
     lr = args.lr * v.lr_factor
     # One schedule over every visit of the variant (cosine from lr to 10 % across the run, as the demo's).
@@ -135,7 +218,7 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
     peak, started, evaluating = 0, time.perf_counter(), 0.0
     for visit in range(visits):
         spec = specs[sequence[visit]]
-        factor = 1.0 if spec.name.startswith("layers.") else v.other_lr_factor
+        factor = 1.0 if spec.name.startswith(("layers.", "lisa:")) else v.other_lr_factor
         hyper = replace(training.visit_hyper(timeline.lr_of(visit) * factor, timeline.seed_of(visit)), betas=v.betas)
         result = train_block(model, spec, pooled, hyper)
         peak = max(peak, result.peak_memory_bytes)
