@@ -152,6 +152,9 @@ def render(status: pb.GetStatusResponse, out: TextIO) -> None:
         line(f"  in flight: round {t.round} {t.block_name:<14} {names.get(t.client_id, t.client_id):<16} {progress}")
     for e in status.evals:
         line(f"  eval: version {e.version} after {e.rounds_done} rounds: loss {e.loss:.4f}")
+    if status.HasField("best_eval"):
+        b = status.best_eval
+        line(f"  best: version {b.version} after {b.rounds_done} rounds: loss {b.loss:.4f} (fedcybgd export --best)")
     for v in status.visits:
         line(f"  visit: round {v.round:>5} cycle {v.cycle:>3} {v.block_name:<14} {v.client_name:<16} "
              f"loss {v.loss_before:.4f} -> {v.loss_after:.4f}  down {v.bytes_down:,}  up {v.bytes_up:,}  "

@@ -39,7 +39,8 @@ class Evaluator:
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._pending: set[int] = set()  # queued or being evaluated: retention keeps them (`pending`)
         self._pending_lock = threading.Lock()
-        self._best = lowest_loss_version(state.evals())  # (version, loss) of the best evaluation so far
+        best = state.best_eval()
+        self._best = (best[0], best[2]) if best is not None else None  # (version, loss) of the lowest loss so far
         if not config.data:
             raise ValueError("evaluation needs held-out data (eval.data)")
         sequences = load_packed(config.data, store.tokenizer(), seq_len, run.prompt, config.record_options)
@@ -113,11 +114,3 @@ class Evaluator:
         self._queue.put(None)
         self._thread.join(timeout=60)
 
-
-def lowest_loss_version(evals: list[tuple[int, int, float]]) -> tuple[int, float] | None:
-    """(version, loss) of the lowest held-out loss among ``(version, rounds, loss)`` evaluations (the earliest
-    version on a tie); None when there are none."""
-    if not evals:
-        return None
-    version, _, loss = min(evals, key=lambda e: (e[2], e[0]))
-    return version, loss

@@ -13,7 +13,6 @@ import safetensors.torch
 from torch import nn
 
 from fedcybgd.common.modeling import specs_from_json
-from fedcybgd.server.evaluation import lowest_loss_version
 from fedcybgd.server.model_store import ModelStore
 from fedcybgd.server.state import CoordinatorState, SqliteState, current_version
 from fedcybgd.server.strategies.fedlora import lora_from_meta
@@ -38,10 +37,10 @@ def check_exportable(state: CoordinatorState, version: int) -> None:
 
 def best_version(state: CoordinatorState) -> tuple[int, float]:
     """(version, held-out loss) of the lowest held-out loss evaluated in the run; a clear error without any."""
-    best = lowest_loss_version(state.evals())
+    best = state.best_eval()
     if best is None:
         raise ValueError("the run has no held-out evaluations (the coordinator needs eval.data): no best version")
-    return best
+    return best[0], best[2]
 
 
 def export_version(state_dir: str | Path, out_dir: str | Path, version: int | None = None, *,

@@ -350,6 +350,11 @@ class SqliteState:
         rows = self._query("SELECT * FROM evals ORDER BY version DESC LIMIT ?", (limit,))
         return [(r["version"], r["rounds_done"], r["loss"]) for r in reversed(rows)]
 
+    def best_eval(self) -> tuple[int, int, float] | None:
+        """The evaluation with the lowest held-out loss (the earliest version on a tie)."""
+        rows = self._query("SELECT * FROM evals ORDER BY loss, version LIMIT 1")
+        return (rows[0]["version"], rows[0]["rounds_done"], rows[0]["loss"]) if rows else None
+
     def first_eval(self) -> tuple[int, int, float] | None:
         rows = self._query("SELECT * FROM evals ORDER BY version LIMIT 1")
         return (rows[0]["version"], rows[0]["rounds_done"], rows[0]["loss"]) if rows else None

@@ -100,6 +100,7 @@ class StatusReport:
                 whole_model=t.block_index == ALL_BLOCKS))
         shown, cursor = ([], 0) if request.summary else self._page(request.visits_before_round, limit)
         evals = [] if request.summary else self._evals()
+        best = self._state.best_eval()
         schedule = self._strategy.schedule
         return pb.GetStatusResponse(
             run_state="done" if finished else "running",
@@ -113,6 +114,7 @@ class StatusReport:
             model_bytes=self._run.model_bytes,
             waiting_reason=self._board.memory_stall() if self._board is not None and not finished else "",
             visits_total=totals.visits, next_visits_before_round=cursor,
+            best_eval=pb.EvalPoint(version=best[0], rounds_done=best[1], loss=best[2]) if best is not None else None,
         )
 
     def _privacy_of(self, client_id: str) -> SitePrivacy:

@@ -26,7 +26,6 @@ from fedcybgd.common.blobstore import BlobStore
 from fedcybgd.common.data import load_packed
 from fedcybgd.server.app import RunningCoordinator
 from fedcybgd.server.config import CoordinatorConfig, EvalConfig, RetentionConfig, TrainingConfig
-from fedcybgd.server.evaluation import lowest_loss_version
 from fedcybgd.server.export import PrunedVersionError, best_version, check_exportable, export_version
 from fedcybgd.server.metrics import CoordinatorMetrics
 from fedcybgd.server.reference import run_reference
@@ -107,7 +106,7 @@ def test_the_best_evaluated_version_stays_until_a_better_one_is_evaluated(tmp_pa
     evaluated = {2: 3.0, 4: 2.5, 6: 2.7, 8: 2.6}
 
     def pinned() -> set[int]:
-        best = lowest_loss_version(run.state.evals())
+        best = run.state.best_eval()
         return {best[0]} if best else set()
 
     run.retention = Retention(RetentionConfig(checkpoint_every=100), run.state, run.blobs,
@@ -261,6 +260,7 @@ def test_a_run_keeps_only_retained_versions_and_exports_them_exactly(tiny_model_
     again = coordinators.start(config)
     status = again.coordinator.status(pb.GetStatusRequest())
     assert status.run_state == "done" and status.version == 13
+    assert status.HasField("best_eval") and status.best_eval.version == best, "status names the best version"
     coordinators.stop(again)
 
     # A kept checkpoint exports to the weights of the single-process reference after its visits.

@@ -174,11 +174,14 @@ def test_a_failed_commit_counts_nothing():
 def test_newest_and_first_evals():
     state = SqliteState(":memory:")
     try:
-        assert state.newest_evals(3) == [] and state.first_eval() is None
+        assert state.newest_evals(3) == [] and state.first_eval() is None and state.best_eval() is None
         for v in range(10):
-            state.add_eval(v, v, 3.0 - v / 10)
+            state.add_eval(v, v, 3.0 - v / 10 if v < 6 else 2.5 + v / 100)  # lowest at 5, then overfitting
         assert [e[0] for e in state.newest_evals(3)] == [7, 8, 9]
         assert state.first_eval() == (0, 0, 3.0)
+        assert state.best_eval() == (5, 5, 2.5)
+        state.add_eval(10, 10, 2.5)
+        assert state.best_eval() == (5, 5, 2.5), "a tie keeps the earlier version"
     finally:
         state.close()
 

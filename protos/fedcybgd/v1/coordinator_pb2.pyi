@@ -433,7 +433,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, max_visits: _Optional[int] = ..., visits_before_round: _Optional[int] = ..., summary: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("run_state", "cycle", "round", "total_rounds", "num_blocks", "version", "blocks", "clients", "tasks", "visits", "evals", "total_bytes_down", "total_bytes_up", "model_bytes", "waiting_reason", "visits_total", "next_visits_before_round")
+    __slots__ = ("run_state", "cycle", "round", "total_rounds", "num_blocks", "version", "blocks", "clients", "tasks", "visits", "evals", "total_bytes_down", "total_bytes_up", "model_bytes", "waiting_reason", "visits_total", "next_visits_before_round", "best_eval")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     CYCLE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -451,6 +451,7 @@ class GetStatusResponse(_message.Message):
     WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
     VISITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NEXT_VISITS_BEFORE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    BEST_EVAL_FIELD_NUMBER: _ClassVar[int]
     run_state: str
     cycle: int
     round: int
@@ -468,7 +469,8 @@ class GetStatusResponse(_message.Message):
     waiting_reason: str
     visits_total: int
     next_visits_before_round: int
-    def __init__(self, run_state: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., num_blocks: _Optional[int] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., visits: _Optional[_Iterable[_Union[VisitRecord, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., total_bytes_down: _Optional[int] = ..., total_bytes_up: _Optional[int] = ..., model_bytes: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., visits_total: _Optional[int] = ..., next_visits_before_round: _Optional[int] = ...) -> None: ...
+    best_eval: EvalPoint
+    def __init__(self, run_state: _Optional[str] = ..., cycle: _Optional[int] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., num_blocks: _Optional[int] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., visits: _Optional[_Iterable[_Union[VisitRecord, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalPoint, _Mapping]]] = ..., total_bytes_down: _Optional[int] = ..., total_bytes_up: _Optional[int] = ..., model_bytes: _Optional[int] = ..., waiting_reason: _Optional[str] = ..., visits_total: _Optional[int] = ..., next_visits_before_round: _Optional[int] = ..., best_eval: _Optional[_Union[EvalPoint, _Mapping]] = ...) -> None: ...
 
 class BlockStatus(_message.Message):
     __slots__ = ("index", "name", "sha256", "last_version", "times_trained", "size")
