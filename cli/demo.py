@@ -262,7 +262,16 @@ def _follow(operator: _Operator, coordinator: subprocess.Popen, clients: list[su
     with operator.channel() as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         while time.monotonic() < deadline:
-            status, new = _new_visits(stub, shown)
+            try:
+                status, new = _new_visits(stub, shown)
+            except grpc.RpcError as exc:  # a coordinator busy for a while (a loaded machine): ask again
+                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                if coordinator.poll() is not None:
+                    raise RuntimeError(f"coordinator exited with {coordinator.returncode}:\n{_tail(log_path)}") from exc
+                print(f"  (status: {exc.code().name.lower()}; asking again)", flush=True)
+                time.sleep(1.0)
+                continue
             for v in new:
                 print(f"  round {v.round + 1:>3}/{status.total_rounds}  {v.client_name:<8} block {v.block_name:<12} "
                       f"loss {v.loss_before:.4f} -> {v.loss_after:.4f}  down {v.bytes_down / 1e6:7.2f} MB  "

@@ -137,8 +137,8 @@ def render(status: pb.GetStatusResponse, out: TextIO) -> None:
         line(f"waiting: {status.waiting_reason}")
     names = {c.client_id: c.name for c in status.clients}
     for c in status.clients:
-        memory = f"{c.memory_bytes / 2**30:.2f} GiB, fits {c.fits_blocks}/{status.num_blocks}" if c.memory_bytes \
-            else "memory unknown"
+        fits = "fits: being predicted" if c.memory_planning else f"fits {c.fits_blocks}/{status.num_blocks}"
+        memory = f"{c.memory_bytes / 2**30:.2f} GiB, {fits}" if c.memory_bytes else "memory unknown"
         line(f"  client {c.client_id} {c.name:<16} {c.device_kind:<10} visits {c.visits_completed:>4}  "
              f"task {c.current_task or '-'}  ({memory})")
         if c.memory_note:

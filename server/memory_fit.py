@@ -187,9 +187,17 @@ class MemoryFit:
         visits = self.predictions(client)
         return min(visits, key=_peak) if visits else None
 
-    def fitting_blocks(self, client: ClientRow, num_blocks: int) -> int:
-        """How many of the run's blocks this client holds (all of them when unconstrained)."""
-        visits = self.predictions(client)
+    def fitting_blocks_now(self, client: ClientRow, num_blocks: int) -> int | None:
+        """How many of the run's blocks this client holds (all of them when unconstrained), without waiting: None
+        while its predictions are still being computed (the planner can take minutes on a large model; the status
+        report must not wait for it)."""
+        if not self.constrains(client):
+            return num_blocks
+        with self._index_lock:
+            profile = MemoryProfile.of(client)
+            if profile not in self._predicted:
+                return None
+            visits = self._predicted[profile]
         return num_blocks if not visits else sum(1 for v in visits if v.peak_bytes <= client.memory_bytes)
 
     def too_small_for(self, client: ClientRow, block_index: int) -> str:

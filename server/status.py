@@ -77,6 +77,7 @@ class StatusReport:
             last_version, times = trained.get(spec.index, (0, 0))
             blocks.append(pb.BlockStatus(index=spec.index, name=spec.name, sha256=sha, size=self._store.blobs.size(sha),
                                          last_version=last_version, times_trained=times))
+        num_blocks = len(self._run.specs)
         clients = [
             pb.ClientStatus(client_id=c.id, name=c.name, device_kind=c.device_kind, last_seen_unix=c.last_seen_unix,
                             current_task=next((t.id for t in in_flight if t.client_id == c.id), ""),
@@ -84,11 +85,12 @@ class StatusReport:
                             memory_bytes=c.memory_bytes, gpu_peak_allocated_bytes=c.gpu_peak_allocated_bytes,
                             gpu_peak_reserved_bytes=c.gpu_peak_reserved_bytes, host_rss_bytes=c.host_rss_bytes,
                             checkpoint_above=c.checkpoint_above, compact_frozen=c.compact_frozen,
-                            fits_blocks=self._memory.fitting_blocks(c, len(self._run.specs)),
+                            fits_blocks=fits or 0, memory_planning=fits is None,
                             memory_note=memory_waits.get(c.id, ""),
                             record_epsilon=privacy.record_epsilon, update_epsilon=privacy.update_epsilon,
                             declined=privacy.declined)
-            for c, privacy in ((c, self._privacy_of(c.id)) for c in known)
+            for c, privacy, fits in ((c, self._privacy_of(c.id), self._memory.fitting_blocks_now(c, num_blocks))
+                                     for c in known)
         ]
         tasks = []
         for t in in_flight:

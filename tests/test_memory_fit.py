@@ -79,8 +79,9 @@ def client_row(memory: int, device_kind: str = "cpu", checkpoint_above: bool = F
 def test_a_client_fits_the_blocks_whose_predicted_peak_its_memory_holds():
     fit = MemoryFit(Table(PEAKS))
     small = client_row(350 * MiB)
+    assert fit.fitting_blocks_now(small, len(BLOCKS)) is None, "not predicted yet"
     assert [fit.fits(small, i) for i in range(len(BLOCKS))] == [False, False, True, True, False]
-    assert fit.fitting_blocks(small, len(BLOCKS)) == 2
+    assert fit.fitting_blocks_now(small, len(BLOCKS)) == 2
     assert fit.smallest_visit(small) == PredictedVisit(3, "layers.3", 200 * MiB)
     assert fit.holds_nothing(small) is None
     reason = fit.too_small_for(small, 0)
@@ -102,7 +103,7 @@ def test_unknown_memory_whole_model_tasks_and_runs_without_predictor_are_unconst
     unknown = client_row(0)
     assert all(fit.fits(unknown, i) for i in range(len(BLOCKS)))
     assert fit.holds_nothing(unknown) is None and fit.smallest_visit(unknown) is None
-    assert fit.fitting_blocks(unknown, len(BLOCKS)) == len(BLOCKS)
+    assert fit.fitting_blocks_now(unknown, len(BLOCKS)) == len(BLOCKS)
     assert fit.fits(client_row(1), ALL_BLOCKS)  # fedavg-full / fedlora tasks: not predicted
     assert not table.calls, "nothing to predict for an unknown memory or a whole-model task"
     none = MemoryFit(None)
@@ -349,6 +350,33 @@ def test_predictions_are_made_outside_the_scheduling_lock(make_coordinator: Make
     coordinator.state.add_client(row, "h-direct")  # not through enrolment: no warm-up, GetTask predicts
     assert coordinator.tasks.get_task(row, 0).task is None
     assert held == [False]
+
+
+def test_status_does_not_wait_for_a_prediction(make_coordinator: MakeCoordinator):
+    """The planner can take minutes on a large model; a status call made meanwhile answers at once and says the
+    client's fit is still being predicted."""
+    table = Table(PEAKS)
+    coordinator = make_coordinator(table)
+    seen: list[pb.ClientStatus] = []
+    answered: list[bool] = []
+
+    def probe() -> None:  # a status call while the prediction runs
+        def status() -> None:
+            seen.extend(c for c in coordinator.status(pb.GetStatusRequest()).clients if c.client_id == "c-direct")
+
+        thread = threading.Thread(target=status)
+        thread.start()
+        thread.join(timeout=5)
+        answered.append(not thread.is_alive())
+
+    table.on_call = probe
+    row = client_row(350 * MiB, id="c-direct")
+    coordinator.state.add_client(row, "h-direct")
+    coordinator.tasks.get_task(row, 0)
+    assert answered == [True], "GetStatus waited for the memory planner"
+    assert len(seen) == 1 and seen[0].memory_planning and seen[0].fits_blocks == 0
+    after = next(c for c in coordinator.status(pb.GetStatusRequest()).clients if c.client_id == "c-direct")
+    assert not after.memory_planning and after.fits_blocks == 2  # layers.2 and layers.3 peak under 350 MiB
 
 
 # -- over gRPC, with client processes and the real planner --------------------------------------------

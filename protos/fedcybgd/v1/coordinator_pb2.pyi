@@ -489,7 +489,7 @@ class BlockStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ..., last_version: _Optional[int] = ..., times_trained: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes", "checkpoint_above", "fits_blocks", "memory_note", "compact_frozen", "record_epsilon", "update_epsilon", "declined")
+    __slots__ = ("client_id", "name", "device_kind", "last_seen_unix", "current_task", "visits_completed", "memory_bytes", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "host_rss_bytes", "checkpoint_above", "fits_blocks", "memory_note", "compact_frozen", "record_epsilon", "update_epsilon", "declined", "memory_planning")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -507,6 +507,7 @@ class ClientStatus(_message.Message):
     RECORD_EPSILON_FIELD_NUMBER: _ClassVar[int]
     UPDATE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PLANNING_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     name: str
     device_kind: str
@@ -524,7 +525,8 @@ class ClientStatus(_message.Message):
     record_epsilon: float
     update_epsilon: float
     declined: str
-    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ..., checkpoint_above: _Optional[bool] = ..., fits_blocks: _Optional[int] = ..., memory_note: _Optional[str] = ..., compact_frozen: _Optional[str] = ..., record_epsilon: _Optional[float] = ..., update_epsilon: _Optional[float] = ..., declined: _Optional[str] = ...) -> None: ...
+    memory_planning: bool
+    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., device_kind: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., current_task: _Optional[str] = ..., visits_completed: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_peak_allocated_bytes: _Optional[int] = ..., gpu_peak_reserved_bytes: _Optional[int] = ..., host_rss_bytes: _Optional[int] = ..., checkpoint_above: _Optional[bool] = ..., fits_blocks: _Optional[int] = ..., memory_note: _Optional[str] = ..., compact_frozen: _Optional[str] = ..., record_epsilon: _Optional[float] = ..., update_epsilon: _Optional[float] = ..., declined: _Optional[str] = ..., memory_planning: _Optional[bool] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("task_id", "client_id", "round", "block_index", "base_version", "issued_unix", "phase", "step", "steps", "block_name", "whole_model")
