@@ -46,6 +46,9 @@ class Variant:
     #: LISA (Pan et al. 2024): each visit trains this many decoder layers drawn at random (0: the partition's blocks)
     lisa_layers: int = 0
     lisa_others: bool = False  # LISA: the embeddings, final norm and head join every visit, as LISA has it
+    #: a fixed partition whose blocks are spread over the depth: block k holds layers k, k + B, k + 2B, ... (B
+    #: blocks of ``layers_per_block`` layers), the decoder layers only: LISA's spread without its randomness
+    strided: bool = False
 
 
 
@@ -87,6 +90,7 @@ VARIANTS = [
     Variant("e4 lr x1.5 carry masters+moments", others_every=4, lr_factor=1.5, carry="moments"),
     Variant("LISA 6 layers lr x1.5", lr_factor=1.5, lisa_layers=6),
     Variant("LISA 6 layers + embed/head lr x1.5", lr_factor=1.5, lisa_layers=6, lisa_others=True),
+    Variant("strided 6 layers lr x1.5", lr_factor=1.5, others_every=0, strided=True),
 ]
 
 
@@ -98,6 +102,11 @@ def blocks_of(model, v: Variant):
 
     specs = partition_model(model, v.layers_per_block)
     layers, others = specs[:layer_block_count(specs)], specs[layer_block_count(specs):]
+    if v.strided:
+        single = partition_model(model, 1)[:layer_block_count(partition_model(model, 1))]
+        return [BlockSpec(k, "layers." + "+".join(str(i) for i in range(k, len(single), len(layers))),
+                          tuple(sorted((t for s in single[k::len(layers)] for t in s.tensors), key=lambda t: t.name)))
+                for k in range(len(layers))]
     if v.others_every == 0:
         return layers
     if v.merge_small:

@@ -57,6 +57,9 @@ CONTENDERS = [
     Contender("cybgd", ("--strategy", "cybgd")),
     Contender("cybgd e4", ("--strategy", "cybgd"), embed_head_every=4),  # embed/head blocks every 4th cycle
     Contender("cybgd L15 e4", ("--strategy", "cybgd"), layers_per_block=15, embed_head_every=4),
+    # the strided block layout: block k of B holds decoder layers k, k + B, ... (common/partition.py)
+    Contender("cybgd e4 strided", ("--strategy", "cybgd", "--coordinator-arg=--block-layout=strided"),
+              embed_head_every=4),
     Contender("cybgd L1", ("--strategy", "cybgd"), layers_per_block=1),
     Contender("cybgd-parallel K2 e4", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2"),
               embed_head_every=4, concurrent_clients=2),

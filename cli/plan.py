@@ -37,6 +37,7 @@ class PlanRequest:
     seq_len: int = 2048
     layers_per_block: int = 1
     max_block_params: int | None = None
+    block_layout: str = "contiguous"
     dtype: torch.dtype = torch.bfloat16
     device_type: str = "cuda"
     checkpoint_above: bool = False
@@ -54,7 +55,8 @@ def run_plan(request: PlanRequest) -> int:
     settings = PlanSettings(batch_size=request.batch_size, seq_len=request.seq_len, dtype=request.dtype,
                             device_type=request.device_type, checkpoint_above=request.checkpoint_above,
                             layers_per_block=request.layers_per_block, max_block_params=request.max_block_params,
-                            compact_frozen=request.compact_frozen, privacy=request.privacy)
+                            block_layout=request.block_layout, compact_frozen=request.compact_frozen,
+                            privacy=request.privacy)
     start = time.perf_counter()
     plans = plan_visits(config, settings)
     _progress(f"planned {len(plans)} visits in {time.perf_counter() - start:.1f} s")

@@ -207,6 +207,8 @@ def plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     p.add_argument("--seq-len", dest="seq_len", type=int, default=2048)
     p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
+    p.add_argument("--block-layout", dest="block_layout", choices=["contiguous", "strided"], default="contiguous",
+                   help="as the coordinator's --block-layout")
     p.add_argument("--max-block-params", dest="max_block_params", type=int, default=None,
                    help="bound on embedding/head blocks (default: the largest layer block; 0: none)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -229,6 +231,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(PlanRequest(
         model=args.model, memory_bytes=parse_size(args.memory, positive=True), batch_size=args.batch_size,
         seq_len=args.seq_len,
-        layers_per_block=args.layers_per_block, max_block_params=args.max_block_params, dtype=DTYPES[args.dtype],
+        layers_per_block=args.layers_per_block, max_block_params=args.max_block_params,
+        block_layout=args.block_layout, dtype=DTYPES[args.dtype],
         device_type=args.device, checkpoint_above=args.checkpoint_above, compact_frozen=args.compact_frozen,
         privacy=args.privacy, alternatives=args.alternatives))

@@ -36,7 +36,7 @@ from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, decompress_small, seriali
 from fedcybgd.common.delta_arith import accepted as accepted_deltas
 from fedcybgd.common.delta_arith import choose as choose_delta
 from fedcybgd.common.modeling import DTYPES, TOKENIZER_FILES, config_from_json, model_from_config
-from fedcybgd.common.partition import partition_model
+from fedcybgd.common.partition import check_layout, partition_model
 from fedcybgd.common.procfs import rss_bytes
 from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.transport import client_channel
@@ -187,7 +187,8 @@ class ClientDaemon:
         # Version deltas: the best encoding both sides decode (a coordinator that lists none reads XOR).
         self.upload_delta = choose_delta(frozenset(info.accept_deltas), accepted_deltas(self.config.deltas))
         model = model_from_config(config_from_json(info.config_json), self.dtype, self.device)
-        specs = partition_model(model, info.layers_per_block, info.max_block_params)
+        specs = partition_model(model, info.layers_per_block, info.max_block_params,
+                                check_layout(info.block_layout or "contiguous"))
         if len(specs) != info.num_blocks:
             raise ValueError(f"the coordinator partitions this model into {info.num_blocks} blocks of "
                              f"{info.layers_per_block} decoder layers, this client into {len(specs)}: "

@@ -6,6 +6,11 @@ from the model's own structure (the decoder-layer ``nn.ModuleList``) instead of 
 per architecture, so new architectures work without code changes, and the result is a pure
 function of the model so server and clients compute the same partition independently.
 
+How decoder layers are grouped is the run's **block layout**: ``contiguous`` (the paper's, and the default: block
+``k`` holds layers ``kL`` to ``kL + L - 1``) or ``strided`` (block ``k`` of ``B`` holds layers ``k``, ``k + B``,
+``k + 2B``, ...: every visit trains layers spread over the whole depth; docs/benchmarks.md measures it learning
+more per token at the same block size, the price being a backward pass from near the bottom at every visit).
+
 No block holds more parameters than a bound (by default the largest decoder-layer block): the
 parameters outside the decoder layers are packed into blocks under it, and a matrix larger than
 the bound (a large vocabulary's embedding or head) is split into row ranges, each a block.
@@ -21,7 +26,18 @@ from torch import nn
 
 from fedcybgd.common.blocks import EMBED_HEAD, BlockSpec, TensorSpec, torch_dtype_to_st
 
-__all__ = ["find_decoder_layers", "partition_model", "row_pieces", "resolved_bound", "layer_block_count"]
+__all__ = ["find_decoder_layers", "partition_model", "row_pieces", "resolved_bound", "layer_block_count",
+           "BLOCK_LAYOUTS", "check_layout"]
+
+#: How decoder layers are grouped into blocks (see the module's docstring).
+BLOCK_LAYOUTS = ("contiguous", "strided")
+
+
+def check_layout(layout: str) -> str:
+    """``layout`` if it is one of ``BLOCK_LAYOUTS``; a clear error otherwise."""
+    if layout not in BLOCK_LAYOUTS:
+        raise ValueError(f"unknown block layout {layout!r}; known: {', '.join(BLOCK_LAYOUTS)}")
+    return layout
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,13 +133,14 @@ def _check_bound(max_block_params: int | None) -> None:
 
 
 def partition_model(model: nn.Module, layers_per_block: int = 1,
-                    max_block_params: int | None = None) -> list[BlockSpec]:
+                    max_block_params: int | None = None, layout: str = "contiguous") -> list[BlockSpec]:
     """Split the model's parameters into blocks for block-cyclic training.
 
     One block per run of ``layers_per_block`` consecutive decoder layers (the last may be shorter), named
-    ``"layers.{i}"`` or ``"layers.{i}-{j}"`` in ascending layer order, then the blocks of every other parameter
-    (embeddings, position embeddings, final norm, LM head). Tied input/output embeddings are one parameter and are
-    listed once, under the name ``named_parameters()`` reports first.
+    ``"layers.{i}"`` or ``"layers.{i}-{j}"`` in ascending layer order (``layout="strided"``: as many blocks, block
+    ``k`` of ``B`` holding layers ``k, k + B, ...``, named ``"layers.{k}+{k+B}+..."``), then the blocks of every
+    other parameter (embeddings, position embeddings, final norm, LM head). Tied input/output embeddings are one
+    parameter and are listed once, under the name ``named_parameters()`` reports first.
 
     The other parameters are bounded by ``max_block_params`` elements per block so that no visit needs much more
     memory than a decoder-layer visit: ``None`` (the default) bounds them by the largest decoder-layer block, a
@@ -154,11 +171,7 @@ def partition_model(model: nn.Module, layers_per_block: int = 1,
         else:
             per_layer[layer_idx].append(spec)
 
-    layer_groups: list[tuple[str, list[TensorSpec]]] = []
-    for start in range(0, n_layers, layers_per_block):
-        end = min(start + layers_per_block, n_layers) - 1
-        specs = [s for i in range(start, end + 1) for s in per_layer[i]]
-        layer_groups.append((f"layers.{start}" if start == end else f"layers.{start}-{end}", specs))
+    layer_groups = _layer_groups(per_layer, layers_per_block, check_layout(layout))
     bound = max_block_params
     if bound is None:
         bound = max((sum(s.numel for s in specs) for _, specs in layer_groups), default=0)
@@ -167,6 +180,25 @@ def partition_model(model: nn.Module, layers_per_block: int = 1,
               for i, (name, specs) in enumerate(groups)]
     _check_partition(blocks, {n: p.numel() for n, p in all_params.items()})
     return blocks
+
+
+def _layer_groups(per_layer: list[list[TensorSpec]], layers_per_block: int,
+                  layout: str) -> list[tuple[str, list[TensorSpec]]]:
+    """The decoder-layer blocks, named, in the layout's order."""
+    n_layers = len(per_layer)
+    groups: list[tuple[str, list[TensorSpec]]] = []
+    if layout == "strided":
+        count = -(-n_layers // layers_per_block)  # as many blocks as the contiguous layout has
+        for k in range(count):
+            indices = range(k, n_layers, count)
+            name = "layers." + "+".join(str(i) for i in indices)
+            groups.append((name, [s for i in indices for s in per_layer[i]]))
+        return groups
+    for start in range(0, n_layers, layers_per_block):
+        end = min(start + layers_per_block, n_layers) - 1
+        specs = [s for i in range(start, end + 1) for s in per_layer[i]]
+        groups.append((f"layers.{start}" if start == end else f"layers.{start}-{end}", specs))
+    return groups
 
 
 def layer_block_count(specs: Sequence[BlockSpec]) -> int:

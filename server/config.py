@@ -7,6 +7,7 @@ from fedcybgd.common.codec import DEFAULT_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, MAX_C
 from fedcybgd.common.context import DEFAULT_GROUP_SIZE
 from fedcybgd.common.context import METHODS as CONTEXT_METHODS
 from fedcybgd.common.delta_arith import accepted as accepted_deltas
+from fedcybgd.common.partition import check_layout
 from fedcybgd.common.prompts import TRAIN_ON
 from fedcybgd.common.records import RecordOptions, parse_columns
 from fedcybgd.server.scheduler import ScheduleConfig
@@ -182,6 +183,9 @@ class CoordinatorConfig:
     state_dir: str = "./fedcybgd-state"
     address: str = "127.0.0.1:50051"
     layers_per_block: int = 1
+    # How decoder layers are grouped: "contiguous" (block k: layers kL..kL+L-1, the paper's) or "strided" (block k of
+    # B: layers k, k+B, k+2B, ...; common/partition.py)
+    block_layout: str = "contiguous"
     # Bound on the parameters of a block outside the decoder layers (embeddings, head; a larger matrix is split into
     # row ranges): None: the largest decoder-layer block; 0: no bound (one embed_head block).
     max_block_params: int | None = None
@@ -221,6 +225,7 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.layers_per_block < 1:
             raise ValueError("layers_per_block must be >= 1")
+        check_layout(self.block_layout)
         accepted_deltas(self.deltas)  # a typo fails at start
         if self.max_block_params is not None and self.max_block_params < 0:
             raise ValueError("max_block_params must be 0 (no bound), a positive number, or unset (automatic)")

@@ -81,7 +81,8 @@ class PlannerPredictor:
     DP-SGD (`private`)."""
 
     def __init__(self, config_json: str, run: RunInfo, layers_per_block: int, training: TrainingConfig,
-                 private: bool = False) -> None:
+                 private: bool = False, block_layout: str = "contiguous") -> None:
+        self._block_layout = block_layout
         self._private = private  # record-level DP-SGD: one row backpropagated at a time, fp32 gradient sums
         self._config_json = config_json
         self._run = run
@@ -93,7 +94,7 @@ class PlannerPredictor:
         settings = PlanSettings(batch_size=training.batch_size, seq_len=training.seq_len, dtype=DTYPES[run.dtype],
                                 device_type=profile.device_type, checkpoint_above=profile.checkpoint_above,
                                 compact_frozen=profile.compact_frozen or None,
-                                layers_per_block=self._layers_per_block,
+                                layers_per_block=self._layers_per_block, block_layout=self._block_layout,
                                 max_block_params=run.max_block_params,  # resolved: 0 is "no bound", as clients
                                 privacy=self._private)
         plans = plan_visits(config_from_json(self._config_json), settings)

@@ -39,7 +39,8 @@ class ModelStore:
         self.model_dir = self.state_dir / "model"
 
     def import_model(self, model_path: str | Path, layers_per_block: int, dtype: str,
-                     max_block_params: int | None = None) -> tuple[list[BlockSpec], list[str], str]:
+                     max_block_params: int | None = None,
+                     layout: str = "contiguous") -> tuple[list[BlockSpec], list[str], str]:
         """Partition a Hugging Face model into blocks and store them as version 0.
 
         Returns (block specs, manifest of blob SHA-256 per block, the dtype name used).
@@ -52,7 +53,7 @@ class ModelStore:
         stored_dtype = next(model.parameters()).dtype
         if stored_dtype not in DTYPES.values():
             raise ValueError(f"unsupported weight dtype {stored_dtype}")
-        specs = partition_model(model, layers_per_block, max_block_params)
+        specs = partition_model(model, layers_per_block, max_block_params, layout)
         manifest = [self.blobs.put(serialize_block(block_tensors(model, spec))) for spec in specs]
         self._write_model_dir(model, model_path)
         return specs, manifest, dtype_name(stored_dtype)

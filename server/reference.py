@@ -48,13 +48,13 @@ def visit_hyper(schedule: CycleSchedule, training: TrainingConfig, round_: int) 
 def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config: ScheduleConfig,
                   training: TrainingConfig, data_of_round: Sequence[SequencesLike], *,
                   on_visit: OnVisit | None = None, max_block_params: int | None = None,
-                  compact_frozen: str | None = None) -> PreTrainedModel:
+                  compact_frozen: str | None = None, block_layout: str = "contiguous") -> PreTrainedModel:
     """Train `model` in place through every visit; `data_of_round[r]` is the data visit r used
     (in a federated run: the local data of the client that made visit r). The blocks are
-    ``partition_model(model, layers_per_block, max_block_params)``, as the run's. ``compact_frozen``: the
+    ``partition_model(model, layers_per_block, max_block_params, block_layout)``, as the run's. ``compact_frozen``: the
     visits hold their frozen layers quantized (``train_block``); the frozen weights are put back exact after
     each visit, as the client reloads them."""
-    specs = partition_model(model, layers_per_block, max_block_params)
+    specs = partition_model(model, layers_per_block, max_block_params, block_layout)
     schedule = CycleSchedule.for_blocks(specs, schedule_config)
     if len(data_of_round) != schedule.total_rounds:
         raise ValueError(f"need data for {schedule.total_rounds} rounds, got {len(data_of_round)}")
@@ -75,14 +75,15 @@ def run_reference(model: PreTrainedModel, layers_per_block: int, schedule_config
 def run_block_cyclic(model: PreTrainedModel, sequences: SequencesLike, layers_per_block: int,
                      schedule_config: ScheduleConfig, training: TrainingConfig, *,
                      on_visit: OnVisit | None = None, max_block_params: int | None = None,
-                     compact_frozen: str | None = None) -> PreTrainedModel:
+                     compact_frozen: str | None = None, block_layout: str = "contiguous") -> PreTrainedModel:
     """Block-cyclic training in one process on the pooled ``sequences`` ``[n, seq_len]``: every
     visit of the schedule trains its block for ``training.local_steps`` steps with a fresh AdamW
     (BAdam's scheme, with the schedule's block order, learning rates and per-visit data seeds)."""
-    rounds = CycleSchedule.for_blocks(partition_model(model, layers_per_block, max_block_params),
+    rounds = CycleSchedule.for_blocks(partition_model(model, layers_per_block, max_block_params, block_layout),
                                       schedule_config).total_rounds
     return run_reference(model, layers_per_block, schedule_config, training, [sequences] * rounds,
-                         on_visit=on_visit, max_block_params=max_block_params, compact_frozen=compact_frozen)
+                         on_visit=on_visit, max_block_params=max_block_params, compact_frozen=compact_frozen,
+                         block_layout=block_layout)
 
 
 def _frozen_copy(model: nn.Module, spec: BlockSpec) -> dict[str, torch.Tensor]:

@@ -51,6 +51,8 @@ def run_fingerprint(config: CoordinatorConfig, strategy: Strategy, prompt: Promp
     }
     if config.max_block_params is not None:  # unset (automatic) leaves the fingerprint of earlier runs as it was
         settings["max_block_params"] = config.max_block_params
+    if config.block_layout != "contiguous":  # as every run before the setting existed: their fingerprints hold
+        settings["block_layout"] = config.block_layout
     return json.dumps(settings, sort_keys=True)
 
 
@@ -68,7 +70,7 @@ def open_run(config: CoordinatorConfig, state: CoordinatorState, store: ModelSto
             raise ValueError("a new run needs a model directory (--model)")
         log.info("importing model %s", config.model)
         specs, manifest, dtype = store.import_model(config.model, config.layers_per_block, config.dtype,
-                                                    config.max_block_params)
+                                                    config.max_block_params, config.block_layout)
         prompt = _prompt_format(config, store)
         model_id = hashlib.sha256(json.dumps(manifest).encode()).hexdigest()
         state.add_version(0, manifest, None, replace=True)  # a crash mid-import may have left one

@@ -40,8 +40,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def block_layers(model: nn.Module, spec: BlockSpec) -> range | None:
-    """The decoder layers block ``spec`` consists of, or None when it holds anything else (embed_head)."""
+def block_layers(model: nn.Module, spec: BlockSpec) -> tuple[int, ...] | None:
+    """The indices of the decoder layers block ``spec`` consists of, ascending (consecutive in the contiguous
+    layout, spread in the strided one), or None when it holds anything else (embed_head)."""
     layers_name, _ = find_decoder_layers(model)
     prefix = layers_name + "." if layers_name else ""
     indices = set()
@@ -50,11 +51,13 @@ def block_layers(model: nn.Module, spec: BlockSpec) -> range | None:
         if not head.isdigit():
             return None
         indices.add(int(head))
-    return range(min(indices), max(indices) + 1) if indices else None
+    return tuple(sorted(indices)) if indices else None
 
 
 def layers_above(model: nn.Module, spec: BlockSpec) -> list[nn.Module]:
-    """The decoder layers the gradient of block ``spec`` passes through without training them."""
+    """The decoder layers above block ``spec``'s highest layer: the gradient passes through them without training
+    them (the frozen layers between a strided block's layers are not counted: they hold activations the block's
+    lower layers need anyway)."""
     own = block_layers(model, spec)
     first = 0 if own is None else own[-1] + 1  # embed_head: its embeddings lie below every decoder layer
     return list(decoder_layers(model))[first:]

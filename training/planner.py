@@ -97,6 +97,7 @@ class PlanSettings:
     checkpoint_above: bool = False
     layers_per_block: int = 1
     max_block_params: int | None = None
+    block_layout: str = "contiguous"
     compact_frozen: str | None = None
     runtime_bytes: int | None = None
     privacy: bool = False
@@ -170,7 +171,7 @@ _LOCK = threading.Lock()  # one simulation at a time: they are CPU-bound anyway,
 @functools.lru_cache(maxsize=64)
 def _plans_cached(config_json: str, settings: PlanSettings) -> tuple[VisitPlan, ...]:
     model = model_from_config(config_from_json(config_json), settings.dtype, "meta")
-    specs = partition_model(model, settings.layers_per_block, settings.max_block_params)
+    specs = partition_model(model, settings.layers_per_block, settings.max_block_params, settings.block_layout)
     return tuple(_plan_visit(model, spec, settings) for spec in specs)
 
 

@@ -82,7 +82,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs", "strategy", "lora", "max_block_params", "prompt_template", "prompt_name", "train_on", "accept_deltas")
+    __slots__ = ("model_id", "config_json", "tokenizer_files", "dtype", "num_blocks", "layers_per_block", "tokenizer_codec", "upload_codecs", "strategy", "lora", "max_block_params", "prompt_template", "prompt_name", "train_on", "accept_deltas", "block_layout")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class ModelInfo(_message.Message):
     PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ON_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     tokenizer_files: _containers.ScalarMap[str, bytes]
@@ -120,7 +121,8 @@ class ModelInfo(_message.Message):
     prompt_name: str
     train_on: str
     accept_deltas: _containers.RepeatedScalarFieldContainer[DeltaCodec]
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., strategy: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., max_block_params: _Optional[int] = ..., prompt_template: _Optional[str] = ..., prompt_name: _Optional[str] = ..., train_on: _Optional[str] = ..., accept_deltas: _Optional[_Iterable[_Union[DeltaCodec, str]]] = ...) -> None: ...
+    block_layout: str
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., dtype: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layers_per_block: _Optional[int] = ..., tokenizer_codec: _Optional[_Union[Codec, str]] = ..., upload_codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., strategy: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., max_block_params: _Optional[int] = ..., prompt_template: _Optional[str] = ..., prompt_name: _Optional[str] = ..., train_on: _Optional[str] = ..., accept_deltas: _Optional[_Iterable[_Union[DeltaCodec, str]]] = ..., block_layout: _Optional[str] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules")
