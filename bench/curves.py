@@ -53,15 +53,18 @@ class Contender:
     concurrent_clients: int = 1       # clients training at once: they share --threads (more would oversubscribe)
 
 
+#: The block layout the earlier FedCyBGD contenders were measured in (a new run's default is strided since).
+CONTIGUOUS = "--coordinator-arg=--block-layout=contiguous"
+
 CONTENDERS = [
-    Contender("cybgd", ("--strategy", "cybgd")),
-    Contender("cybgd e4", ("--strategy", "cybgd"), embed_head_every=4),  # embed/head blocks every 4th cycle
-    Contender("cybgd L15 e4", ("--strategy", "cybgd"), layers_per_block=15, embed_head_every=4),
+    Contender("cybgd", ("--strategy", "cybgd", CONTIGUOUS)),
+    Contender("cybgd e4", ("--strategy", "cybgd", CONTIGUOUS), embed_head_every=4),  # embed/head every 4th cycle
+    Contender("cybgd L15 e4", ("--strategy", "cybgd", CONTIGUOUS), layers_per_block=15, embed_head_every=4),
     # the strided block layout: block k of B holds decoder layers k, k + B, ... (common/partition.py)
     Contender("cybgd e4 strided", ("--strategy", "cybgd", "--coordinator-arg=--block-layout=strided"),
               embed_head_every=4),
     Contender("cybgd L1", ("--strategy", "cybgd"), layers_per_block=1),
-    Contender("cybgd-parallel K2 e4", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2"),
+    Contender("cybgd-parallel K2 e4", ("--strategy", "cybgd-parallel", "--max-concurrent-visits", "2", CONTIGUOUS),
               embed_head_every=4, concurrent_clients=2),
     Contender("fedlora r8", ("--strategy", "fedlora", "--lora-rank", "8"), lr_factor=5, tasks_per_round=2,
               concurrent_clients=2),

@@ -86,7 +86,7 @@ def centralized_main(args: argparse.Namespace) -> None:
     from fedcybgd.cli.main import DEMO_DEFAULTS
     from fedcybgd.common.data import load_packed
     from fedcybgd.common.eval import evaluate_loss, spread_sample
-    from fedcybgd.common.partition import partition_model
+    from fedcybgd.common.partition import NEW_RUN_LAYOUT, partition_model
     from fedcybgd.common.sequences import Sequences
     from fedcybgd.server.config import EvalConfig, TrainingConfig
     from fedcybgd.server.reference import run_block_cyclic, run_centralized_full
@@ -115,7 +115,8 @@ def centralized_main(args: argparse.Namespace) -> None:
         run_centralized_full(model, pooled, training, schedule)
     else:
         compact = args.centralized.removeprefix("centralized block-cyclic").strip() or None  # frozen layers int8/nf4
-        run_block_cyclic(model, pooled, options.layers_per_block, schedule_config, training, compact_frozen=compact)
+        run_block_cyclic(model, pooled, options.layers_per_block, schedule_config, training, compact_frozen=compact,
+                         block_layout=NEW_RUN_LAYOUT)  # as the federated runs, which name no layout
     seconds = time.perf_counter() - started
     peak = peak_memory(torch.device("cpu"))
     after = evaluate_loss(model, eval_sequences, evaluation.batch_size)

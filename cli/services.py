@@ -23,7 +23,8 @@ COORDINATOR_FLAGS: list[Flag] = [
     ("--address", "address", str, "host:port to listen on (default 127.0.0.1:50051)"),
     ("--layers-per-block", "layers_per_block", int, "consecutive decoder layers per block (default 1)"),
     ("--block-layout", "block_layout", str,
-     "contiguous (default: block k holds layers kL..kL+L-1) | strided (block k of B: layers k, k+B, k+2B, ...)"),
+     "strided (block k of B holds layers k, k+B, k+2B, ...; a new run's default) | contiguous (block k holds "
+     "layers kL..kL+L-1, the paper's); a restarted run keeps its own"),
     ("--max-block-params", "max_block_params", int,
      "bound on embedding/head blocks, larger matrices split into row ranges (default: the largest layer block; "
      "0: none)"),

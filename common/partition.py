@@ -27,10 +27,13 @@ from torch import nn
 from fedcybgd.common.blocks import EMBED_HEAD, BlockSpec, TensorSpec, torch_dtype_to_st
 
 __all__ = ["find_decoder_layers", "partition_model", "row_pieces", "resolved_bound", "layer_block_count",
-           "BLOCK_LAYOUTS", "check_layout"]
+           "BLOCK_LAYOUTS", "NEW_RUN_LAYOUT", "check_layout"]
 
 #: How decoder layers are grouped into blocks (see the module's docstring).
 BLOCK_LAYOUTS = ("contiguous", "strided")
+#: The layout of a new run that names none (a run keeps the layout it was created with; runs from before the
+#: setting existed are contiguous).
+NEW_RUN_LAYOUT = "strided"
 
 
 def check_layout(layout: str) -> str:

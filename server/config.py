@@ -184,8 +184,9 @@ class CoordinatorConfig:
     address: str = "127.0.0.1:50051"
     layers_per_block: int = 1
     # How decoder layers are grouped: "contiguous" (block k: layers kL..kL+L-1, the paper's) or "strided" (block k of
-    # B: layers k, k+B, k+2B, ...; common/partition.py)
-    block_layout: str = "contiguous"
+    # B: layers k, k+B, k+2B, ...; common/partition.py). None: a new run's default (NEW_RUN_LAYOUT), a restarted run's
+    # own (the layout it was created with).
+    block_layout: str | None = None
     # Bound on the parameters of a block outside the decoder layers (embeddings, head; a larger matrix is split into
     # row ranges): None: the largest decoder-layer block; 0: no bound (one embed_head block).
     max_block_params: int | None = None
@@ -225,7 +226,8 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.layers_per_block < 1:
             raise ValueError("layers_per_block must be >= 1")
-        check_layout(self.block_layout)
+        if self.block_layout is not None:
+            check_layout(self.block_layout)
         accepted_deltas(self.deltas)  # a typo fails at start
         if self.max_block_params is not None and self.max_block_params < 0:
             raise ValueError("max_block_params must be 0 (no bound), a positive number, or unset (automatic)")

@@ -96,7 +96,7 @@ class Coordinator:
         if memory_predictor is None and self.strategy.memory_planned:
             memory_predictor = PlannerPredictor(self.store.config_json(), self.run, config.layers_per_block,
                                                 config.training, private=config.privacy.records,
-                                                block_layout=config.block_layout)
+                                                block_layout=self.run.block_layout)
         self.memory = MemoryFit(memory_predictor)
         self.enroller = Enroller(config, self.state, self.metrics, self.memory)
         self.revocations = Revocations(Path(config.revocation_list) if config.revocation_list

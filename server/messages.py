@@ -110,5 +110,5 @@ def model_info(config: CoordinatorConfig, run: RunInfo, config_json: str,
         layers_per_block=config.layers_per_block, max_block_params=run.max_block_params, strategy=config.strategy,
         lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules)),
         prompt_template=run.prompt.template, prompt_name=run.prompt.name, train_on=run.prompt.train_on,
-        accept_deltas=accepted_deltas(config.deltas), block_layout=config.block_layout)
+        accept_deltas=accepted_deltas(config.deltas), block_layout=run.block_layout)
 

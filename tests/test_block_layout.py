@@ -4,6 +4,10 @@ layer, frozen layers above it, compact frozen layers), be what the planner plans
 with the weights of the single-process reference in the same layout (the correctness anchor)."""
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
+from pathlib import Path
+
 import pytest
 import safetensors.torch
 import torch
@@ -11,10 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ClientProcesses, Coordinators, address_of, wait_clients, wait_for, write_data
 from fedcybgd.common.data import load_packed
-from fedcybgd.common.partition import find_decoder_layers, layer_block_count, partition_model
+from fedcybgd.common.partition import NEW_RUN_LAYOUT, find_decoder_layers, layer_block_count, partition_model
 from fedcybgd.common.sequences import Sequences
 from fedcybgd.common.tiny import make_tiny_model
 from fedcybgd.server.config import CoordinatorConfig, TrainingConfig
+from fedcybgd.server.coordinator import Coordinator
 from fedcybgd.server.reference import run_reference
 from fedcybgd.server.scheduler import ScheduleConfig
 from fedcybgd.training import VisitHyper, train_block
@@ -80,6 +85,29 @@ def test_the_planner_plans_the_runs_strided_blocks():
                             block_layout="strided")
     plans = plan_visits(model.config, settings)
     assert [p.block for p in plans] == [s.name for s in partition_model(model, 2, layout="strided")]
+
+
+@pytest.mark.multiprocess
+def test_a_run_keeps_its_layout_across_restarts_and_older_runs_stay_contiguous(coordinators: Coordinators):
+    """A new run without a layout gets the default (strided); a restart without one keeps the run's own, one naming
+    another is refused as other settings; a run from before the setting (no layout recorded) is contiguous."""
+    config = coordinators.config(layers_per_block=2)
+    for _ in range(2):
+        coordinator = Coordinator(config)
+        assert coordinator.run.block_layout == NEW_RUN_LAYOUT == "strided"
+        assert [s.name for s in coordinator.run.specs][:2] == ["layers.0+2", "layers.1+3"]
+        coordinator.close()
+    with pytest.raises(ValueError, match="other settings"):
+        Coordinator(dataclasses.replace(config, block_layout="contiguous"))
+
+    older = coordinators.config(layers_per_block=2, block_layout="contiguous")
+    Coordinator(older).close()
+    with sqlite3.connect(Path(older.state_dir) / "state.sqlite") as db:  # as a run from before the setting
+        db.execute("DELETE FROM meta WHERE key = 'block_layout'")
+    coordinator = Coordinator(dataclasses.replace(older, block_layout=None))
+    assert coordinator.run.block_layout == "contiguous"
+    assert [s.name for s in coordinator.run.specs][:2] == ["layers.0-1", "layers.2-3"]
+    coordinator.close()
 
 
 SCHEDULE = ScheduleConfig(cycles=2, order="ascending", lr=3e-3, seed=11)
