@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from conftest import ClientProcesses, Coordinators, address_of, free_port, wait_clients, write_data
+from conftest import ClientProcesses, Coordinators, address_of, free_port, wait_clients, wait_for, write_data
 from fedcybgd.cli.main import CLIENT_FLAGS, _overrides, build_parser
 from fedcybgd.client.cache_budget import (
     DEFAULT_MODEL_MULTIPLE,
@@ -31,7 +31,8 @@ from fedcybgd.common.config import load_config
 from fedcybgd.server.config import TrainingConfig
 from fedcybgd.server.downloads import DownloadPlan, DownloadRequest
 from fedcybgd.server.scheduler import ScheduleConfig
-from fedcybgd.server.state import TaskRow
+from fedcybgd.server.state import ClientRow, TaskRow
+from fedcybgd.server.tasks import TaskOffer
 from fedcybgd.v1 import coordinator_pb2 as pb
 
 # -- the rule ----------------------------------------------------------------------------------------------------
@@ -226,6 +227,15 @@ def test_a_run_longer_than_the_budget_stays_within_it_and_deltas_still_flow(tmp_
         return result
 
     coordinator.downloads.plan = recording_plan  # type: ignore[method-assign]
+    # No task before both clients have registered: a client that starts a few seconds later would otherwise find
+    # most of the (fast) visits done and never hold more than its budget (a race an idle machine loses).
+    get_task = coordinator.tasks.get_task
+
+    def after_both_registered(client: ClientRow, wait_seconds: int) -> TaskOffer:
+        wait_for(lambda: len(coordinator.state.clients()) >= 2, 120, "both clients to register")
+        return get_task(client, wait_seconds)
+
+    coordinator.tasks.get_task = after_both_registered  # type: ignore[method-assign]
     watch = CacheWatch(dirs, {name: free_port() for name in dirs})
     poller = threading.Thread(target=watch.run, daemon=True)
     poller.start()
