@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedcybgd.common.layouts import NEW_RUN_LAYOUT
 from fedcybgd.common.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class PlanRequest:
     seq_len: int = 2048
     layers_per_block: int = 1
     max_block_params: int | None = None
-    block_layout: str = "contiguous"
+    block_layout: str = NEW_RUN_LAYOUT
     dtype: torch.dtype = torch.bfloat16
     device_type: str = "cuda"
     checkpoint_above: bool = False

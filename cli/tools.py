@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from fedcybgd.common.layouts import BLOCK_LAYOUTS, NEW_RUN_LAYOUT
+
 
 def certs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
@@ -54,23 +56,27 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from fedcybgd.server.export import export_version
 
-    out = export_version(args.state_dir, args.out, args.version, best=args.best)
-    which = (_best_of(args.state_dir) if args.best
-             else "the newest version" if args.version is None else f"version {args.version}")
+    version, which = args.version, "the newest version" if args.version is None else f"version {args.version}"
+    if args.best:
+        version, loss = _best_of(args.state_dir)
+        which = f"version {version} (the lowest held-out loss, {loss:.4f})"
+    out = export_version(args.state_dir, args.out, version)
     print(f"exported {which} to {out}")
     return 0
 
 
-def _best_of(state_dir: str) -> str:
+def _best_of(state_dir: str) -> tuple[int, float]:
     from fedcybgd.server.export import best_version
     from fedcybgd.server.state import SqliteState
 
-    state = SqliteState(Path(state_dir) / "state.sqlite")
+    path = Path(state_dir) / "state.sqlite"
+    if not path.is_file():
+        raise FileNotFoundError(f"no coordinator state in {state_dir}")
+    state = SqliteState(path)
     try:
-        version, loss = best_version(state)
+        return best_version(state)
     finally:
         state.close()
-    return f"version {version} (the lowest held-out loss, {loss:.4f})"
 
 
 #: Demo defaults that depend on the model: (tiny random model, real pretrained model). The real
@@ -207,8 +213,8 @@ def plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     p.add_argument("--seq-len", dest="seq_len", type=int, default=2048)
     p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=1)
-    p.add_argument("--block-layout", dest="block_layout", choices=["contiguous", "strided"], default="contiguous",
-                   help="as the coordinator's --block-layout")
+    p.add_argument("--block-layout", dest="block_layout", choices=BLOCK_LAYOUTS, default=NEW_RUN_LAYOUT,
+                   help=f"as the coordinator's --block-layout (default {NEW_RUN_LAYOUT}, a new run's)")
     p.add_argument("--max-block-params", dest="max_block_params", type=int, default=None,
                    help="bound on embedding/head blocks (default: the largest layer block; 0: none)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])

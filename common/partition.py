@@ -25,22 +25,10 @@ import torch
 from torch import nn
 
 from fedcybgd.common.blocks import EMBED_HEAD, BlockSpec, TensorSpec, torch_dtype_to_st
+from fedcybgd.common.layouts import BLOCK_LAYOUTS, NEW_RUN_LAYOUT, check_layout
 
 __all__ = ["find_decoder_layers", "partition_model", "row_pieces", "resolved_bound", "layer_block_count",
            "BLOCK_LAYOUTS", "NEW_RUN_LAYOUT", "check_layout"]
-
-#: How decoder layers are grouped into blocks (see the module's docstring).
-BLOCK_LAYOUTS = ("contiguous", "strided")
-#: The layout of a new run that names none (a run keeps the layout it was created with; runs from before the
-#: setting existed are contiguous).
-NEW_RUN_LAYOUT = "strided"
-
-
-def check_layout(layout: str) -> str:
-    """``layout`` if it is one of ``BLOCK_LAYOUTS``; a clear error otherwise."""
-    if layout not in BLOCK_LAYOUTS:
-        raise ValueError(f"unknown block layout {layout!r}; known: {', '.join(BLOCK_LAYOUTS)}")
-    return layout
 
 
 # --------------------------------------------------------------------------------------------

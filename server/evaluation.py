@@ -81,12 +81,6 @@ class Evaluator:
             best = {self._best[0]} if self._best is not None else set()
             return frozenset(self._pending | best)
 
-    @property
-    def best(self) -> tuple[int, float] | None:
-        """(version, held-out loss) of the lowest loss evaluated so far; None before the first evaluation."""
-        with self._pending_lock:
-            return self._best
-
     def evaluate(self, version: int) -> float:
         """Held-out loss of one model version."""
         model = self._store.build_model(self._run.specs, self._state.manifest(version), self._run.dtype)

@@ -2,9 +2,9 @@
 
 A version is its blocks plus, for fedlora, an adapter (state metadata ``adapter:<version>``),
 merged into the exported weights with the LoRA settings stored with the run. A version the retention rule pruned
-(``server/retention.py``) cannot be exported: the error names the nearest versions kept. ``best=True`` exports the
+(``server/retention.py``) cannot be exported: the error names the nearest versions kept. ``best_version`` names the
 version with the lowest held-out loss the coordinator measured, which retention keeps (early stopping after the
-fact)."""
+fact: ``fedcybgd export --best``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,12 +43,8 @@ def best_version(state: CoordinatorState) -> tuple[int, float]:
     return best[0], best[2]
 
 
-def export_version(state_dir: str | Path, out_dir: str | Path, version: int | None = None, *,
-                   best: bool = False) -> Path:
-    """Write ``version`` (default: the newest; ``best``: the lowest held-out loss) as a Hugging Face model
-    directory under ``out_dir``."""
-    if best and version is not None:
-        raise ValueError("give a version or ask for the best one, not both")
+def export_version(state_dir: str | Path, out_dir: str | Path, version: int | None = None) -> Path:
+    """Write ``version`` (default: the newest) as a Hugging Face model directory under ``out_dir``."""
     state_path = Path(state_dir) / "state.sqlite"
     if not state_path.is_file():
         raise FileNotFoundError(f"no coordinator state in {state_dir}")
@@ -57,8 +53,6 @@ def export_version(state_dir: str | Path, out_dir: str | Path, version: int | No
         blocks, dtype = state.get_meta("blocks"), state.get_meta("dtype")
         if blocks is None or dtype is None:
             raise ValueError(f"the run in {state_dir} was never initialised")
-        if best:
-            version = best_version(state)[0]
         version = current_version(state)[0] if version is None else version
         check_exportable(state, version)
         manifest = state.manifest(version)
